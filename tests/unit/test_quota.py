@@ -1,0 +1,230 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ultraep.layout import ExpertLayout
+from ultraep.plan import check_plan
+from ultraep.planners.quota import QuotaConfig, QuotaPlanner
+
+
+def _imbalance(plan) -> float:
+    return plan.imbalance()
+
+
+def _master_imbalance(loads: torch.Tensor, layout: ExpertLayout) -> float:
+    rank_load = loads.sum(0).view(layout.num_ranks, -1).sum(1)
+    total = int(rank_load.sum())
+    return 1.0 if total == 0 else int(rank_load.max()) * layout.num_ranks / total
+
+
+@st.composite
+def layouts_and_loads(draw):
+    num_ranks = draw(st.integers(1, 12))
+    experts_per_rank = draw(st.integers(1, 5))
+    slots = draw(st.integers(0, 3))
+    layout = ExpertLayout(num_ranks, experts_per_rank, slots)
+    kind = draw(st.sampled_from(["random", "one_hot", "all_zero", "equal", "huge", "sparse"]))
+    shape = (num_ranks, layout.num_experts)
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        loads = torch.randint(0, 200, shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.8)
+    elif kind == "one_hot":
+        loads = torch.zeros(shape, dtype=torch.int64)
+        loads[:, draw(st.integers(0, layout.num_experts - 1))] = draw(st.integers(1, 10_000))
+    elif kind == "all_zero":
+        loads = torch.zeros(shape, dtype=torch.int64)
+    elif kind == "equal":
+        loads = torch.full(shape, draw(st.integers(0, 50)), dtype=torch.int64)
+    elif kind == "huge":
+        loads = torch.randint(0, 2**24, shape, generator=gen)
+    else:
+        loads = (torch.rand(shape, generator=gen) < 0.05).to(torch.int64) * torch.randint(1, 4, shape, generator=gen)
+    return layout, loads.to(torch.int64)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts_and_loads())
+def test_quota_plan_invariants(case):
+    layout, loads = case
+    config = QuotaConfig()
+    plan = QuotaPlanner(config)(loads, layout)
+    check_plan(plan, loads, min_replica_quota=config.min_replica_quota)
+    # Capacity: at most redundant_slots_per_rank replicas per rank, masters untouched.
+    assert plan.replica_expert_ids.shape == (layout.num_ranks, layout.redundant_slots_per_rank)
+    table = plan.physical_to_logical().view(layout.num_ranks, layout.slots_per_rank)
+    assert torch.equal(table[:, : layout.experts_per_rank].reshape(-1), torch.arange(layout.num_experts))
+    # Never worse than leaving the load on the masters.
+    assert int(plan.rank_load().max()) <= int(loads.sum(0).view(layout.num_ranks, -1).sum(1).max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts_and_loads())
+def test_quota_plan_is_deterministic(case):
+    layout, loads = case
+    first = QuotaPlanner()(loads, layout)
+    second = QuotaPlanner()(loads.clone(), layout)
+    assert torch.equal(first.replica_expert_ids, second.replica_expert_ids)
+    assert torch.equal(first.quota, second.quota)
+
+
+def test_quota_plan_identical_in_separate_process():
+    code = (
+        "import torch\n"
+        "from ultraep import ExpertLayout, QuotaPlanner\n"
+        "layout = ExpertLayout(4, 2, 1)\n"
+        "loads = torch.full((4, 8), 7)\n"
+        "loads[1, 3] = 300; loads[2, 0] = 120\n"
+        "print(QuotaPlanner()(loads, layout).fingerprint())\n"
+    )
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    layout = ExpertLayout(4, 2, 1)
+    loads = torch.full((4, 8), 7)
+    loads[1, 3] = 300
+    loads[2, 0] = 120
+    assert outputs == {QuotaPlanner()(loads, layout).fingerprint() + "\n"}
+
+
+def test_all_equal_loads_make_no_replicas():
+    layout = ExpertLayout(4, 2, 1)
+    plan = QuotaPlanner()(torch.full((4, 8), 7), layout)
+    assert int(plan.num_replicas()) == 0
+    assert plan.quota.view(4, 3)[:, :2].reshape(-1).tolist() == [28] * 8
+
+
+def test_one_hot_expert_spread_over_all_ranks():
+    layout = ExpertLayout(4, 2, 1)
+    loads = torch.zeros(4, 8, dtype=torch.int64)
+    loads[:, 0] = 250
+    plan = QuotaPlanner()(loads, layout)
+    check_plan(plan, loads)
+    assert plan.rank_load().tolist() == [250, 250, 250, 250]
+    assert plan.logical_replica_count()[0] == 4
+
+
+def test_one_rank_and_zero_slots_keep_masters():
+    loads = torch.tensor([[5, 1, 0, 9]])
+    plan = QuotaPlanner()(loads, ExpertLayout(1, 4, 2))
+    assert plan.quota.tolist() == [5, 1, 0, 9, 0, 0]
+    loads = torch.tensor([[9, 1], [0, 0]])
+    plan = QuotaPlanner()(loads, ExpertLayout(2, 1, 0))
+    assert plan.quota.tolist() == [9, 1]
+
+
+def test_more_replicas_than_tokens():
+    layout = ExpertLayout(4, 1, 1)
+    loads = torch.tensor([[2, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    plan = QuotaPlanner()(loads, layout)
+    check_plan(plan, loads)
+    assert int(plan.quota.sum()) == 2
+    assert int(plan.rank_load().max()) == 1
+
+
+def test_counts_far_above_int16():
+    layout = ExpertLayout(8, 4, 2)
+    gen = torch.Generator().manual_seed(3)
+    loads = torch.randint(0, 3_000_000, (8, 32), generator=gen)
+    loads[:, 5] += 40_000_000
+    plan = QuotaPlanner()(loads, layout)
+    check_plan(plan, loads)
+    assert plan.imbalance() <= 1.002
+
+
+def test_small_microbatch_still_balances():
+    # 3 tokens x top-2 per rank: the relative minimum replica quota must not block replicas.
+    layout = ExpertLayout(4, 2, 1)
+    loads = torch.zeros(4, 8, dtype=torch.int64)
+    loads[:, 0] = 2
+    loads[:, 3] = 1
+    loads[:, 4] = 1
+    plan = QuotaPlanner()(loads, layout)
+    check_plan(plan, loads)
+    assert _master_imbalance(loads, layout) == 2.0
+    assert plan.imbalance() == 1.0
+
+
+def test_minimum_replica_quota_is_respected():
+    layout = ExpertLayout(2, 2, 1)
+    loads = torch.tensor([[30, 0, 20, 0], [0, 0, 0, 0]])
+    plan = QuotaPlanner(min_replica_quota=6)(loads, layout)
+    check_plan(plan, loads, min_replica_quota=6)
+    # A 5-assignment replica would balance exactly but is below the minimum; 6 is the best allowed.
+    assert plan.rank_load().tolist() == [24, 26]
+    assert plan.quota.tolist() == [24, 0, 0, 20, 0, 6]
+    plan = QuotaPlanner(min_replica_quota=5)(loads, layout)
+    assert plan.rank_load().tolist() == [25, 25]
+
+
+def test_balance_target_trades_balance_for_fewer_replicas():
+    gen = torch.Generator().manual_seed(0)
+    layout = ExpertLayout(16, 4, 2)
+    probs = 1.0 / torch.arange(1, 65).double()
+    loads = torch.stack([torch.multinomial(probs, 4000, replacement=True, generator=gen).bincount(minlength=64) for _ in range(16)])
+    exact = QuotaPlanner(balance_target=1.0)(loads, layout)
+    loose = QuotaPlanner(balance_target=1.05)(loads, layout)
+    check_plan(loose, loads)
+    assert exact.imbalance() <= loose.imbalance() <= 1.05
+    assert int(loose.num_replicas()) < int(exact.num_replicas())
+
+
+@pytest.mark.parametrize("slots, bound", [pytest.param(1, 1.02, id="one_slot"), pytest.param(2, 1.005, id="two_slots")])
+def test_zipf_loads_balance_close_to_mean(slots, bound):
+    gen = torch.Generator().manual_seed(1)
+    layout = ExpertLayout(32, 4, slots)
+    probs = (1.0 / torch.arange(1, 129).double()) [torch.randperm(128, generator=gen)]
+    loads = torch.stack([torch.multinomial(probs, 8000, replacement=True, generator=gen).bincount(minlength=128) for _ in range(32)])
+    plan = QuotaPlanner(balance_target=1.0)(loads, layout)
+    check_plan(plan, loads)
+    assert _master_imbalance(loads, layout) > 1.2
+    assert plan.imbalance() <= bound
+
+
+def test_prefer_local_serves_more_assignments_on_their_rank():
+    from ultraep.reroute import source_quota
+
+    gen = torch.Generator().manual_seed(5)
+    layout = ExpertLayout(8, 4, 2)
+    loads = torch.randint(0, 50, (8, 32), generator=gen)
+    loads[:, 3] += torch.randint(0, 400, (8,), generator=gen)
+    loads[:, 17] += torch.randint(0, 300, (8,), generator=gen)
+
+    def local_share(plan):
+        matrix = source_quota(plan, loads).view(8, 8, 6)
+        return float(torch.diagonal(matrix, dim1=0, dim2=1).sum()) / float(loads.sum())
+
+    with_locality = QuotaPlanner(prefer_local=True)(loads, layout)
+    without = QuotaPlanner(prefer_local=False)(loads, layout)
+    assert with_locality.imbalance() == without.imbalance()
+    assert local_share(with_locality) >= local_share(without)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        pytest.param({"balance_target": 0.9}, ValueError, "balance_target must be in \\[1.0, 1e6\\), got 0.9", id="target"),
+        pytest.param({"min_replica_quota": 0}, ValueError, "min_replica_quota must be >= 1, got 0", id="min_quota"),
+        pytest.param({"min_replica_quota": 1.5}, TypeError, "min_replica_quota must be an int", id="min_quota_type"),
+        pytest.param({"min_replica_fraction": 1.5}, ValueError, "min_replica_fraction must be in \\[0, 1\\)", id="fraction"),
+        pytest.param({"num_rounds": 0}, ValueError, "num_rounds must be None or in \\[1, 64\\]", id="rounds"),
+    ],
+)
+def test_quota_config_rejects_bad_settings(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        QuotaConfig(**kwargs)
+
+
+def test_planner_rejects_bad_loads():
+    layout = ExpertLayout(2, 2, 1)
+    planner = QuotaPlanner()
+    with pytest.raises(TypeError, match="integer tensor"):
+        planner(torch.ones(2, 4), layout)
+    with pytest.raises(ValueError, match="is negative"):
+        planner(torch.tensor([[1, -1, 0, 0], [0, 0, 0, 0]]), layout)
+    with pytest.raises(ValueError, match=r"got \[2, 3\]"):
+        planner(torch.ones(2, 3, dtype=torch.int64), layout)
+    with pytest.raises(TypeError, match="either config or settings"):
+        QuotaPlanner(QuotaConfig(), balance_target=1.0)

@@ -1,0 +1,22 @@
+"""ultraep: exact, real-time load balancing for expert-parallel Mixture-of-Experts layers."""
+
+import logging
+
+from ultraep.layout import ExpertLayout, check_load_matrix
+from ultraep.plan import Plan, PlanInvariantError, check_plan
+from ultraep.planners import Planner, QuotaConfig, QuotaPlanner
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertLayout",
+    "Plan",
+    "PlanInvariantError",
+    "Planner",
+    "QuotaConfig",
+    "QuotaPlanner",
+    "check_load_matrix",
+    "check_plan",
+]

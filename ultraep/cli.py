@@ -1,0 +1,222 @@
+"""Command line: ``ultraep demo``, ``ultraep plan`` and ``ultraep simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import pathlib
+import sys
+
+import numpy as np
+import torch
+
+from ultraep.evaluate import evaluate_planner, format_table
+from ultraep.layout import ExpertLayout, as_load_matrix, check_load_matrix
+from ultraep.planners.registry import PLANNER_NAMES, make_planner
+
+logger = logging.getLogger(__name__)
+
+DEMO_EP_SIZES = (8, 16, 32, 64)
+DEMO_MAX_MICROBATCHES = 4
+
+
+class CommandError(Exception):
+    """A user error: printed as ``ultraep: error: <message>`` with exit status 2."""
+
+
+# Loading a load matrix from a file.
+
+
+def read_loads(path: str) -> torch.Tensor:
+    """Read a load matrix or vector from ``.npy`` or ``.json``; reject fractions, NaN and infinities."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise CommandError(f"--loads file {path!r} not found")
+    if file.suffix == ".npy":
+        try:
+            array = np.load(file, allow_pickle=False)
+        except ValueError as error:
+            raise CommandError(f"--loads file {path!r} is not a plain .npy array: {error}") from error
+    elif file.suffix == ".json":
+        try:
+            array = np.asarray(json.loads(file.read_text()))
+        except (json.JSONDecodeError, ValueError) as error:
+            raise CommandError(f"--loads file {path!r} is not valid JSON: {error}") from error
+    else:
+        raise CommandError(f"--loads file {path!r} must end in .npy or .json, got {file.suffix!r}")
+    if array.dtype == object or array.dtype.kind not in "iuf":
+        raise CommandError(
+            f"--loads must hold numbers in a [num_ranks, num_experts] or [num_experts] array, got dtype {array.dtype} "
+            f"with shape {list(array.shape)}"
+        )
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+            raise CommandError(f"--loads entry {list(index)} is {array[index]}; loads must be finite counts")
+        if not (array == np.round(array)).all():
+            index = tuple(int(i) for i in np.argwhere(array != np.round(array))[0])
+            raise CommandError(f"--loads entry {list(index)} is {array[index]}; loads must be whole assignment counts")
+    if array.ndim not in (1, 2):
+        raise CommandError(
+            f"--loads must be [num_ranks, num_experts] or [num_experts], got shape {list(array.shape)}"
+        )
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:
+    try:
+        return ExpertLayout.from_num_experts(num_experts, ranks, slots)
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
+
+
+# ultraep plan
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    loads = read_loads(args.loads)
+    num_experts = loads.shape[-1]
+    layout = _layout_for(num_experts, args.ranks, args.slots)
+    if loads.dim() == 2 and loads.shape[0] != layout.num_ranks:
+        raise CommandError(
+            f"--loads has {loads.shape[0]} rows but --ranks is {layout.num_ranks}; pass one row per source rank "
+            "or a [num_experts] vector"
+        )
+    matrix = as_load_matrix(loads, layout)
+    try:
+        check_load_matrix(matrix, layout)
+        planner = make_planner(args.planner)
+        plan = planner(matrix, layout)
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
+    text = json.dumps(plan.to_dict(), indent=1)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+        logger.info("wrote plan for %s to %s", layout, args.out)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+# ultraep demo
+
+
+def _demo_loads(args: argparse.Namespace):
+    from ultraep.traces import load_bundled_trace, load_trace, microbatch_loads
+
+    try:
+        trace = load_trace(args.trace) if args.trace else load_bundled_trace()
+    except (OSError, ValueError, TypeError) as error:
+        raise CommandError(str(error)) from error
+    if not hasattr(trace, "topk_ids"):
+        raise CommandError(f"--trace {args.trace!r} holds per-step loads; ultraep demo needs a token-level trace")
+    if args.ranks is not None:
+        sizes = [args.ranks]
+    else:
+        sizes = [r for r in DEMO_EP_SIZES if trace.num_experts % r == 0]
+    runs = []
+    for ranks in sizes:
+        tokens_per_rank = args.tokens_per_rank
+        if tokens_per_rank is None:
+            # Largest power of two up to 4096 that fills two microbatches at this EP size, so the
+            # periodic baseline has one past microbatch to plan from.
+            fit = trace.num_tokens // (2 * ranks)
+            tokens_per_rank = min(4096, 2 ** int(math.log2(fit))) if fit >= 1 else 0
+        if tokens_per_rank < 1:
+            logger.warning("the trace holds %d tokens, too few for %d ranks; skipped", trace.num_tokens, ranks)
+            continue
+        try:
+            sliced = microbatch_loads(trace, ranks, tokens_per_rank)
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+        loads = sliced.loads[: args.microbatches]
+        runs.append((ranks, tokens_per_rank, loads, sliced.description))
+    return trace, runs
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    trace, runs = _demo_loads(args)
+    slot_choices = [args.slots] if args.slots is not None else [1, 2]
+    print(f"trace: {trace.model} ({trace.num_tokens} tokens, {trace.num_layers} MoE layers, "
+          f"{trace.num_experts} experts, top-{trace.topk}); source: {trace.source}")
+    work = sum(loads.shape[0] * loads.shape[1] for _, _, loads, _ in runs) * (1 + 2 * len(slot_choices))
+    results = []
+    torch.set_num_threads(1)
+    with tqdm(total=work, desc="planning", unit="plan", disable=args.no_progress or None, file=sys.stderr) as bar:
+        for ranks, tokens_per_rank, loads, description in runs:
+            logger.info("EP%d: %s", ranks, description)
+            base_layout = _layout_for(trace.num_experts, ranks, 0)
+            results.append(evaluate_planner("none", lambda: make_planner("none"), loads, base_layout, progress=bar.update))
+            for slots in slot_choices:
+                layout = _layout_for(trace.num_experts, ranks, slots)
+                results.append(
+                    evaluate_planner("eplb (previous microbatches)", lambda: make_planner("eplb"), loads, layout, progress=bar.update)
+                )
+                results.append(evaluate_planner("quota", lambda: make_planner("quota"), loads, layout, progress=bar.update))
+    print()
+    for ranks, tokens_per_rank, loads, description in runs:
+        print(f"EP{ranks}: {loads.shape[0]} microbatch(es) x {loads.shape[1]} layers, {tokens_per_rank} tokens per rank. {description}")
+    print()
+    print(format_table(results))
+    print()
+    print("imbalance = max rank load / mean rank load (1.0 is perfect); plan ms = planner wall time on one CPU thread.")
+    return 0
+
+
+# Argument parsing.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ultraep", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="balance a real routing trace (the bundled one by default)")
+    demo.add_argument("--trace", help="token-level trace (.npz or .npy); default: the bundled DeepSeek-V2-Lite trace")
+    demo.add_argument("--ranks", type=int, help="EP size; default: 8, 16, 32 and 64 where they divide the experts")
+    demo.add_argument("--slots", type=int, help="redundant slots per rank; default: 1 and 2")
+    demo.add_argument("--tokens-per-rank", type=int, help="tokens per rank in one microbatch; default: up to 4096")
+    demo.add_argument("--microbatches", type=int, default=DEMO_MAX_MICROBATCHES, help="microbatches per EP size (default 4)")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.set_defaults(func=run_demo)
+
+    plan = commands.add_parser("plan", help="plan one load matrix and write the plan as JSON")
+    plan.add_argument("--loads", required=True, help=".npy or .json: [num_ranks, num_experts] or [num_experts] counts")
+    plan.add_argument("--ranks", type=int, required=True, help="EP size (ranks)")
+    plan.add_argument("--slots", type=int, required=True, help="redundant slots per rank")
+    plan.add_argument("--planner", default="quota", choices=PLANNER_NAMES, help="planner (default: quota)")
+    plan.add_argument("--out", help="write the plan JSON here instead of standard output")
+    plan.set_defaults(func=run_plan)
+
+    try:
+        from ultraep.sim.command import add_simulate_arguments, run_simulate
+    except ImportError:  # pragma: no cover - the simulator ships with the package
+        pass
+    else:
+        simulate = commands.add_parser("simulate", help="replay traces through a throughput model, policies side by side")
+        add_simulate_arguments(simulate)
+        simulate.set_defaults(func=run_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("ranks", "slots", "tokens_per_rank", "microbatches"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "slots" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'slots' else 1}, got {value}")
+    try:
+        return args.func(args)
+    except CommandError as error:
+        parser.exit(2, f"ultraep: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The default real-time planner: replicate hot experts with exact integer quotas.
+
+For a threshold ``C`` on the rank load, every rank above ``C`` (a donor) must shed its excess and
+every rank below ``C`` with a free redundant slot (a receiver) may take up to ``C - rank_load``
+assignments. One round of matching runs without loops over experts or ranks:
+
+1. Each donor drains its hottest masters first; the pieces of all donors, largest donor first, are
+   laid end to end on a line of length ``sum(excess)``.
+2. The receivers, most spare first, are laid end to end on a second line. Each receiver takes the
+   piece under the middle of its interval, so it uses one redundant slot per round.
+3. A receiver is filled up to ``C`` (capped by what the expert's master still holds), not just to the
+   piece's size: a donor that gives more than its excess drops below ``C`` and becomes a receiver
+   in the next round with its own redundant slot, while a receiver left half-filled would waste its
+   only slot. Pieces below the minimum replica quota are not created.
+
+A few rounds repair the pieces that did not fit. The planner runs this for a fixed ladder of
+thresholds between the mean and the unbalanced maximum in one batch and keeps the best plan: the
+lowest max rank load and, among plans at or below the balance target, the fewest replicas, then the
+most assignments served on their own rank. Everything is int64 tensor arithmetic with unique sort
+keys, so the plan is identical on every device and run, and no value is read back to the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ultraep.layout import ExpertLayout
+from ultraep.plan import Plan
+from ultraep.planners.base import Planner, masters_only_plan
+
+__all__ = ["QuotaConfig", "QuotaPlanner"]
+
+# Fixed-point scale for fractions of the mean rank load; 2**14 keeps load * num_ranks * scale
+# inside int64 for totals up to 2**35 and up to 4096 ranks.
+_FRACTION_SCALE = 2**14
+
+# Threshold ladder. The first part is in fractions of the mean rank load above the (rounded-up)
+# mean, dense near 1.0 where the balance targets sit; the second part is in fractions of the gap
+# between that and the unbalanced maximum, for loads too skewed to balance fully. The last step is
+# the unbalanced maximum itself, so the masters-only plan is always a candidate.
+_MEAN_STEPS = (0.0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.007, 0.012)
+_GAP_STEPS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuotaConfig:
+    """Settings of the quota planner."""
+
+    balance_target: float = 1.001
+    """Imbalance (max / mean rank load) at or below which plans count as equally good; among those the
+    planner keeps the one with the fewest replicas. 1.0 asks for the most balanced plan found."""
+    min_replica_quota: int = 1
+    """Smallest quota (assignments) for which a replica is created; smaller pieces stay on the master."""
+    min_replica_fraction: float = 0.001
+    """Smallest replica quota as a fraction of the mean rank load; the larger of the two minimums
+    applies. Relative, so small microbatches still balance."""
+    prefer_local: bool = True
+    """Among equally balanced plans with equally many replicas, keep the one that serves the most
+    assignments on their own rank."""
+    num_rounds: int | None = None
+    """Matching rounds per threshold; ``None`` means ``redundant_slots_per_rank + 3``."""
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.balance_target < 1e6:
+            raise ValueError(f"QuotaConfig.balance_target must be in [1.0, 1e6), got {self.balance_target}")
+        if isinstance(self.min_replica_quota, bool) or not isinstance(self.min_replica_quota, int):
+            raise TypeError(f"QuotaConfig.min_replica_quota must be an int, got {self.min_replica_quota!r}")
+        if self.min_replica_quota < 1:
+            raise ValueError(f"QuotaConfig.min_replica_quota must be >= 1, got {self.min_replica_quota}")
+        if not 0.0 <= self.min_replica_fraction < 1.0:
+            raise ValueError(
+                f"QuotaConfig.min_replica_fraction must be in [0, 1), got {self.min_replica_fraction}"
+            )
+        if self.num_rounds is not None and not 1 <= self.num_rounds <= 64:
+            raise ValueError(f"QuotaConfig.num_rounds must be None or in [1, 64], got {self.num_rounds}")
+
+
+class QuotaPlanner(Planner):
+    """Exact-quota replication planner (the default). See the module docstring for the method."""
+
+    name = "quota"
+
+    def __init__(self, config: QuotaConfig | None = None, **settings) -> None:
+        self.config = config if config is not None else QuotaConfig(**settings)
+        if config is not None and settings:
+            raise TypeError(f"pass either config or settings, not both (got settings {sorted(settings)})")
+
+    def plan(self, loads: torch.Tensor, layout: ExpertLayout) -> Plan:
+        if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
+            return masters_only_plan(loads, layout)
+        with torch.inference_mode():
+            state = _match_rounds(loads, layout, self.config)
+            best = _select_candidate(state, loads, layout, self.config)
+        quota = torch.cat(
+            [
+                state.master_quota[best].view(layout.num_ranks, layout.experts_per_rank),
+                state.slot_quota[best],
+            ],
+            dim=1,
+        )  # [num_ranks, slots_per_rank]
+        return Plan(layout, state.slot_expert[best].clone(), quota.reshape(-1))
+
+
+@dataclasses.dataclass
+class _CandidateState:
+    """Per-threshold matching state; the leading dim ``num_candidates`` indexes thresholds."""
+
+    thresholds: torch.Tensor  # [num_candidates]
+    rank_load: torch.Tensor  # [num_candidates, num_ranks]
+    master_quota: torch.Tensor  # [num_candidates, num_experts]
+    slot_expert: torch.Tensor  # [num_candidates, num_ranks, redundant_slots_per_rank], -1 = empty
+    slot_quota: torch.Tensor  # [num_candidates, num_ranks, redundant_slots_per_rank]
+    total: torch.Tensor  # 0-dim, total load
+
+
+def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> _CandidateState:
+    num_ranks, experts_per_rank, slots = layout.num_ranks, layout.experts_per_rank, layout.redundant_slots_per_rank
+    num_experts = layout.num_experts
+    num_segments = num_experts
+    device = loads.device
+    int64 = torch.int64
+    consts = _constants(layout, device)
+
+    # Step 1: expert and rank loads, candidate thresholds, minimum replica quota.
+    expert_load = loads.sum(dim=0)  # [num_experts]
+    master_rank_load = expert_load.view(num_ranks, experts_per_rank).sum(dim=1)  # [num_ranks]
+    total = expert_load.sum()
+    ceil_mean = (total + num_ranks - 1) // num_ranks
+    max_load = master_rank_load.max()
+    gap = (max_load - ceil_mean).clamp(min=0)
+    thresholds = ceil_mean + (total * consts.mean_steps) // (num_ranks * _FRACTION_SCALE)
+    thresholds = torch.cat([thresholds, ceil_mean + (gap * consts.gap_steps) // _FRACTION_SCALE])
+    thresholds = torch.minimum(thresholds, max_load)  # [num_candidates]
+    num_candidates = thresholds.numel()
+    threshold_col = thresholds[:, None]
+    min_quota = torch.clamp((total * consts.fraction_q(config)) // (num_ranks * _FRACTION_SCALE), min=config.min_replica_quota)
+
+    # Each donor drains its masters in descending order of expert load (lower local index first on
+    # ties). The order is fixed for all rounds, so master quotas are kept in drain order: drain
+    # position p of rank r holds logical expert drain_expert[r * experts_per_rank + p].
+    local_key = expert_load.view(num_ranks, experts_per_rank) * experts_per_rank + consts.local_tiebreak
+    drain_order = torch.sort(local_key, dim=1, descending=True).indices  # [num_ranks, experts_per_rank]
+    drain_expert = (drain_order + consts.rank_base).reshape(-1)  # [num_experts]
+
+    rank_load = master_rank_load.expand(num_candidates, num_ranks).clone()
+    master_quota = expert_load[drain_expert].expand(num_candidates, num_experts).clone()  # drain order
+    master_quota_3d = master_quota.view(num_candidates, num_ranks, experts_per_rank)
+    slot_pos = torch.full((num_candidates, num_ranks, slots), -1, dtype=int64, device=device)  # drain positions
+    slot_quota = torch.zeros((num_candidates, num_ranks, slots), dtype=int64, device=device)
+    slots_used = torch.zeros((num_candidates, num_ranks), dtype=int64, device=device)
+    slot_pos_flat = slot_pos.view(num_candidates, num_ranks * slots)
+    slot_quota_flat = slot_quota.view(num_candidates, num_ranks * slots)
+    rank_tiebreak = consts.rank_tiebreak
+    num_rounds = config.num_rounds if config.num_rounds is not None else slots + 3
+    # Reading a CPU tensor costs no device sync, so CPU plans may stop early; the result is the same.
+    stop_when_idle = device.type == "cpu"
+
+    for _ in range(num_rounds):
+        # Step 2: donor pieces, hottest master first within a donor, largest donor first.
+        excess = (rank_load - threshold_col).clamp_(min=0)  # [num_candidates, num_ranks]
+        drained_before = master_quota_3d.cumsum(dim=2).sub_(master_quota_3d)
+        pieces = torch.minimum((excess[:, :, None] - drained_before).clamp_(min=0), master_quota_3d)
+        donor_order = torch.sort(excess * num_ranks + rank_tiebreak, dim=1, descending=True).indices
+        piece_line = pieces.gather(1, donor_order[:, :, None].expand(-1, -1, experts_per_rank))
+        piece_end = piece_line.view(num_candidates, num_segments).cumsum(dim=1)  # [num_candidates, num_segments]
+
+        # Step 3: receivers, most spare first; each takes the piece under the middle of its interval.
+        spare = (threshold_col - rank_load).mul_(slots_used < slots).clamp_(min=0)
+        recv_rank = torch.sort(spare * num_ranks + rank_tiebreak, dim=1, descending=True).indices
+        recv_spare = spare.gather(1, recv_rank)  # [num_candidates, num_ranks]
+        offered_end = recv_spare.cumsum(dim=1)
+        midpoint = offered_end - (recv_spare + 1) // 2
+        # Receivers with spare come first and midpoints ascend, so segment ids ascend along the line.
+        segment = torch.searchsorted(piece_end, midpoint, right=True)
+        active = (recv_spare > 0) & (segment < num_segments)
+        segment.clamp_(max=num_segments - 1)
+        donor_rank = donor_order.gather(1, consts.segment_donor_idx[segment])
+        position = donor_rank * experts_per_rank + consts.segment_local_idx[segment]  # drain position
+
+        # Step 4: fill each receiver up to the threshold, capped by what the master still holds;
+        # receivers served by one piece draw from it in line order.
+        offered = recv_spare.mul_(active)
+        offered_before = offered.cumsum(dim=1).sub_(offered)
+        group_start = torch.ones_like(active)
+        group_start[:, 1:] = segment[:, 1:] != segment[:, :-1]
+        group_base = torch.cummax(offered_before * group_start, dim=1).values
+        amount = torch.minimum((master_quota.gather(1, position) - offered_before + group_base).clamp_(min=0), offered)
+        amount.mul_(amount >= min_quota)
+
+        # Step 5: write replicas; a receiver that already holds the expert grows that replica.
+        take = amount > 0
+        if stop_when_idle and not bool(take.any()):
+            # Nothing moved, so the state is unchanged and every later round would repeat this one.
+            break
+        used = slots_used.gather(1, recv_rank)
+        if slots == 1:
+            # A receiver with a free slot holds no replica yet.
+            slot_idx = used.clamp_(max=0)
+            new_slot = take
+        else:
+            match = slot_pos.gather(1, recv_rank[:, :, None].expand(-1, -1, slots)) == position[:, :, None]
+            holds = match.any(dim=2)
+            slot_idx = torch.where(holds, match.to(torch.uint8).argmax(dim=2), used.clamp_(max=slots - 1))
+            new_slot = take & ~holds
+        flat_slot = recv_rank * slots + slot_idx
+        slot_pos_flat.scatter_(1, flat_slot, torch.where(take, position, slot_pos_flat.gather(1, flat_slot)))
+        slot_quota_flat.scatter_add_(1, flat_slot, amount)
+        slots_used.scatter_add_(1, recv_rank, new_slot.to(int64))
+        master_quota.scatter_add_(1, position, -amount)
+        rank_load.scatter_add_(1, recv_rank, amount)
+        rank_load.scatter_add_(1, donor_rank, -amount)
+
+    # Back from drain positions to logical expert ids.
+    slot_expert = torch.where(slot_pos >= 0, drain_expert[slot_pos.clamp(min=0)], -1)
+    master_quota = torch.empty_like(master_quota).scatter_(1, drain_expert.expand(num_candidates, -1), master_quota)
+    return _CandidateState(thresholds, rank_load, master_quota, slot_expert, slot_quota, total)
+
+
+@dataclasses.dataclass
+class _Constants:
+    """Index tensors that depend only on the layout and device, built once per planner."""
+
+    mean_steps: torch.Tensor  # [num_mean_steps] int64
+    gap_steps: torch.Tensor  # [num_gap_steps] int64
+    rank_tiebreak: torch.Tensor  # [num_ranks]: num_ranks-1 .. 0, lower rank first on ties
+    local_tiebreak: torch.Tensor  # [experts_per_rank]: lower local index first on ties
+    rank_base: torch.Tensor  # [num_ranks, 1]: rank * experts_per_rank
+    segment_donor_idx: torch.Tensor  # [num_experts]: segment // experts_per_rank
+    segment_local_idx: torch.Tensor  # [num_experts]: segment % experts_per_rank
+
+    def fraction_q(self, config: QuotaConfig) -> int:
+        return int(round(config.min_replica_fraction * _FRACTION_SCALE))
+
+
+_CONSTANTS_CACHE: dict = {}
+
+
+def _constants(layout: ExpertLayout, device: torch.device) -> _Constants:
+    key = (layout.num_ranks, layout.experts_per_rank, str(device))
+    cached = _CONSTANTS_CACHE.get(key)
+    if cached is not None:
+        return cached
+    num_ranks, experts_per_rank = layout.num_ranks, layout.experts_per_rank
+    segment = torch.arange(layout.num_experts, device=device)
+    cached = _Constants(
+        mean_steps=torch.tensor([int(round(f * _FRACTION_SCALE)) for f in _MEAN_STEPS], dtype=torch.int64, device=device),
+        gap_steps=torch.tensor([int(round(f * _FRACTION_SCALE)) for f in _GAP_STEPS], dtype=torch.int64, device=device),
+        rank_tiebreak=torch.arange(num_ranks - 1, -1, -1, device=device),
+        local_tiebreak=torch.arange(experts_per_rank - 1, -1, -1, device=device),
+        rank_base=torch.arange(num_ranks, device=device)[:, None] * experts_per_rank,
+        segment_donor_idx=segment // experts_per_rank,
+        segment_local_idx=segment % experts_per_rank,
+    )
+    if len(_CONSTANTS_CACHE) < 64:
+        _CONSTANTS_CACHE[key] = cached
+    return cached
+
+
+def _select_candidate(state: _CandidateState, loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> torch.Tensor:
+    """Return a 0-dim int64 index of the best candidate, chosen without reading values on the host."""
+    num_ranks = layout.num_ranks
+    max_load = state.rank_load.max(dim=1).values  # [num_candidates]
+    num_replicas = (state.slot_expert >= 0).sum(dim=(1, 2))
+
+    # Plans at or below the balance target, or tied with the best, are equally good.
+    best_load = max_load.min()
+    target_q = int(round(config.balance_target * _FRACTION_SCALE))
+    scaled = max_load * (num_ranks * _FRACTION_SCALE)
+    good = (max_load == best_load) | (scaled <= state.total * target_q)
+    fewest = torch.where(good, num_replicas, num_replicas.max() + 1).min()
+    good = good & (num_replicas == fewest)
+
+    if config.prefer_local:
+        local = _local_assignments(state, loads, layout)
+        most_local = torch.where(good, local, -1).max()
+        good = good & (local == most_local)
+    lowest = torch.where(good, max_load, max_load.max() + 1).min()
+    good = good & (max_load == lowest)
+    # First index among the survivors; argmax of an int tensor returns the first maximum.
+    return torch.argmax(good.to(torch.int64))
+
+
+def _local_assignments(state: _CandidateState, loads: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """Return [num_candidates] int64: assignments an instance on their own source rank can serve."""
+    num_ranks, experts_per_rank = layout.num_ranks, layout.experts_per_rank
+    # own[e] = loads[master_rank(e), e]: tokens of expert e produced on its master's rank.
+    own = torch.diagonal(loads.view(num_ranks, num_ranks, experts_per_rank), dim1=0, dim2=1).t().reshape(-1)
+    master_local = torch.minimum(state.master_quota, own).sum(dim=1)
+    rank_ids = torch.arange(num_ranks, device=loads.device)[None, :, None]
+    flat = rank_ids * layout.num_experts + state.slot_expert.clamp(min=0)
+    replica_tokens = loads.reshape(-1)[flat]
+    replica_local = torch.where(state.slot_expert >= 0, torch.minimum(state.slot_quota, replica_tokens), 0)
+    return master_local + replica_local.sum(dim=(1, 2))
