@@ -198,7 +198,11 @@ def test_prefer_local_serves_more_assignments_on_their_rank():
 
     with_locality = QuotaPlanner(prefer_local=True)(loads, layout)
     without = QuotaPlanner(prefer_local=False)(loads, layout)
-    assert with_locality.imbalance() == without.imbalance()
+    # Both stay within the default balance target and use the fewest replicas found within it;
+    # only the tie-break among those differs.
+    assert with_locality.imbalance() <= 1.001
+    assert without.imbalance() <= 1.001
+    assert int(with_locality.num_replicas()) == int(without.num_replicas())
     assert local_share(with_locality) >= local_share(without)
 
 
