@@ -4,13 +4,14 @@ import logging
 
 from ultraep.layout import ExpertLayout, check_load_matrix
 from ultraep.plan import Plan, PlanInvariantError, check_plan
-from ultraep.planners import Planner, QuotaConfig, QuotaPlanner
+from ultraep.planners import PLANNER_NAMES, Planner, QuotaConfig, QuotaPlanner, make_planner
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PLANNER_NAMES",
     "ExpertLayout",
     "Plan",
     "PlanInvariantError",
@@ -19,4 +20,5 @@ __all__ = [
     "QuotaPlanner",
     "check_load_matrix",
     "check_plan",
+    "make_planner",
 ]

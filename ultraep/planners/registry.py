@@ -1,0 +1,44 @@
+"""Planner lookup by name, for command lines, configs and benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ultraep.planners.base import Planner
+from ultraep.planners.eplb import EplbConfig, EplbPlanner
+from ultraep.planners.milp import MilpConfig, MilpPlanner
+from ultraep.planners.none import NonePlanner
+from ultraep.planners.pairing import PairingPlanner
+from ultraep.planners.quota import QuotaConfig, QuotaPlanner
+
+__all__ = ["PLANNER_NAMES", "make_planner"]
+
+# Planner class and its settings dataclass (None: the planner takes no settings), by name.
+_PLANNERS: dict[str, tuple[type[Planner], type | None]] = {
+    "quota": (QuotaPlanner, QuotaConfig),
+    "none": (NonePlanner, None),
+    "pairing": (PairingPlanner, None),
+    "eplb": (EplbPlanner, EplbConfig),
+    "milp": (MilpPlanner, MilpConfig),
+}
+
+PLANNER_NAMES: tuple[str, ...] = tuple(_PLANNERS)
+"""Names accepted by :func:`make_planner`; ``"quota"`` is the default planner."""
+
+
+def make_planner(name: str, **settings) -> Planner:
+    """Build the planner called ``name`` with keyword ``settings`` (fields of its config dataclass).
+
+    Raises ``ValueError`` for an unknown name and ``TypeError`` for a setting the planner does not take.
+    """
+    if name not in _PLANNERS:
+        raise ValueError(f"unknown planner {name!r}; valid names are {list(PLANNER_NAMES)}")
+    planner_class, config_class = _PLANNERS[name]
+    accepted = [field.name for field in dataclasses.fields(config_class)] if config_class is not None else []
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        takes = f"takes only {accepted}" if accepted else "takes no settings"
+        raise TypeError(f"planner {name!r} got unknown settings {unknown}; it {takes}")
+    if config_class is None:
+        return planner_class()
+    return planner_class(config_class(**settings))
