@@ -1,0 +1,142 @@
+"""Weight sync across ranks: relay and direct fill the same slots; cached slots are not copied again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_harness import run_ranks
+from moe_cases import make_inputs, make_layers, make_manager, run_layers
+from ultraep.comm import WeightSpec, execute_weight_sync, plan_weight_sync
+from ultraep.layout import ExpertLayout
+
+SPEC = WeightSpec(((3, 5), (5, 3), (7,)))
+
+
+def expert_weights(expert_id: int) -> list[torch.Tensor]:
+    """Weights that name their logical expert: weight i of expert e holds e * 1000 + i * 100 + position."""
+    return [
+        (expert_id * 1000 + idx * 100 + torch.arange(numel, dtype=torch.float32)).view(shape)
+        for idx, (shape, numel) in enumerate(zip(SPEC.shapes, SPEC.numels, strict=True))
+    ]
+
+
+def expected_row(expert_id: int) -> torch.Tensor:
+    return torch.cat([w.reshape(-1) for w in expert_weights(expert_id)])
+
+
+def _master_weights(layout: ExpertLayout, rank: int) -> list[torch.Tensor]:
+    first = rank * layout.experts_per_rank
+    per_expert = [expert_weights(first + j) for j in range(layout.experts_per_rank)]
+    return [torch.stack([weights[i] for weights in per_expert]) for i in range(len(SPEC.shapes))]
+
+
+# 4 ranks, 2 experts per rank, 2 redundant slots per rank. Expert 0 (rank 0) has replicas on ranks
+# 1, 2 and 3; expert 3 (rank 1) on ranks 0 and 2; expert 6 (rank 3) on rank 1.
+FOUR_RANK_PLACEMENT = [[3, -1], [0, 6], [0, 3], [0, -1]]
+TWO_RANK_PLACEMENT = [[2, 3], [0, -1]]
+
+
+def _sync_worker(rank: int, world_size: int, placement: list[list[int]], num_chunks: int) -> dict:
+    layout = ExpertLayout(world_size, 2, 2)
+    masters = _master_weights(layout, rank)
+    contents = {}
+    for mode in ("direct", "relay", "auto"):
+        buffer = torch.full((layout.redundant_slots_per_rank, SPEC.numel), float("nan"))
+        sync_plan = plan_weight_sync(layout, placement, mode=mode, num_chunks=num_chunks)
+        execute_weight_sync(sync_plan, layout=layout, spec=SPEC, rank=rank, master_weights=masters, replica_buffer=buffer)
+        for idx, expert_id in enumerate(placement[rank]):
+            if expert_id >= 0:
+                assert torch.equal(buffer[idx], expected_row(expert_id)), f"{mode}: slot {idx} of rank {rank}"
+            else:
+                assert torch.isnan(buffer[idx]).all(), f"{mode}: empty slot {idx} of rank {rank} was written"
+        contents[mode] = (buffer.nan_to_num(-1.0), sync_plan.relay_expert_ids, sync_plan.copies_sent_per_rank())
+    return contents
+
+
+@pytest.mark.parametrize(
+    ("world_size", "placement", "num_chunks"),
+    [
+        pytest.param(2, TWO_RANK_PLACEMENT, 3, id="two_ranks"),
+        pytest.param(4, FOUR_RANK_PLACEMENT, 4, id="four_ranks_fan_out"),
+        pytest.param(4, FOUR_RANK_PLACEMENT, 50, id="four_ranks_more_chunks_than_elements"),
+    ],
+)
+def test_relay_and_direct_fill_same_slots(tmp_path, world_size, placement, num_chunks):
+    results = run_ranks(_sync_worker, world_size, tmp_path, placement, num_chunks)
+    for rank, contents in enumerate(results):
+        assert torch.equal(contents["relay"][0], contents["direct"][0]), f"rank {rank}"
+        assert torch.equal(contents["auto"][0], contents["direct"][0]), f"rank {rank}"
+    if world_size == 4:
+        # relay: both experts with several receivers go through relays. auto: only expert 0, whose
+        # master rank would send 3 copies while no rank receives more than 2.
+        assert results[0]["relay"][1] == (0, 3)
+        assert results[0]["auto"][1] == (0,)
+        assert results[0]["relay"][2][0] < results[0]["direct"][2][0]
+        assert results[0]["auto"][2][0] < results[0]["direct"][2][0]
+
+
+def _skewed_topk(rank: int, num_tokens: int) -> torch.Tensor:
+    """Every token picks experts 0 and 1 (both on rank 0), so replicas are needed."""
+    return torch.tensor([[0, 1]] * num_tokens, dtype=torch.int64)
+
+
+def _cache_worker(rank: int, world_size: int) -> None:
+    manager = make_manager(world_size, redundant_slots_per_rank=1)
+    layers = make_layers(manager, True, num_layers=2)
+    weights = [layer.master_weights() for layer in layers]
+
+    def forward(layer_id: int) -> int:
+        with torch.no_grad():
+            routing = manager.route(layer_id, 0, _skewed_topk(rank, 16), weights[layer_id])
+            replicas = manager.replicate(routing)
+            manager.resync_on_backward(routing, torch.zeros(0))
+        assert manager.in_flight() == []
+        # Every replica holds its expert's current master weights, wherever the master lives.
+        rows = manager.replica_weights
+        for idx, expert_id in enumerate(routing.plan.replica_expert_ids[rank].tolist()):
+            if expert_id >= 0:
+                assert replicas[0].shape[0] == manager.layout.redundant_slots_per_rank
+                assert torch.isfinite(rows[idx]).all()
+        return manager.stats[layer_id].forward_sync_bytes
+
+    first = forward(0)
+    assert first > 0, "the first sync must copy"
+    assert forward(0) == 0, "same layer, same placement, same weights: nothing to copy"
+    assert forward(1) > 0, "another layer's weights must be copied into the shared slots"
+    assert forward(0) == first, "layer 0 must be copied again after layer 1 used the slots"
+
+    # An in-place update visible to autograd changes the version.
+    with torch.no_grad():
+        if rank == 0:
+            layers[0].w_up.mul_(0.5)
+    assert forward(0) == first
+    # A write autograd cannot see needs invalidate_cached_weights on every rank.
+    if rank == 0:
+        layers[0].w_up.data.mul_(2.0)
+    assert forward(0) == 0
+    manager.invalidate_cached_weights()
+    assert forward(0) == first
+
+
+def test_cached_slots_skip_copies(tmp_path):
+    run_ranks(_cache_worker, 2, tmp_path)
+
+
+def _resync_worker(rank: int, world_size: int) -> dict:
+    manager = make_manager(world_size, redundant_slots_per_rank=1)
+    layers = make_layers(manager, True, num_layers=2)
+    out = run_layers(layers, make_inputs(rank, 32))
+    out.sum().backward()
+    # Layer 1 ran last, so its slots still hold its weights at its backward; layer 0 must re-sync.
+    assert manager.stats[1].num_replicas > 0 and manager.stats[0].num_replicas > 0
+    assert manager.stats[1].backward_sync_bytes == 0
+    assert manager.stats[0].backward_sync_bytes == manager.stats[0].forward_sync_bytes > 0
+    # Gradients were accumulated into the masters, so the next forward copies again.
+    layers[0](make_inputs(rank, 32)).sum().backward()
+    assert manager.stats[0].forward_sync_bytes > 0
+    return {layer_id: s.forward_sync_bytes for layer_id, s in manager.stats.items()}
+
+
+def test_backward_resyncs_only_reused_slots(tmp_path):
+    run_ranks(_resync_worker, 2, tmp_path)

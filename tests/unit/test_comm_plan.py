@@ -1,0 +1,327 @@
+"""Pure planning of weight sync, relay trees and grad reduce (no communication)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ultraep.comm import (
+    GradReduceTransfer,
+    SyncTransfer,
+    WeightSpec,
+    check_replica_placement,
+    execute_weight_sync,
+    choose_num_relays,
+    plan_grad_reduce,
+    plan_relay_tree,
+    plan_weight_sync,
+    reduce_replica_grads,
+)
+from ultraep.layout import ExpertLayout
+
+# ----------------------------------------------------------------------------------------------
+# WeightSpec
+
+
+def test_weight_spec_offsets_and_views():
+    spec = WeightSpec(((4, 8), (4, 8), (8, 4)))
+    assert spec.numels == (32, 32, 32)
+    assert spec.offsets == (0, 32, 64)
+    assert spec.numel == 96
+    buffer = torch.arange(2 * 96, dtype=torch.float32).view(2, 96)
+    gate, up, down = spec.row_views(buffer)
+    assert gate.shape == (2, 4, 8) and down.shape == (2, 8, 4)
+    assert up[1, 0, 0].item() == 96 + 32
+    down[0, 0, 0] = -1.0
+    assert buffer[0, 64].item() == -1.0, "views must share memory with the buffer"
+
+
+def test_weight_spec_segments_split_at_tensor_boundaries():
+    spec = WeightSpec(((3,), (2, 2), (5,)))  # offsets 0, 3, 7; numel 12
+    assert spec.segments(0, 12) == [(0, 0, 3), (1, 0, 4), (2, 0, 5)]
+    assert spec.segments(2, 8) == [(0, 2, 3), (1, 0, 4), (2, 0, 1)]
+    assert spec.segments(5, 5) == []
+
+
+@pytest.mark.parametrize(
+    ("shapes", "error", "match"),
+    [
+        pytest.param((), ValueError, "non-empty sequence", id="empty"),
+        pytest.param(((2, 0),), ValueError, r"shapes\[0\] must hold positive ints", id="zero_dim"),
+        pytest.param((3,), TypeError, r"shapes\[0\] must be a sequence of ints", id="bare_int"),
+    ],
+)
+def test_weight_spec_rejects_bad_shapes(shapes, error, match):
+    with pytest.raises(error, match=match):
+        WeightSpec(shapes)
+
+
+def test_weight_spec_rejects_bad_buffer_and_masters():
+    spec = WeightSpec(((2, 3), (3,)))
+    with pytest.raises(ValueError, match=r"buffer must have shape \[num_rows, 9\]"):
+        spec.row_views(torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="master_weights has 1 tensors but the weight spec has 2"):
+        spec.check_master_weights([torch.zeros(2, 2, 3)], experts_per_rank=2)
+    with pytest.raises(ValueError, match=r"master_weights\[1\] must have shape .* \[2, 3\], got \[2, 4\]"):
+        spec.check_master_weights([torch.zeros(2, 2, 3), torch.zeros(2, 4)], experts_per_rank=2)
+    with pytest.raises(TypeError, match="share one dtype and device"):
+        spec.check_master_weights([torch.zeros(2, 2, 3), torch.zeros(2, 3, dtype=torch.float64)], experts_per_rank=2)
+    with pytest.raises(TypeError, match="must be a sequence of tensors"):
+        spec.check_master_weights(torch.zeros(2, 2, 3), experts_per_rank=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Relay trees
+
+
+@pytest.mark.parametrize(
+    ("num_receivers", "expected"),
+    [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (7, 3), (9, 3), (16, 4)],
+    ids=lambda value: str(value),
+)
+def test_choose_num_relays_minimises_fan_out(num_receivers, expected):
+    assert choose_num_relays(num_receivers) == expected
+
+
+def test_choose_num_relays_rejects_zero():
+    with pytest.raises(ValueError, match="num_receivers must be a positive int, got 0"):
+        choose_num_relays(0)
+
+
+def test_relay_tree_hand_example():
+    # Expert 0 on rank 0 fans out to ranks 1..4 (slot ids 10 * rank for readability).
+    sends = [4, 0, 0, 0, 0]
+    tree = plan_relay_tree(0, 0, [(1, 10), (2, 20), (3, 30), (4, 40)], sends)
+    assert tree.relays == ((1, 10), (2, 20))
+    assert tree.children == (((3, 30),), ((4, 40),))
+    assert sends == [2, 1, 1, 0, 0]
+
+
+def test_relay_tree_prefers_idle_ranks():
+    # Rank 1 already forwards two copies, so ranks 2 and 3 become the relays.
+    sends = [4, 2, 0, 0, 0]
+    tree = plan_relay_tree(0, 0, [(1, 10), (2, 20), (3, 30), (4, 40)], sends)
+    assert tree.relays == ((2, 20), (3, 30))
+    assert tree.children == (((1, 10),), ((4, 40),))
+
+
+@pytest.mark.parametrize(
+    ("receivers", "num_relays", "match"),
+    [
+        pytest.param([], None, "has no receivers", id="no_receivers"),
+        pytest.param([(0, 3)], None, "receiver on its master rank 0", id="receiver_on_master"),
+        pytest.param([(1, 3), (2, 6)], 3, r"num_relays must be in \[1, 2\]", id="too_many_relays"),
+    ],
+)
+def test_relay_tree_rejects_bad_input(receivers, num_relays, match):
+    with pytest.raises(ValueError, match=match):
+        plan_relay_tree(0, 0, receivers, [0, 0, 0], num_relays=num_relays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight sync plans
+
+
+def test_direct_plan_hand_example():
+    layout = ExpertLayout(2, 2, 1)  # slots per rank 3; rank 1's redundant slot is 5
+    plan = plan_weight_sync(layout, [[-1], [0]], mode="direct")
+    assert plan.transfers == (SyncTransfer(0, 0, 0, 0, 1, 5, 0),)
+    assert (plan.num_steps, plan.num_chunks, plan.relay_expert_ids) == (1, 1, ())
+    assert plan.copies_sent_per_rank() == [1.0, 0.0]
+    assert plan.copies_received_per_rank() == [0.0, 1.0]
+    assert plan.num_copies == 1
+
+
+def test_needs_copy_skips_cached_slots():
+    layout = ExpertLayout(2, 2, 2)
+    plan = plan_weight_sync(layout, [[2, 3], [0, -1]], needs_copy=[[True, False], [False, False]], mode="direct")
+    assert [(t.expert_id, t.dst_slot_id) for t in plan.transfers] == [(2, 2)]
+    nothing = plan_weight_sync(layout, [[2, 3], [0, -1]], needs_copy=torch.zeros(2, 2, dtype=torch.bool))
+    assert nothing.transfers == () and nothing.num_steps == 0
+
+
+def test_relay_plan_halves_fan_out_of_hot_expert():
+    # 8 ranks; expert 0 (rank 0) has a replica on each of the other 7 ranks.
+    layout = ExpertLayout(8, 2, 2)
+    placement = [[-1, -1]] + [[0, -1]] * 7
+    direct = plan_weight_sync(layout, placement, mode="direct")
+    relay = plan_weight_sync(layout, placement, mode="relay", num_chunks=4)
+    assert direct.copies_sent_per_rank()[0] == 7.0
+    assert max(relay.copies_sent_per_rank()) == 3.0  # 3 relays; they forward 2, 1 and 1 copies
+    assert relay.num_steps == 5 and relay.relay_expert_ids == (0,)
+    # Link time in expert copies: direct 7; relay: step 0 sends 3 quarter chunks, steps 1-3 are
+    # bounded by the master's 3 quarters, step 4 by the relay forwarding 2 quarters: 3 + 0.5.
+    assert direct.link_time() == 7.0
+    assert relay.link_time() == 3.5
+
+
+def test_auto_relays_only_when_fan_out_exceeds_intake():
+    layout = ExpertLayout(4, 2, 2)
+    # Expert 0 (rank 0) goes to 3 ranks; expert 3 (rank 1) to 2 ranks; no rank receives more than 2.
+    placement = [[3, -1], [0, 6], [0, 3], [0, -1]]
+    assert plan_weight_sync(layout, placement, mode="auto").relay_expert_ids == (0,)
+    assert plan_weight_sync(layout, placement, mode="relay").relay_expert_ids == (0, 3)
+    assert plan_weight_sync(layout, placement, mode="direct").relay_expert_ids == ()
+    # One copy per master: nothing to gain, so auto stays direct with one chunk.
+    balanced = plan_weight_sync(layout, [[2, -1], [0, -1], [-1, -1], [-1, -1]], mode="auto", num_chunks=4)
+    assert balanced.relay_expert_ids == () and balanced.num_chunks == 1 and balanced.num_steps == 1
+
+
+def _check_schedule(layout: ExpertLayout, placement, needs_copy, plan) -> None:
+    """Every slot that needs a copy gets each chunk exactly once, from a rank that already has that chunk."""
+    held = {}  # (rank, chunk) -> expert held before the current step, for redundant slots
+    received = {}
+    for step in range(plan.num_steps):
+        arriving = {}
+        for t in (t for t in plan.transfers if t.step == step):
+            assert t.src_rank != t.dst_rank
+            assert layout.slot_rank(t.dst_slot_id) == t.dst_rank and layout.is_redundant_slot(t.dst_slot_id)
+            if layout.is_redundant_slot(t.src_slot_id):
+                assert held.get((t.src_slot_id, t.chunk_idx)) == t.expert_id, f"relay sends chunk {t.chunk_idx} too early"
+            else:
+                assert t.src_slot_id == layout.master_slot_id(t.expert_id)
+            key = (t.dst_slot_id, t.chunk_idx)
+            assert key not in received, f"slot {t.dst_slot_id} receives chunk {t.chunk_idx} twice"
+            received[key] = t.expert_id
+            arriving[key] = t.expert_id
+        held.update(arriving)
+    expected = {
+        (layout.redundant_slot_id(rank, idx), chunk): expert
+        for rank, row in enumerate(placement)
+        for idx, expert in enumerate(row)
+        if expert >= 0 and needs_copy[rank][idx]
+        for chunk in range(plan.num_chunks)
+    }
+    assert received == expected
+
+
+@st.composite
+def placements(draw):
+    num_ranks = draw(st.integers(2, 8))
+    experts_per_rank = draw(st.integers(1, 3))
+    slots = draw(st.integers(1, 3))
+    layout = ExpertLayout(num_ranks, experts_per_rank, slots)
+    hot = draw(st.lists(st.integers(0, layout.num_experts - 1), min_size=1, max_size=3))
+    placement = []
+    for rank in range(num_ranks):
+        row, seen = [], set()
+        for _ in range(slots):
+            expert = draw(st.sampled_from([-1, *hot, draw(st.integers(0, layout.num_experts - 1))]))
+            if expert >= 0 and (layout.master_rank(expert) == rank or expert in seen):
+                expert = -1
+            seen.add(expert)
+            row.append(expert)
+        placement.append(row)
+    needs_copy = [[draw(st.booleans()) or draw(st.booleans()) for _ in range(slots)] for _ in range(num_ranks)]
+    return layout, placement, needs_copy
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=placements(), mode=st.sampled_from(["direct", "relay", "auto"]), num_chunks=st.integers(1, 5))
+def test_any_plan_delivers_every_chunk_once(case, mode, num_chunks):
+    layout, placement, needs_copy = case
+    plan = plan_weight_sync(layout, placement, needs_copy=needs_copy, mode=mode, num_chunks=num_chunks)
+    _check_schedule(layout, placement, needs_copy, plan)
+    assert plan == plan_weight_sync(layout, placement, needs_copy=needs_copy, mode=mode, num_chunks=num_chunks)
+    direct = plan_weight_sync(layout, placement, needs_copy=needs_copy, mode="direct")
+    assert max(plan.copies_sent_per_rank(), default=0) <= max(direct.copies_sent_per_rank(), default=0)
+
+
+@pytest.mark.parametrize(
+    ("placement", "kwargs", "error", "match"),
+    [
+        pytest.param([[-1], [0]], {"mode": "tree"}, ValueError, "mode must be one of", id="bad_mode"),
+        pytest.param([[-1], [0]], {"num_chunks": 0}, ValueError, "num_chunks must be a positive int", id="zero_chunks"),
+        pytest.param([[-1]], {}, ValueError, r"shape \[num_ranks, redundant_slots_per_rank\] = \[2, 1\]", id="short"),
+        pytest.param([[-1], [4]], {}, ValueError, r"replica_expert_ids\[1\]\[0\] = 4 is outside \[-1, 3\]", id="bad_id"),
+        pytest.param([[0], [-1]], {}, ValueError, "replica on the expert's master rank 0", id="on_master"),
+        pytest.param(
+            [[-1], [0]], {"needs_copy": torch.ones(2, 1, dtype=torch.int64)}, TypeError, "needs_copy must be a bool tensor",
+            id="needs_copy_dtype",
+        ),
+        pytest.param(
+            torch.zeros(2, 1), {}, TypeError, "replica_expert_ids must be an integer tensor", id="float_placement",
+        ),
+    ],
+)
+def test_plan_weight_sync_rejects_bad_input(placement, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        plan_weight_sync(ExpertLayout(2, 2, 1), placement, **kwargs)
+
+
+def test_placement_rejects_duplicate_replica_on_rank():
+    with pytest.raises(ValueError, match="two replicas of expert 0 on rank 1"):
+        check_replica_placement(ExpertLayout(2, 2, 2), [[-1, -1], [0, 0]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Grad reduce plans
+
+
+def test_grad_reduce_slot_order_and_steps():
+    layout = ExpertLayout(4, 2, 1)  # slots per rank 3; redundant slots 2, 5, 8, 11
+    # Expert 0 (rank 0) on ranks 1, 2, 3; expert 2 (rank 1) on rank 0.
+    plan = plan_grad_reduce(layout, [[2], [0], [0], [0]], scratch_rows=2)
+    assert plan.transfers == (
+        GradReduceTransfer(0, 0, 1, 5, 0, 0),
+        GradReduceTransfer(0, 0, 2, 8, 0, 1),
+        GradReduceTransfer(0, 2, 0, 2, 1, 0),
+        GradReduceTransfer(1, 0, 3, 11, 0, 0),
+    )
+    assert plan.num_steps == 2 and plan.scratch_rows == 2
+
+
+def test_grad_reduce_skips_zero_quota_replicas():
+    layout = ExpertLayout(2, 2, 2)
+    plan = plan_grad_reduce(layout, [[2, 3], [0, -1]], replica_quota=[[5, 0], [0, 0]])
+    assert [(t.expert_id, t.src_slot_id) for t in plan.transfers] == [(2, 2)]
+    assert plan.scratch_rows == 2
+    assert plan_grad_reduce(layout, [[-1, -1], [-1, -1]]).num_steps == 0
+
+
+def test_grad_reduce_rejects_bad_scratch_rows():
+    with pytest.raises(ValueError, match="scratch_rows must be a positive int, got 0"):
+        plan_grad_reduce(ExpertLayout(2, 2, 1), [[-1], [0]], scratch_rows=0)
+
+
+def test_elements_moved_counts_every_chunk():
+    layout = ExpertLayout(8, 2, 2)
+    placement = [[-1, -1]] + [[0, -1]] * 7
+    # 7 copies of a 10-element row, whether sent whole or as 4 chunks through relays.
+    assert plan_weight_sync(layout, placement, mode="direct").elements_moved(10) == 70
+    assert plan_weight_sync(layout, placement, mode="relay", num_chunks=4).elements_moved(10) == 70
+
+
+# ----------------------------------------------------------------------------------------------
+# Executors reject bad arguments before communicating, so these run without a process group.
+
+
+def test_execute_weight_sync_rejects_bad_arguments():
+    layout = ExpertLayout(2, 2, 1)
+    spec = WeightSpec(((3,),))
+    plan = plan_weight_sync(layout, [[-1], [0]])
+    masters = [torch.zeros(2, 3)]
+    with pytest.raises(ValueError, match=r"rank=2 is outside \[0, 1\]"):
+        execute_weight_sync(plan, layout=layout, spec=spec, rank=2, master_weights=masters, replica_buffer=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"replica_buffer must have shape \[1, 3\], got \[2, 3\]"):
+        execute_weight_sync(plan, layout=layout, spec=spec, rank=0, master_weights=masters, replica_buffer=torch.zeros(2, 3))
+
+
+def test_reduce_replica_grads_rejects_bad_arguments():
+    layout = ExpertLayout(2, 2, 1)
+    spec = WeightSpec(((3,),))
+    plan = plan_grad_reduce(layout, [[-1], [0]])
+    common = {"layout": layout, "spec": spec, "master_grads": [torch.zeros(2, 3)]}
+    with pytest.raises(ValueError, match=r"rank=-1 is outside \[0, 1\]"):
+        reduce_replica_grads(plan, rank=-1, replica_grad_buffer=torch.zeros(1, 3), scratch=torch.zeros(1, 3), **common)
+    with pytest.raises(ValueError, match=r"replica_grad_buffer must have shape \[1, 3\], got \[1, 4\]"):
+        reduce_replica_grads(plan, rank=0, replica_grad_buffer=torch.zeros(1, 4), scratch=torch.zeros(1, 3), **common)
+    with pytest.raises(ValueError, match=r"scratch must have shape \[1, 3\] for this plan, got \[2, 3\]"):
+        reduce_replica_grads(plan, rank=0, replica_grad_buffer=torch.zeros(1, 3), scratch=torch.zeros(2, 3), **common)
+    with pytest.raises(ValueError, match="master_grads is None but the plan sends replica gradients to rank 0"):
+        reduce_replica_grads(
+            plan, layout=layout, spec=spec, rank=0, replica_grad_buffer=torch.zeros(1, 3), master_grads=None,
+            scratch=torch.zeros(1, 3),
+        )

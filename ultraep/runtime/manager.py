@@ -1,0 +1,704 @@
+"""The replica manager: owns the redundant-slot buffers and runs every phase of balancing per layer.
+
+One :class:`ReplicaManager` serves all MoE layers of a model on one rank. It allocates once, shared by
+all layers:
+
+- ``replica_weights`` [redundant_slots_per_rank, numel]: weights of the replicas in this rank's
+  redundant slots, one flat row per slot (packed by :class:`~ultraep.comm.WeightSpec`);
+- ``replica_grads`` [redundant_slots_per_rank, numel]: their gradients, zero between layers;
+- ``reduce_scratch`` [redundant_slots_per_rank, numel]: where a master rank receives replica
+  gradients, up to ``redundant_slots_per_rank`` per grad reduce step.
+
+Per layer and microbatch the state (plan, load matrix, weight versions) is kept under the key
+``(layer_id, microbatch_id)`` from the forward until grad reduce, so several microbatches can be in
+flight at once (pipeline parallelism).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import logging
+import time
+import weakref
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from ultraep.comm import (
+    SYNC_MODES,
+    CommunicationError,
+    WeightSpec,
+    execute_weight_sync,
+    plan_grad_reduce,
+    plan_weight_sync,
+    communication_errors,
+    reduce_replica_grads,
+    wait_all,
+)
+from ultraep.layout import ExpertLayout
+from ultraep.plan import Plan
+from ultraep.planners import Planner, QuotaPlanner, masters_only_plan
+from ultraep.reroute import count_local_load, reroute, source_quota
+from ultraep.runtime.replicate import Replicate, ResyncOnBackward
+
+__all__ = ["LayerStats", "ManagerConfig", "RankAgreementError", "ReplicaManager", "Routing"]
+
+logger = logging.getLogger(__name__)
+
+# Words appended to each rank's load row in the one all-gather of ``route``.
+_CONFIG_WORD, _CALL_WORD, _CACHE_WORD, _VERSION_WORD, _STATUS_WORD = range(5)
+_NUM_EXTRA_WORDS = 5
+# Status word values: the rank's own input checks passed, or failed (the rank raises the details).
+_STATUS_OK, _STATUS_REJECTED = 0, 1
+
+
+class RankAgreementError(RuntimeError):
+    """Ranks disagree (configuration, call order, load matrix, plan) or one rank rejected its input.
+
+    Raised on every rank with the same message, which names the ranks that differ.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class ManagerConfig:
+    """Settings of the replica manager; every rank must use the same values."""
+
+    sync_mode: str = "auto"
+    """Weight sync mode: ``"direct"`` (masters send every copy), ``"relay"`` (experts with several
+    copies go through relay ranks) or ``"auto"`` (relay only where a master rank's fan-out exceeds
+    the busiest receiver's intake)."""
+    num_chunks: int = 4
+    """Chunks per expert copy when relaying; relays forward chunk ``c`` while chunk ``c + 1`` arrives."""
+    check_plans: bool = True
+    """After planning, all-gather a fingerprint of the plan and the load matrix (2 int64 per rank)
+    and raise on every rank if any rank differs. One small collective per layer and microbatch;
+    turn off only once the planner is trusted to be deterministic."""
+    check_values: bool = True
+    """Check ``topk_ids`` values (range) on the host before counting."""
+    reuse_cached_weights: bool = True
+    """Skip copying into a redundant slot that already contains the same layer's expert at the same
+    weight version. A layer's version changes when its master weights get an in-place update
+    visible to autograd, when they accumulate a gradient, or on :meth:`ReplicaManager.invalidate_cached_weights`."""
+    timeout_s: float | None = None
+    """Seconds to wait for one step of weight sync, grad reduce or the all-gathers before raising
+    :class:`~ultraep.comm.CommunicationError`; ``None`` uses the process group's timeout."""
+    record_timings: bool = False
+    """Record host wall time of each phase per layer in ``ReplicaManager.timings[phase][layer_id]``
+    (phases ``count``, ``gather``, ``plan``, ``plan_check``, ``reroute``, ``sync_forward``,
+    ``sync_backward``, ``reduce``). Synchronizes CUDA around each phase, so only for profiling."""
+
+    def __post_init__(self) -> None:
+        if self.sync_mode not in SYNC_MODES:
+            raise ValueError(f"ManagerConfig.sync_mode must be one of {SYNC_MODES}, got {self.sync_mode!r}")
+        if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or self.num_chunks < 1:
+            raise ValueError(f"ManagerConfig.num_chunks must be a positive int, got {self.num_chunks!r}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"ManagerConfig.timeout_s must be None or > 0 seconds, got {self.timeout_s!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Result of :meth:`ReplicaManager.route` for one layer and microbatch on this rank.
+
+    Example with 2 ranks, 2 experts per rank and 1 redundant slot per rank (3 slots per rank), seen
+    on rank 0. Rank 0 sent 3 assignments to its own slots and 1 to rank 1, and received 2 from rank 1::
+
+        send_counts      = (3, 1)            # to rank 0, to rank 1
+        recv_counts      = (3, 2)            # from rank 0, from rank 1
+        recv_slot_counts = [[2, 1, 0],       # from rank 0 into slots 0, 1, 2 of rank 0
+                            [0, 0, 2]]       # from rank 1: both go to rank 0's redundant slot
+    """
+
+    layer_id: int
+    """Layer the routing is for."""
+    microbatch_id: int
+    """Microbatch the routing is for."""
+    balance: bool
+    """False when the masters-only plan was used."""
+    plan: Plan
+    """The plan, identical on every rank."""
+    loads: torch.Tensor
+    """[num_ranks, num_experts] int64 on the manager's device: the load matrix."""
+    slot_ids: torch.Tensor
+    """[num_tokens, topk] int64, same device as ``topk_ids``: physical slot id per assignment; -1 stays -1."""
+    send_counts: tuple[int, ...]
+    """Per destination rank, this rank's assignments sent there (all-to-all input split sizes). Entries
+    of -1 in ``topk_ids`` are not counted: drop them before dispatch."""
+    recv_counts: tuple[int, ...]
+    """Per source rank, assignments this rank receives from it (all-to-all output split sizes)."""
+    recv_slot_counts: torch.Tensor
+    """[num_ranks, slots_per_rank] int64 on the host: assignments from each source rank per local slot,
+    in the order they arrive (source rank, then slot)."""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """``(layer_id, microbatch_id)``."""
+        return (self.layer_id, self.microbatch_id)
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """Facts about the latest microbatch of one layer, identical on every rank (computed from the plans)."""
+
+    imbalance_before: float = 1.0
+    """Imbalance (max / mean rank load) of the masters-only plan."""
+    imbalance_after: float = 1.0
+    """Imbalance of the plan used."""
+    num_replicas: int = 0
+    """Redundant slots holding a replica."""
+    forward_sync_bytes: int = 0
+    """Bytes all ranks together sent in the forward weight sync."""
+    backward_sync_bytes: int = 0
+    """Bytes all ranks together sent re-syncing before the backward."""
+    reduce_bytes: int = 0
+    """Bytes all ranks together sent in grad reduce."""
+    forward_sync_link_time: float = 0.0
+    """Forward weight sync schedule's link time in expert copies (see ``SyncPlan.link_time``)."""
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """State of one layer and microbatch between its forward and its grad reduce."""
+
+    routing: Routing
+    master_weights: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]  # weight version of each rank's masters of this layer, from the all-gather
+    expects_reduce: bool  # Replicate.backward will run grad reduce and release the state
+
+
+@dataclasses.dataclass
+class _LayerVersion:
+    """This rank's bookkeeping behind the weight version of one layer's master weights."""
+
+    tensors: tuple[weakref.ref, ...] = ()
+    hooks: tuple = ()
+    epoch: int = 0  # bumped by invalidate_cached_weights and when the tensors change
+    grad_events: int = 0  # post-accumulate-grad hook calls
+    volatile_calls: int = 0  # bumped every route when the weights cannot be versioned
+
+
+def _digest64(*parts) -> int:
+    """Return a signed 64-bit digest of the ``repr`` of ``parts``."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _split_ranks(values: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Return (ranks holding the most common value, the other ranks); ties go to rank 0's value."""
+    counts: dict[int, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    reference = max(counts, key=lambda v: (counts[v], v == values[0]))
+    agree = [r for r, v in enumerate(values) if v == reference]
+    return agree, [r for r, v in enumerate(values) if v != reference]
+
+
+class ReplicaManager:
+    """Balances the expert-parallel MoE layers of one model on one rank.
+
+    Phases per layer and microbatch, in order:
+
+    1. count (:meth:`route`): this rank's load per logical expert from ``topk_ids``.
+    2. gather (:meth:`route`): one all-gather of the load rows plus fingerprints of the configuration,
+       the call (layer, microbatch) and the slot cache, this rank's weight version and its input status.
+       Every rank then checks that all ranks agree.
+    3. plan (:meth:`route`): the planner (or the masters-only plan for ``balance=False``); with
+       ``check_plans`` one more small all-gather confirms that every rank computed the same plan.
+    4. reroute (:meth:`route`): logical ids to physical slot ids and the all-to-all split sizes.
+    5. weight sync (:meth:`replicate`, forward of :class:`~ultraep.runtime.replicate.Replicate`).
+    6. re-sync (backward of :class:`~ultraep.runtime.replicate.ResyncOnBackward`, before the expert
+       backward), skipped per slot when the slot still holds this layer's weights.
+    7. grad reduce (backward of ``Replicate``), then the layer and microbatch's state is released.
+
+    Every rank of the EP group must call these in the same order with the same configuration;
+    disagreements are detected in phases 2 and 3 and raised on every rank as
+    :class:`RankAgreementError`.
+    """
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        weight_shapes: Sequence[Sequence[int]],
+        *,
+        planner: Planner | None = None,
+        config: ManagerConfig | None = None,
+        group: dist.ProcessGroup | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """Allocate the shared buffers.
+
+        layout: the EP group's layout; ``num_ranks`` must equal the size of ``group``.
+        weight_shapes: shape of each weight tensor of one expert, in the order layers pass their master
+          weights (for SwiGLU: ``[(hidden, ffn), (hidden, ffn), (ffn, hidden)]``); shared by all layers.
+        planner: the balancing planner; ``None`` means :class:`~ultraep.planners.QuotaPlanner` defaults.
+        group: the EP process group; ``None`` is the default group, which must be initialized.
+        dtype, device: of the expert weights and of every buffer.
+        """
+        if not isinstance(layout, ExpertLayout):
+            raise TypeError(f"layout must be an ExpertLayout, got {type(layout).__name__}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialized; call torch.distributed.init_process_group "
+                "(gloo on CPU, nccl on GPUs) before building a ReplicaManager"
+            )
+        world_size = dist.get_world_size(group)
+        if world_size != layout.num_ranks:
+            raise ValueError(
+                f"layout.num_ranks={layout.num_ranks} but the process group has {world_size} ranks; build the "
+                "layout with ExpertLayout.from_num_experts(num_experts, num_ranks=group size)"
+            )
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+        self.layout = layout
+        self.spec = WeightSpec(tuple(tuple(shape) for shape in weight_shapes))
+        self.planner = planner if planner is not None else QuotaPlanner()
+        self.config = config if config is not None else ManagerConfig()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Tensors report "cuda:N"; compare against the same form.
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.timeout = None if self.config.timeout_s is None else datetime.timedelta(seconds=self.config.timeout_s)
+
+        slots = layout.redundant_slots_per_rank
+        numel = self.spec.numel
+        self.replica_weights = torch.empty(slots, numel, dtype=dtype, device=self.device)  # [redundant_slots_per_rank, numel]
+        self.replica_grads = torch.zeros(slots, numel, dtype=dtype, device=self.device)  # [redundant_slots_per_rank, numel]
+        self.reduce_scratch = torch.empty(slots, numel, dtype=dtype, device=self.device)  # [redundant_slots_per_rank, numel]
+
+        # held[rank][j]: (layer_id, expert_id, version) in redundant slot j of rank, or None. The same
+        # table on every rank, because every rank applies the same sync plans in the same order.
+        self._held: list[list[tuple[int, int, int] | None]] = [[None] * slots for _ in range(layout.num_ranks)]
+        self._in_flight: dict[tuple[int, int], _InFlight] = {}
+        self._versions: dict[int, _LayerVersion] = {}
+        self.stats: dict[int, LayerStats] = {}
+        self.timings: dict[str, dict[int, list[float]]] = {}  # phase -> layer_id -> seconds per call
+        self._config_word = _digest64(
+            layout, type(self.planner).__qualname__, repr(getattr(self.planner, "config", None)),
+            self.spec, str(dtype), dataclasses.astuple(self.config), world_size,
+        )
+        if self.rank == 0:
+            logger.info(
+                "ReplicaManager: %s, weight spec %s, %s, %.1f MiB of redundant-slot buffers, planner %s, %s",
+                layout, self.spec.shapes, dtype, self.extra_memory_bytes / 2**20, type(self.planner).__name__, self.config,
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Public API.
+
+    @property
+    def extra_memory_bytes(self) -> int:
+        """Bytes of the three shared buffers (replica weights, replica gradients, reduce scratch)."""
+        return sum(t.numel() * t.element_size() for t in (self.replica_weights, self.replica_grads, self.reduce_scratch))
+
+    def route(
+        self,
+        layer_id: int,
+        microbatch_id: int,
+        topk_ids: torch.Tensor,
+        master_weights: Sequence[torch.Tensor],
+        *,
+        balance: bool = True,
+    ) -> Routing:
+        """Count, gather, plan and reroute one layer and microbatch (phases 1 to 4).
+
+        layer_id, microbatch_id: ints >= 0; the pair must not be in flight already.
+        topk_ids: [num_tokens, topk] integer tensor on the manager's device. Logical expert per
+          assignment; -1 = unused. ``num_tokens`` may be 0 and may differ between ranks.
+        master_weights: this layer's master weights on this rank, per weight tensor
+          ``[experts_per_rank, *shape]`` in ``weight_shapes`` order.
+        balance: ``False`` uses the masters-only plan through the same path (no replicas).
+
+        Collective over the EP group: every rank calls it for the same layer and microbatch. With 2
+        ranks each rank passes its own ``topk_ids`` and gets the same plan and load matrix, plus its
+        own ``slot_ids`` and split sizes.
+
+        Raises :class:`RankAgreementError` on every rank when ranks disagree or any rank rejected its
+        input; the rejecting rank raises its own ``TypeError``/``ValueError``/``RuntimeError`` instead.
+        """
+        layout = self.layout
+        key = (layer_id, microbatch_id)
+        start = self._clock()
+
+        # Step 1: local checks and count. A failure is reported through the all-gather, so every
+        # rank raises instead of the others waiting forever.
+        local_error: Exception | None = None
+        try:
+            self._check_call(layer_id, microbatch_id, topk_ids, master_weights)
+            local_load = count_local_load(topk_ids, layout.num_experts, check_values=self.config.check_values)
+            version = self._local_version(layer_id, master_weights)
+        except (TypeError, ValueError, RuntimeError) as err:
+            local_error = err
+            local_load = torch.zeros(layout.num_experts, dtype=torch.int64, device=self.device)
+            version = 0
+        self._record("count", layer_id, start)
+
+        # Step 2: one all-gather of the load rows and the agreement words.
+        start = self._clock()
+        payload = torch.empty(layout.num_experts + _NUM_EXTRA_WORDS, dtype=torch.int64, device=self.device)
+        payload[: layout.num_experts] = local_load.to(device=self.device, dtype=torch.int64)
+        extra = (
+            self._config_word,
+            _digest64(layer_id, microbatch_id, bool(balance)),
+            _digest64(self._held),
+            version,
+            _STATUS_OK if local_error is None else _STATUS_REJECTED,
+        )
+        payload[layout.num_experts :] = torch.tensor(extra, dtype=torch.int64)
+        gathered = self._all_gather(payload, f"load all-gather of layer {layer_id} microbatch {microbatch_id}")
+        self._check_route_agreement(gathered[:, layout.num_experts :], key, local_error)
+        loads = gathered[:, : layout.num_experts].to(self.device)  # [num_ranks, num_experts]
+        versions = tuple(int(v) for v in gathered[:, layout.num_experts + _VERSION_WORD])
+        self._record("gather", layer_id, start)
+
+        # Step 3: plan, then optionally confirm that every rank computed the same plan.
+        start = self._clock()
+        plan = self._make_plan(loads, balance)
+        self._record("plan", layer_id, start)
+        if self.config.check_plans:
+            start = self._clock()
+            self._check_plan_agreement(plan, loads, key)
+            self._record("plan_check", layer_id, start)
+
+        # Step 4: reroute and split sizes.
+        start = self._clock()
+        slot_ids = reroute(topk_ids, plan, loads, self.rank, check_values=False)
+        per_source = source_quota(plan, loads).cpu()  # [num_ranks, num_slots]
+        spr = layout.slots_per_rank
+        send_counts = per_source[self.rank].view(layout.num_ranks, spr).sum(dim=1)  # [num_ranks]
+        recv_slot_counts = per_source[:, self.rank * spr : (self.rank + 1) * spr].contiguous()  # [num_ranks, slots_per_rank]
+        routing = Routing(
+            layer_id, microbatch_id, bool(balance), plan, loads, slot_ids,
+            tuple(send_counts.tolist()), tuple(recv_slot_counts.sum(dim=1).tolist()), recv_slot_counts,
+        )
+        self._record("reroute", layer_id, start)
+
+        # Grad reduce runs (and releases the state) only when the masters need gradients and replicas exist.
+        expects_reduce = (
+            torch.is_grad_enabled() and any(w.requires_grad for w in master_weights) and layout.redundant_slots_per_rank > 0
+        )
+        self._in_flight[key] = _InFlight(routing, tuple(master_weights), versions, expects_reduce)
+        stats = self.stats.setdefault(layer_id, LayerStats())
+        stats.imbalance_before = _masters_only_imbalance(loads, layout)
+        stats.imbalance_after = plan.imbalance()
+        stats.num_replicas = int(plan.num_replicas())
+        logger.debug(
+            "rank %d layer %d microbatch %d: imbalance %.4f -> %.4f with %d replicas",
+            self.rank, layer_id, microbatch_id, stats.imbalance_before, stats.imbalance_after, stats.num_replicas,
+        )
+        return routing
+
+    def replicate(self, routing: Routing) -> tuple[torch.Tensor, ...]:
+        """Sync the redundant slots for ``routing`` and return their weights (phase 5).
+
+        Returns per weight tensor a ``[redundant_slots_per_rank, *shape]`` view of the shared buffer.
+        Autograd: gradients flowing into these views are reduced into the master weights (phase 7).
+        Every returned view must feed the output that passes through :meth:`resync_on_backward`.
+        The views stay valid until another layer or microbatch is synced; the backward re-syncs them.
+
+        Collective over the EP group, like :meth:`route`.
+        """
+        state = self._state(routing.key, "replicate")
+        if state.expects_reduce:
+            return Replicate.apply(self, routing.key, *state.master_weights)
+        # No gradient reaches the masters (or there are no redundant slots): no autograd bookkeeping.
+        if self.layout.redundant_slots_per_rank > 0:
+            self._sync(routing.key, phase="forward")
+        return self.spec.row_views(self.replica_weights.data)
+
+    def resync_on_backward(self, routing: Routing, expert_output: torch.Tensor) -> torch.Tensor:
+        """Return ``expert_output`` unchanged; its backward re-syncs the redundant slots first (phase 6).
+
+        expert_output: output of the experts that used :meth:`replicate`'s weights, any shape.
+        Call it once per :meth:`route`, after :meth:`replicate`. When ``expert_output`` needs no
+        gradient, no backward will run for this layer and microbatch, so its state is released here.
+        """
+        self._state(routing.key, "resync_on_backward")
+        if expert_output.requires_grad and torch.is_grad_enabled():
+            return ResyncOnBackward.apply(self, routing.key, expert_output)
+        self._in_flight.pop(routing.key, None)
+        return expert_output
+
+    def release(self, layer_id: int, microbatch_id: int) -> None:
+        """Drop the state of a layer and microbatch whose backward will not run. Local, no communication."""
+        self._in_flight.pop((layer_id, microbatch_id), None)
+
+    def release_all(self) -> None:
+        """Drop the state of every layer and microbatch in flight. Local, no communication."""
+        self._in_flight.clear()
+
+    def in_flight(self) -> list[tuple[int, int]]:
+        """Return the ``(layer_id, microbatch_id)`` keys whose backward has not finished."""
+        return sorted(self._in_flight)
+
+    def invalidate_cached_weights(self) -> None:
+        """Forget what every redundant slot holds, so the next sync copies everything.
+
+        Call it on every rank after changing master weights in a way autograd does not see
+        (assigning ``.data``, writing through a detached alias). Local, no communication.
+        """
+        self._held = [[None] * self.layout.redundant_slots_per_rank for _ in range(self.layout.num_ranks)]
+        for version in self._versions.values():
+            version.epoch += 1
+
+    # ------------------------------------------------------------------------------------------
+    # Phases run from the autograd functions.
+
+    def _sync(self, key: tuple[int, int], *, phase: str) -> None:
+        """Fill the redundant slots of all ranks for ``key``, skipping slots that hold current weights."""
+        start = self._clock()
+        state = self._state(key, f"weight sync ({phase})")
+        layout = self.layout
+        plan = state.routing.plan
+        replica_ids = plan.replica_expert_ids.cpu().tolist()
+        replica_quota = plan.quota.cpu().view(layout.num_ranks, layout.slots_per_rank)[:, layout.experts_per_rank :].tolist()
+
+        # Step 1: which slots need a copy. A replica with quota 0 processes nothing and needs none.
+        needs_copy, targets = [], {}
+        for rank, row in enumerate(replica_ids):
+            flags = []
+            for idx, expert in enumerate(row):
+                wanted = expert >= 0 and replica_quota[rank][idx] > 0
+                target = (key[0], expert, state.versions[layout.master_rank(expert)]) if wanted else None
+                cached = self.config.reuse_cached_weights and self._held[rank][idx] == target
+                flags.append(wanted and not cached)
+                if wanted and not cached:
+                    targets[(rank, idx)] = target
+            needs_copy.append(flags)
+
+        # Step 2: plan and run the transfers; on failure nothing in the buffers can be trusted.
+        sync_plan = plan_weight_sync(
+            layout, replica_ids, needs_copy=needs_copy, mode=self.config.sync_mode, num_chunks=self.config.num_chunks
+        )
+        try:
+            execute_weight_sync(
+                sync_plan,
+                layout=layout,
+                spec=self.spec,
+                rank=self.rank,
+                master_weights=state.master_weights,
+                replica_buffer=self.replica_weights.data,
+                group=self.group,
+                timeout=self.timeout,
+                description=f"weight sync ({phase}) of layer {key[0]} microbatch {key[1]}",
+            )
+        except CommunicationError:
+            self.invalidate_cached_weights()
+            raise
+        for (rank, idx), target in targets.items():
+            self._held[rank][idx] = target
+
+        stats = self.stats.setdefault(key[0], LayerStats())
+        moved = sync_plan.elements_moved(self.spec.numel) * self.replica_weights.element_size()
+        if phase == "forward":
+            stats.forward_sync_bytes = moved
+            stats.forward_sync_link_time = sync_plan.link_time()
+        else:
+            stats.backward_sync_bytes = moved
+        self._record(f"sync_{phase}", key[0], start)
+
+    def _resync_for_backward(self, key: tuple[int, int]) -> None:
+        state = self._state(key, "re-sync before backward")
+        if self.layout.redundant_slots_per_rank > 0:
+            self._sync(key, phase="backward")
+        if not state.expects_reduce:
+            # Replicate.backward will not run, so this is the layer and microbatch's last phase.
+            self._in_flight.pop(key, None)
+
+    def _reduce(self, key: tuple[int, int], replica_grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Grad reduce for ``key`` (phase 7); returns this rank's master gradients (``None`` = zero)."""
+        start = self._clock()
+        state = self._state(key, "grad reduce")
+        layout = self.layout
+        plan = state.routing.plan
+        replica_ids = plan.replica_expert_ids.cpu().tolist()
+        replica_quota = plan.quota.cpu().view(layout.num_ranks, layout.slots_per_rank)[:, layout.experts_per_rank :].tolist()
+
+        # Step 1: pack this rank's replica gradients. Rows of replicas with quota 0 are neither
+        # written nor read, so whatever those rows held cannot leak into a master gradient.
+        grad_views = self.spec.row_views(self.replica_grads)
+        for idx, expert in enumerate(replica_ids[self.rank]):
+            if expert < 0 or replica_quota[self.rank][idx] == 0:
+                continue
+            for view, grad in zip(grad_views, replica_grads, strict=True):
+                if grad is None:
+                    view[idx].zero_()
+                else:
+                    view[idx].copy_(grad[idx])
+
+        # Step 2: send to the masters, add in ascending slot id; the buffer is zeroed afterwards.
+        reduce_plan = plan_grad_reduce(
+            layout, replica_ids, replica_quota=replica_quota, scratch_rows=self.reduce_scratch.shape[0] or 1
+        )
+        receives = any(t.dst_rank == self.rank for t in reduce_plan.transfers)
+        master_grads = [torch.zeros_like(w) for w in state.master_weights] if receives else None
+        reduce_replica_grads(
+            reduce_plan,
+            layout=layout,
+            spec=self.spec,
+            rank=self.rank,
+            replica_grad_buffer=self.replica_grads,
+            master_grads=master_grads,
+            scratch=self.reduce_scratch,
+            group=self.group,
+            timeout=self.timeout,
+            description=f"grad reduce of layer {key[0]} microbatch {key[1]}",
+        )
+        self._in_flight.pop(key, None)
+        self.stats.setdefault(key[0], LayerStats()).reduce_bytes = (
+            len(reduce_plan.transfers) * self.spec.numel * self.replica_grads.element_size()
+        )
+        self._record("reduce", key[0], start)
+        return master_grads if master_grads is not None else [None] * len(state.master_weights)
+
+    # ------------------------------------------------------------------------------------------
+    # Helpers.
+
+    def _state(self, key: tuple[int, int], what: str) -> _InFlight:
+        state = self._in_flight.get(key)
+        if state is None:
+            raise RuntimeError(
+                f"{what}: layer {key[0]} microbatch {key[1]} is not in flight on rank {self.rank}; call route() "
+                "first, and run each forward's backward once (retain_graph and recomputing forwards are "
+                "not supported)"
+            )
+        return state
+
+    def _check_call(self, layer_id, microbatch_id, topk_ids, master_weights) -> None:
+        for name, value in (("layer_id", layer_id), ("microbatch_id", microbatch_id)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not isinstance(topk_ids, torch.Tensor):
+            raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
+        if topk_ids.device != self.device:
+            raise ValueError(
+                f"topk_ids is on {topk_ids.device} but the manager runs on {self.device}; move topk_ids "
+                "or build the manager with that device"
+            )
+        self.spec.check_master_weights(master_weights, self.layout.experts_per_rank)
+        if master_weights[0].dtype != self.dtype or master_weights[0].device != self.device:
+            raise TypeError(
+                f"master_weights are {master_weights[0].dtype} on {master_weights[0].device} but the manager's "
+                f"buffers are {self.dtype} on {self.device}; build the manager with the experts' dtype and device"
+            )
+        if (layer_id, microbatch_id) in self._in_flight:
+            raise RuntimeError(
+                f"layer {layer_id} microbatch {microbatch_id} is still in flight on rank {self.rank}: its backward "
+                "has not run. Run the backward, give each in-flight microbatch its own microbatch_id, call "
+                "release(layer_id, microbatch_id) for a forward without backward, or run it under torch.no_grad()"
+            )
+
+    def _local_version(self, layer_id: int, master_weights: Sequence[torch.Tensor]) -> int:
+        """Return a signed 64-bit version of this rank's master weights of ``layer_id``.
+
+        It changes when the tensors are replaced, on any in-place update autograd counts
+        (``_version``), when a gradient is accumulated into them (the optimizer step that follows
+        leaves ``_version`` unchanged in fused optimizers), and on :meth:`invalidate_cached_weights`.
+        """
+        state = self._versions.setdefault(layer_id, _LayerVersion())
+        current = tuple(state_ref() for state_ref in state.tensors)
+        if len(current) != len(master_weights) or any(a is not b for a, b in zip(current, master_weights, strict=False)):
+            for handle in state.hooks:
+                handle.remove()
+            hooks = []
+            for weight in master_weights:
+                if weight.is_leaf and weight.requires_grad:
+                    hooks.append(weight.register_post_accumulate_grad_hook(lambda _w, s=state: _count_grad_event(s)))
+            state.tensors = tuple(weakref.ref(w) for w in master_weights)
+            state.hooks = tuple(hooks)
+            state.epoch += 1
+        try:
+            in_place = sum(w._version for w in master_weights)
+        except RuntimeError:  # inference tensors carry no version counter
+            in_place = None
+        if in_place is None or any(w.requires_grad and not w.is_leaf for w in master_weights):
+            # Computed or unversioned weights may change on every call: never reuse them across calls.
+            state.volatile_calls += 1
+        return _digest64(state.epoch, state.grad_events, in_place, state.volatile_calls)
+
+    def _make_plan(self, loads: torch.Tensor, balance: bool) -> Plan:
+        if not balance:
+            return masters_only_plan(loads, self.layout)
+        return self.planner(loads, self.layout, check_values=self.config.check_values)
+
+    def _all_gather(self, payload: torch.Tensor, description: str) -> torch.Tensor:
+        """All-gather a 1-D int64 payload; returns [num_ranks, len(payload)] on the host."""
+        out = torch.empty(self.layout.num_ranks * payload.numel(), dtype=payload.dtype, device=payload.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        peers = [r for r in range(self.layout.num_ranks) if r != self.rank]
+        with communication_errors(description, rank=self.rank, peer_ranks=peers):
+            wait_all([gather(out, payload, group=self.group, async_op=True)], self.timeout)
+        return out.view(self.layout.num_ranks, payload.numel()).cpu()  # [num_ranks, payload words]
+
+    def _check_route_agreement(self, words: torch.Tensor, key: tuple[int, int], local_error: Exception | None) -> None:
+        """Raise on every rank if any rank rejected its input or disagrees (words: [num_ranks, 5] int64)."""
+        where = f"layer {key[0]} microbatch {key[1]}"
+        rejected = [r for r, status in enumerate(words[:, _STATUS_WORD].tolist()) if status != _STATUS_OK]
+        if rejected:
+            if local_error is not None:
+                logger.error("rank %d rejected its input for %s: %s", self.rank, where, local_error)
+                if hasattr(local_error, "add_note"):  # Python >= 3.11
+                    local_error.add_note(f"every rank of the EP group raises: ranks {rejected} rejected their input for {where}")
+                raise local_error
+            raise RankAgreementError(
+                f"ranks {rejected} rejected their input for {where} (see the error raised on those ranks); "
+                f"rank {self.rank} raises too so no rank waits in a collective"
+            )
+        checks = (
+            (_CONFIG_WORD, "the manager configuration (layout, planner and its config, weight shapes, dtype, "
+             "ManagerConfig) differs", "build the ReplicaManager with the same arguments on every rank"),
+            (_CALL_WORD, "ranks are at different layers, microbatches or balance settings",
+             "call every MoE layer in the same order with the same microbatch_id and balance on every rank"),
+            (_CACHE_WORD, "the record of which expert each redundant slot holds differs",
+             "a failed weight sync on some rank can cause this; call invalidate_cached_weights() on every rank"),
+        )
+        for column, problem, fix in checks:
+            agree, differ = _split_ranks(words[:, column].tolist())
+            if differ:
+                message = f"{where}: {problem}: ranks {differ} differ from ranks {agree}; {fix}"
+                logger.error(message)
+                raise RankAgreementError(message)
+
+    def _check_plan_agreement(self, plan: Plan, loads: torch.Tensor, key: tuple[int, int]) -> None:
+        words = torch.tensor(
+            [_digest64(loads.cpu().numpy().tobytes()), int.from_bytes(bytes.fromhex(plan.fingerprint()), "little", signed=True)],
+            dtype=torch.int64, device=self.device,
+        )
+        where = f"layer {key[0]} microbatch {key[1]}"
+        gathered = self._all_gather(words, f"plan check all-gather of {where}")
+        for column, what, fix in (
+            (0, "the load matrix", "the load matrix must come from the all-gather of count_local_load on every rank"),
+            (1, "the plan", "the planner must be a deterministic function of the load matrix and its config"),
+        ):
+            agree, differ = _split_ranks(gathered[:, column].tolist())
+            if differ:
+                message = f"{where}: {what} differs on ranks {differ} from ranks {agree}; {fix}"
+                logger.error(message)
+                raise RankAgreementError(message)
+
+    def _clock(self) -> float:
+        if not self.config.record_timings:
+            return 0.0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _record(self, phase: str, layer_id: int, start: float) -> None:
+        if self.config.record_timings:
+            self.timings.setdefault(phase, {}).setdefault(layer_id, []).append(self._clock() - start)
+
+
+def _count_grad_event(state: _LayerVersion) -> None:
+    state.grad_events += 1
+
+
+def _masters_only_imbalance(loads: torch.Tensor, layout: ExpertLayout) -> float:
+    rank_load = loads.sum(dim=0).view(layout.num_ranks, layout.experts_per_rank).sum(dim=1)
+    total = int(rank_load.sum())
+    return 1.0 if total == 0 else int(rank_load.max()) * layout.num_ranks / total
