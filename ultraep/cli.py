@@ -153,8 +153,16 @@ def run_demo(args: argparse.Namespace) -> int:
             results.append(evaluate_planner("none", lambda: make_planner("none"), loads, base_layout, progress=bar.update))
             for slots in slot_choices:
                 layout = _layout_for(trace.num_experts, ranks, slots)
+                # The periodic baseline re-places every microbatch from the one before it; its
+                # first microbatch has no history and keeps the masters only.
                 results.append(
-                    evaluate_planner("eplb (previous microbatches)", lambda: make_planner("eplb"), loads, layout, progress=bar.update)
+                    evaluate_planner(
+                        "eplb (previous microbatch)",
+                        lambda: make_planner("eplb", window=1, interval=1),
+                        loads,
+                        layout,
+                        progress=bar.update,
+                    )
                 )
                 results.append(evaluate_planner("quota", lambda: make_planner("quota"), loads, layout, progress=bar.update))
     print()
