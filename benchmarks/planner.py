@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ultraep.evaluate import evaluate_planner, format_table, master_imbalance
+from ultraep.evaluate import evaluate_planner, format_table
 from ultraep.layout import ExpertLayout
 from ultraep.planners.milp import solve_milp
 from ultraep.planners.registry import make_planner

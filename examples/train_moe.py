@@ -14,7 +14,6 @@ balancing. Both runs print the same losses, because balancing does not change th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

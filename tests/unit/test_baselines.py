@@ -499,7 +499,7 @@ def test_registry_builds_each_planner(name, planner_class):
 
 
 def test_registry_names():
-    assert PLANNER_NAMES == ("quota", "none", "pairing", "eplb", "milp")
+    assert PLANNER_NAMES == ("quota", "none", "pairing", "eplb", "lp_reroute", "milp")
 
 
 def test_registry_passes_settings():
@@ -511,7 +511,7 @@ def test_registry_passes_settings():
 
 
 def test_registry_rejects_unknown_name():
-    with pytest.raises(ValueError, match=r"unknown planner 'lplb'; valid names are \['quota', 'none', 'pairing', 'eplb', 'milp'\]"):
+    with pytest.raises(ValueError, match=r"unknown planner 'lplb'; valid names are \['quota', 'none', 'pairing', 'eplb', 'lp_reroute', 'milp'\]"):
         make_planner("lplb")
 
 

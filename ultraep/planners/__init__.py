@@ -2,6 +2,7 @@
 
 from ultraep.planners.base import Planner, masters_only_plan
 from ultraep.planners.eplb import EplbConfig, EplbPlanner
+from ultraep.planners.lp_reroute import LpRerouteConfig, LpReroutePlanner
 from ultraep.planners.milp import MilpConfig, MilpPlanner, MilpResult, solve_milp
 from ultraep.planners.none import NonePlanner
 from ultraep.planners.pairing import PairingPlanner
@@ -12,6 +13,8 @@ __all__ = [
     "PLANNER_NAMES",
     "EplbConfig",
     "EplbPlanner",
+    "LpRerouteConfig",
+    "LpReroutePlanner",
     "MilpConfig",
     "MilpPlanner",
     "MilpResult",

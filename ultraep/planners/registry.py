@@ -6,6 +6,7 @@ import dataclasses
 
 from ultraep.planners.base import Planner
 from ultraep.planners.eplb import EplbConfig, EplbPlanner
+from ultraep.planners.lp_reroute import LpRerouteConfig, LpReroutePlanner
 from ultraep.planners.milp import MilpConfig, MilpPlanner
 from ultraep.planners.none import NonePlanner
 from ultraep.planners.pairing import PairingPlanner
@@ -19,6 +20,7 @@ _PLANNERS: dict[str, tuple[type[Planner], type | None]] = {
     "none": (NonePlanner, None),
     "pairing": (PairingPlanner, None),
     "eplb": (EplbPlanner, EplbConfig),
+    "lp_reroute": (LpReroutePlanner, LpRerouteConfig),
     "milp": (MilpPlanner, MilpConfig),
 }
 

@@ -1,0 +1,555 @@
+"""Tests of the throughput simulator: cost model, LP reroute baseline, replay and the simulate command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from ultraep.layout import ExpertLayout
+from ultraep.plan import Plan, check_plan
+from ultraep.planners.eplb import EplbPlanner
+from ultraep.planners.lp_reroute import LpRerouteConfig, LpReroutePlanner, _lp_quotas
+from ultraep.planners.registry import make_planner
+from ultraep.sim.command import add_simulate_arguments, build_workloads, run_simulate
+from ultraep.sim.cost import (
+    CostSettings,
+    ideal_layer_costs,
+    layer_costs,
+    relays_for,
+    replica_sync_traffic,
+)
+from ultraep.sim.hardware import Efficiency, HardwareConfig, get_hardware
+from ultraep.sim.models import MODELS, ModelConfig, get_model
+from ultraep.sim.replay import (
+    PolicySpec,
+    SimulationResult,
+    Workload,
+    default_policies,
+    evaluate,
+    largest_divisor_at_most,
+    mean_over_models,
+    plan_policies,
+    read_csv,
+    read_json,
+    replay,
+    synthetic_workload,
+    token_trace_workload,
+    write_csv,
+    write_json,
+)
+from ultraep.traces import load_bundled_trace, microbatch_loads, moving_hot_loads, zipf_loads
+
+TRACES_DIR = Path(__file__).resolve().parents[3] / "shared" / "traces"
+
+# Fixed planner times so that results do not depend on how fast this host plans.
+FIXED_PLANNER_TIMES = {"quota": 20e-6, "lp_reroute": 50e-6}
+
+
+def small_workload(seed: int = 0) -> Workload:
+    return synthetic_workload("zipf", 4, 16, 2048, 4, skew=1.2, num_microbatches=3, num_layers=2, seed=seed, warmup_microbatches=4)
+
+
+def small_policies() -> tuple[PolicySpec, ...]:
+    return default_policies((1, 2), (2,), eplb_window=2, eplb_interval=2)
+
+
+@pytest.fixture(scope="module")
+def small_plans():
+    """The small workload and every small policy's plans, planned once for the module."""
+    workload = small_workload()
+    return workload, plan_policies(workload, small_policies(), progress=False)
+
+
+# Hand-sized model and hardware: F = 60 FLOPs per assignment, W = 60 bytes per expert, 4 bytes per
+# dispatched assignment; the GPU does 60 FLOP/s and moves 60 B/s from HBM and 4 B/s over NVLink.
+TINY_MODEL = ModelConfig(
+    name="tiny", display_name="tiny", num_experts=2, top_k=1, hidden_size=2, expert_intermediate_size=5, num_moe_layers=1, source="test"
+)
+TINY_HARDWARE = HardwareConfig(
+    name="tiny", display_name="tiny", peak_flops=60.0, hbm_bytes_per_s=60.0, nvlink_bytes_per_s=4.0,
+    network_bytes_per_s=1.0, domain_size=2, source="test",
+)
+EXACT = Efficiency(gemm=1.0, hbm=1.0, nvlink=1.0, network=1.0)
+
+
+def tiny_settings(mode: str) -> CostSettings:
+    return CostSettings(mode=mode, efficiency=EXACT, tile_rows=2, sync_scheme="direct")
+
+
+# Two ranks, one master slot and one redundant slot each. Expert 0 has load 12, expert 1 load 4; each
+# rank produces 8 assignments. The balanced plan puts a replica of expert 0 on rank 1 with quota 4.
+TWO_RANK_LAYOUT = ExpertLayout(num_ranks=2, experts_per_rank=1, redundant_slots_per_rank=1)
+TWO_RANK_LOADS = torch.tensor([[8, 0], [4, 4]])
+NONE_QUOTA = torch.tensor([[12, 0, 4, 0]])
+NONE_REPLICAS = torch.tensor([[[-1], [-1]]])
+BALANCED_QUOTA = torch.tensor([[8, 0, 4, 4]])
+BALANCED_REPLICAS = torch.tensor([[[-1], [0]]])
+SOURCE = torch.tensor([[8, 8]])
+
+
+@pytest.mark.parametrize(
+    ("mode", "none_time", "balanced_time", "ideal_time"),
+    [
+        # prefill: none = dispatch 6 + GEMM 13 + combine 6 on rank 0. Balanced = planner 2 + sync 60 B / 4 B/s
+        # = 15 + rank 1 (4 + 5 + 5 + 4). Ideal = 4 + 9 + 4.
+        pytest.param("prefill", 25.0, 35.0, 17.0, id="prefill"),
+        # train adds backward: none 6 + 26 + 6; balanced resync 15 + (4 + 20 + 4) + grad 120 B / 4 B/s = 30;
+        # ideal 4 + 18 + 4.
+        pytest.param("train", 63.0, 108.0, 43.0, id="train"),
+    ],
+)
+def test_two_rank_case_matches_hand_computation(mode, none_time, balanced_time, ideal_time):
+    settings = tiny_settings(mode)
+    none = layer_costs(NONE_QUOTA, NONE_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings)
+    balanced = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings, planner_time_s=2.0
+    )
+    ideal = ideal_layer_costs(SOURCE, ExpertLayout(2, 1), TINY_MODEL, TINY_HARDWARE, settings)
+    assert none.total_s.tolist() == [none_time]
+    assert balanced.total_s.tolist() == [balanced_time]
+    assert ideal.total_s.tolist() == [ideal_time]
+    assert balanced.sync_s.tolist() == [15.0]
+    assert balanced.max_rank_load.tolist() == [8.0]
+
+
+def test_two_rank_bytes_moved():
+    balanced = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, tiny_settings("train")
+    )
+    # 60 B forward + 60 B re-sync + 30 params x 4 B gradient.
+    assert balanced.bytes_moved.tolist() == [240.0]
+
+
+def test_relay_tree_spreads_the_masters_fan_out():
+    layout = ExpertLayout(num_ranks=4, experts_per_rank=1, redundant_slots_per_rank=1)
+    replicas = torch.tensor([[[-1], [0], [0], [0]]])
+    relay = replica_sync_traffic(replicas, replicas >= 0, layout, 10.0, 4, CostSettings(sync_scheme="relay"))
+    direct = replica_sync_traffic(replicas, replicas >= 0, layout, 10.0, 4, CostSettings(sync_scheme="direct"))
+    assert relays_for(3) == 2
+    assert relay.out_nvlink.tolist() == [[20.0, 10.0, 0.0, 0.0]]
+    assert relay.in_nvlink.tolist() == [[0.0, 10.0, 10.0, 10.0]]
+    assert relay.depth.tolist() == [2]
+    assert direct.out_nvlink.tolist() == [[30.0, 0.0, 0.0, 0.0]]
+    assert direct.depth.tolist() == [1]
+
+
+def test_sync_across_domains_uses_the_network():
+    layout = ExpertLayout(num_ranks=4, experts_per_rank=1, redundant_slots_per_rank=1)
+    replicas = torch.tensor([[[-1], [-1], [0], [-1]]])
+    traffic = replica_sync_traffic(replicas, replicas >= 0, layout, 10.0, 2, CostSettings(sync_scheme="direct"))
+    assert traffic.out_network.tolist() == [[10.0, 0.0, 0.0, 0.0]]
+    assert traffic.in_network.tolist() == [[0.0, 0.0, 10.0, 0.0]]
+    assert traffic.out_nvlink.sum().item() == 0.0
+
+
+def test_none_equals_ideal_on_uniform_loads():
+    layout = ExpertLayout(num_ranks=8, experts_per_rank=4, redundant_slots_per_rank=0)
+    loads = torch.full((8, 32), 16, dtype=torch.int64)
+    plan = make_planner("none")(loads, layout)
+    model, hardware = get_model("deepseek-v3"), get_hardware("h100-hgx")
+    for mode in ("train", "prefill"):
+        settings = CostSettings(mode=mode)
+        none = layer_costs(plan.quota[None], plan.replica_expert_ids[None], loads.sum(dim=1)[None], layout, model, hardware, settings)
+        ideal = ideal_layer_costs(loads.sum(dim=1)[None], layout, model, hardware, settings)
+        assert torch.equal(none.total_s, ideal.total_s)
+
+
+def _per_sample_costs(workload, plans, model, hardware, settings):
+    """Return (ideal [num_samples], {label: [num_samples]}) layer times over every microbatch."""
+    num_samples = workload.num_microbatches * workload.num_layers
+    source = workload.loads.sum(dim=3).reshape(num_samples, workload.num_ranks)
+    base = ExpertLayout.from_num_experts(workload.num_experts, workload.num_ranks)
+    scale = model.top_k / workload.trace_top_k
+    ideal = ideal_layer_costs(source, base, model, hardware, settings, assignment_scale=scale).total_s
+    times = {}
+    for policy_plans in plans:
+        layout = policy_plans.layout
+        times[policy_plans.spec.label] = layer_costs(
+            policy_plans.quota.reshape(num_samples, layout.num_slots),
+            policy_plans.replica_expert_ids.reshape(num_samples, layout.num_ranks, layout.redundant_slots_per_rank),
+            source,
+            layout,
+            model,
+            hardware,
+            settings,
+            assignment_scale=scale,
+            replica_lifetime=policy_plans.spec.replica_lifetime,
+            synced=policy_plans.synced.reshape(num_samples, layout.num_ranks, layout.redundant_slots_per_rank),
+        ).total_s
+    return ideal, times
+
+
+@pytest.mark.parametrize("mode", ["train", "prefill"])
+@pytest.mark.parametrize("hardware_name", ["gb200-nvl72", "h100-hgx"])
+def test_ideal_never_slower_than_any_policy(small_plans, mode, hardware_name):
+    workload, plans = small_plans
+    settings = CostSettings(mode=mode)
+    for model in MODELS.values():
+        ideal, times = _per_sample_costs(workload, plans, model, get_hardware(hardware_name), settings)
+        for label, total in times.items():
+            assert bool((ideal <= total).all()), f"{model.name} {label}: ideal slower than the policy"
+
+
+def test_ideal_never_slower_on_the_bundled_trace():
+    formed = microbatch_loads(load_bundled_trace(), 8, 256, num_microbatches=4)
+    workload = Workload(formed.loads[:, :2].contiguous(), 6, "bundled", "token", False, formed.description, 256.0, 2)
+    plans = plan_policies(workload, small_policies(), progress=False)
+    ideal, times = _per_sample_costs(workload, plans, get_model("qwen3-235b"), get_hardware("gb200-nvl72"), CostSettings())
+    for label, total in times.items():
+        assert bool((ideal <= total).all()), label
+
+
+@pytest.mark.parametrize("scale", [pytest.param("flops", id="flops"), pytest.param("bandwidth", id="bandwidth")])
+def test_times_fall_when_hardware_gets_faster(small_plans, scale):
+    workload, plans = small_plans
+    base = get_hardware("h100-hgx")
+    faster = base.scaled(**{scale: 2.0})
+    model = get_model("glm-4.5-air")
+    for mode in ("train", "prefill"):
+        settings = CostSettings(mode=mode)
+        slow_ideal, slow = _per_sample_costs(workload, plans, model, base, settings)
+        fast_ideal, fast = _per_sample_costs(workload, plans, model, faster, settings)
+        assert bool((fast_ideal <= slow_ideal).all())
+        assert float(fast_ideal.sum()) < float(slow_ideal.sum())
+        for label in slow:
+            assert bool((fast[label] <= slow[label]).all()), label
+            assert float(fast[label].sum()) < float(slow[label].sum()), label
+
+
+def test_replay_is_reproducible_with_a_fixed_seed():
+    model, hardware = get_model("qwen3-235b"), get_hardware("gb200-nvl72")
+
+    def run(seed):
+        workload = synthetic_workload("moving", 4, 16, 256, 4, num_microbatches=2, num_layers=1, seed=seed, warmup_microbatches=2)
+        return workload, replay(workload, model, hardware, CostSettings(), small_policies(), planner_time_s=FIXED_PLANNER_TIMES, progress=False)
+
+    first_workload, first = run(3)
+    second_workload, second = run(3)
+    assert torch.equal(first_workload.loads, second_workload.loads)
+    # Wall times of the planner calls are measured, so they are the only fields allowed to differ.
+    assert [dataclasses.replace(row, planner_wall_us=0.0) for row in first.rows] == [
+        dataclasses.replace(row, planner_wall_us=0.0) for row in second.rows
+    ]
+    other_workload, _ = run(4)
+    assert not torch.equal(other_workload.loads, first_workload.loads)
+
+
+def test_resampled_token_workload_is_reproducible():
+    trace = load_bundled_trace()
+    first = token_trace_workload(trace, 16, 4096, resample=True, seed=7, num_microbatches=1, warmup_microbatches=0)
+    second = token_trace_workload(trace, 16, 4096, resample=True, seed=7, num_microbatches=1, warmup_microbatches=0)
+    assert torch.equal(first.loads, second.loads)
+    assert first.resampled
+    assert "RESAMPLED" in first.kind_label
+
+
+def test_replay_throughput_and_speedup_are_consistent(small_plans):
+    workload, plans = small_plans
+    result = evaluate(
+        workload, plans, get_model("deepseek-v3"), get_hardware("gb200-nvl72"), CostSettings(), planner_time_s=FIXED_PLANNER_TIMES
+    )
+    none = result.row("none")
+    assert none.speedup_over_none == 1.0
+    assert none.imbalance_after_mean == none.imbalance_before_mean
+    for row in result.rows:
+        assert row.throughput_pct_of_ideal <= 100.0
+        assert math.isclose(row.speedup_over_none, row.throughput_pct_of_ideal / none.throughput_pct_of_ideal, rel_tol=1e-9)
+    quota = result.row("quota s=2")
+    assert quota.imbalance_after_mean < none.imbalance_before_mean
+    assert quota.planner_time_us == pytest.approx(20.0)
+    assert quota.planner_time_source == "set"
+    assert result.row("eplb s=2").planner_time_us == 0.0
+
+
+@pytest.fixture(scope="module")
+def small_result(small_plans) -> SimulationResult:
+    workload, plans = small_plans
+    return evaluate(
+        workload, plans, get_model("mixtral-8x7b"), get_hardware("h200-hgx"), CostSettings(mode="prefill"),
+        planner_time_s=FIXED_PLANNER_TIMES,
+    )
+
+
+def test_json_round_trip(tmp_path, small_result):
+    result = small_result
+    result.to_json(tmp_path / "one.json")
+    assert SimulationResult.from_json(tmp_path / "one.json") == result
+    write_json([result, result], tmp_path / "two.json")
+    assert read_json(tmp_path / "two.json") == [result, result]
+
+
+def test_csv_round_trip(tmp_path, small_result):
+    result = small_result
+    result.to_csv(tmp_path / "one.csv")
+    assert SimulationResult.from_csv(tmp_path / "one.csv") == [result]
+    other = dataclasses.replace(result, model="other")
+    write_csv([result, other], tmp_path / "two.csv")
+    assert read_csv(tmp_path / "two.csv") == [result, other]
+
+
+def test_mean_over_models_averages_throughput(small_plans):
+    workload, plans = small_plans
+    results = [
+        evaluate(workload, plans, model, get_hardware("gb200-nvl72"), CostSettings(), planner_time_s=FIXED_PLANNER_TIMES)
+        for model in MODELS.values()
+    ]
+    mean = mean_over_models(results)
+    for idx, row in enumerate(mean.rows):
+        expected = sum(r.rows[idx].throughput_pct_of_ideal for r in results) / len(results)
+        assert row.throughput_pct_of_ideal == pytest.approx(expected)
+        assert row.imbalance_after_mean == results[0].rows[idx].imbalance_after_mean
+    assert mean.model.startswith("mean over 4 models")
+
+
+def test_format_table_labels_synthetic_data(small_result):
+    text = small_result.format_table()
+    assert "SYNTHETIC" in text
+    assert "throughput % of ideal" in text
+    assert "quota s=1" in text
+
+
+def _lp_and_eplb_sequence():
+    zipf = zipf_loads(8, 32, 128, 4, 1.3, num_microbatches=6, num_layers=1, seed=1)[:, 0]
+    moving = moving_hot_loads(8, 32, 128, 4, num_microbatches=6, num_layers=1, seed=2)[:, 0]
+    return [pytest.param(zipf, id="zipf_static"), pytest.param(moving, id="moving_hot")]
+
+
+@pytest.mark.parametrize("loads_sequence", _lp_and_eplb_sequence())
+@pytest.mark.parametrize("slots", [1, 2])
+def test_lp_reroute_beats_even_split(loads_sequence, slots):
+    layout = ExpertLayout.from_num_experts(32, 8, slots)
+    lp = LpReroutePlanner(window=2, interval=2)
+    eplb = EplbPlanner(window=2, interval=2)
+    improved = 0
+    for loads in loads_sequence:
+        lp_plan = lp(loads, layout)
+        even_plan = eplb(loads, layout)
+        check_plan(lp_plan, loads)
+        assert torch.equal(lp_plan.replica_expert_ids, even_plan.replica_expert_ids)
+        assert int(lp_plan.rank_load().max()) <= int(even_plan.rank_load().max())
+        improved += int(lp_plan.rank_load().max()) < int(even_plan.rank_load().max())
+        lp.observe(loads, layout)
+        eplb.observe(loads, layout)
+    assert improved > 0
+
+
+def test_lp_reroute_hand_case_balances_exactly():
+    # Expert 0 (load 10) on rank 0 with a replica on rank 1; expert 1 (load 2) on rank 1. The LP gives
+    # the replica 4, so both ranks carry 6; the even split gives 5 and 5, leaving ranks at 5 and 7.
+    layout = ExpertLayout(num_ranks=2, experts_per_rank=1, redundant_slots_per_rank=1)
+    quota = _lp_quotas(torch.tensor([10, 2]), torch.tensor([[-1], [0]]), layout)
+    assert quota.tolist() == [6, 0, 2, 4]
+    check_plan(Plan(layout, torch.tensor([[-1], [0]]), quota), torch.tensor([[5, 1], [5, 1]]))
+
+
+def test_lp_reroute_rounding_keeps_expert_totals():
+    # Three instances of expert 0 (load 10) over three ranks with fixed loads 0, 1, 2: the LP optimum
+    # t = 13/3 is fractional, and rounding must still give quotas that sum to 10.
+    layout = ExpertLayout(num_ranks=3, experts_per_rank=1, redundant_slots_per_rank=1)
+    quota = _lp_quotas(torch.tensor([10, 1, 2]), torch.tensor([[-1], [0], [0]]), layout)
+    replica_ids = torch.tensor([[-1], [0], [0]])
+    plan = Plan(layout, replica_ids, quota)
+    check_plan(plan, torch.tensor([[10, 1, 2], [0, 0, 0], [0, 0, 0]]))
+    assert int(plan.rank_load().max()) == 5
+
+
+def test_lp_reroute_without_history_is_masters_only():
+    layout = ExpertLayout(num_ranks=2, experts_per_rank=1, redundant_slots_per_rank=1)
+    plan = LpReroutePlanner()(torch.tensor([[5, 1], [5, 1]]), layout)
+    assert plan.quota.tolist() == [10, 0, 2, 0]
+
+
+@pytest.mark.skipif(not TRACES_DIR.is_dir(), reason=f"real traces folder {TRACES_DIR} is missing")
+def test_step_load_trace_workload_from_real_file():
+    from ultraep.sim.replay import load_trace_workload
+    from ultraep.traces import load_trace
+
+    trace = load_trace(TRACES_DIR / "harmoeny_qwen15moe_top1_step_loads.npz")
+    workload = load_trace_workload(trace, 12, warmup_microbatches=4, label="qwen15")
+    assert workload.data_kind == "step_loads"
+    assert workload.loads.shape == (80, 12, 12, 60)
+    assert torch.equal(workload.loads.sum(dim=2), trace.loads)
+    assert "split evenly" in workload.description
+
+
+def test_largest_divisor_at_most():
+    assert largest_divisor_at_most(64, 64) == 64
+    assert largest_divisor_at_most(60, 64) == 60
+    assert largest_divisor_at_most(8, 64) == 8
+    assert largest_divisor_at_most(64, 48) == 32
+    assert largest_divisor_at_most(64, 0) == 0
+
+
+def _args(tmp_path, **overrides) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+    argv = [
+        "--synthetic", "zipf", "--ranks", "4", "--tokens-per-rank", "32", "--microbatches", "2", "--eplb-window", "2",
+        "--eplb-interval", "2", "--quota-slots", "1", "--baseline-slots", "1", "--planner-time-us", "quota=25",
+        "--planner-time-us", "lp_reroute=40", "--model", "mixtral-8x7b", "--no-progress",
+        "--csv", str(tmp_path / "out.csv"), "--json", str(tmp_path / "out.json"),
+    ]
+    args = parser.parse_args(argv)
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
+
+
+def test_simulate_command_writes_files(tmp_path, capsys):
+    assert run_simulate(_args(tmp_path)) == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" in printed
+    assert "speedup over none" in printed
+    runs = read_json(tmp_path / "out.json")
+    assert [row.policy for row in runs[0].rows] == ["none", "eplb s=1", "lp_reroute s=1", "quota s=1"]
+    assert read_csv(tmp_path / "out.csv") == runs
+
+
+def test_short_trace_resamples_and_fills(tmp_path):
+    args = _args(tmp_path, synthetic=None, ranks=16, tokens_per_rank=4096, microbatches=1, eplb_window=0)
+    resampled, unresampled = build_workloads(load_bundled_trace(), "bundled", args)
+    assert (resampled.num_ranks, resampled.resampled, resampled.num_microbatches) == (16, True, 1)
+    assert "RESAMPLES whole sequences" in resampled.description
+    assert (unresampled.num_ranks, unresampled.resampled, unresampled.num_microbatches) == (8, False, 1)
+    assert "largest EP size the trace fills" in unresampled.description
+    assert unresampled.warmup_microbatches == 0
+
+
+def test_token_trace_rank_count_follows_the_experts(tmp_path):
+    args = _args(tmp_path, synthetic=None, ranks=48, tokens_per_rank=512, eplb_window=1)
+    (workload,) = build_workloads(load_bundled_trace(), "bundled", args)
+    assert workload.num_ranks == 32
+    assert "EP48 does not divide the trace's 64 experts" in workload.description
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param({"planner_time_us": ["quota"]}, "POLICY=MICROSECONDS", id="planner_time_without_value"),
+        pytest.param({"planner_time_us": ["quota=-1"]}, "POLICY=MICROSECONDS", id="negative_planner_time"),
+        pytest.param({"quota_slots": "1,x"}, "comma-separated integers", id="bad_slot_list"),
+        pytest.param({"quota_slots": "0"}, "must be >= 1", id="zero_slots"),
+        pytest.param({"gemm_efficiency": 1.5}, r"Efficiency.gemm must be in \(0, 1\]", id="efficiency_above_one"),
+        pytest.param({"synthetic": None, "trace": ["/nonexistent/trace.npz"]}, "does not exist", id="missing_trace"),
+    ],
+)
+def test_simulate_command_rejects_bad_input(tmp_path, capsys, overrides, message):
+    assert run_simulate(_args(tmp_path, **overrides)) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+# Error paths of the configuration and cost functions.
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        pytest.param(lambda: dataclasses.replace(MODELS["qwen3-235b"], top_k=0), ValueError, "top_k must be a positive int", id="model_top_k"),
+        pytest.param(lambda: dataclasses.replace(MODELS["mixtral-8x7b"], top_k=9), ValueError, "exceeds num_experts", id="model_top_k_above_experts"),
+        pytest.param(lambda: get_model("gpt-5"), ValueError, "unknown model 'gpt-5'", id="unknown_model"),
+        pytest.param(lambda: get_hardware("tpu"), ValueError, "unknown hardware 'tpu'", id="unknown_hardware"),
+        pytest.param(lambda: dataclasses.replace(TINY_HARDWARE, peak_flops=0.0), ValueError, "peak_flops must be a positive", id="hardware_flops"),
+        pytest.param(lambda: dataclasses.replace(TINY_HARDWARE, domain_size=0), ValueError, "domain_size must be a positive int", id="hardware_domain"),
+        pytest.param(lambda: TINY_HARDWARE.scaled(flops=0.0), ValueError, "scale factors must be positive", id="hardware_scale"),
+        pytest.param(lambda: Efficiency(nvlink=0.0), ValueError, r"Efficiency.nvlink must be in \(0, 1\]", id="efficiency_zero"),
+        pytest.param(lambda: CostSettings(mode="decode"), ValueError, "mode must be one of", id="settings_mode"),
+        pytest.param(lambda: CostSettings(sync_scheme="tree"), ValueError, "sync_scheme must be one of", id="settings_sync"),
+        pytest.param(lambda: CostSettings(efficiency=0.5), TypeError, "efficiency must be an Efficiency", id="settings_efficiency"),
+        pytest.param(lambda: CostSettings(relay_chunks=0), ValueError, "relay_chunks must be a positive int", id="settings_chunks"),
+        pytest.param(lambda: PolicySpec("x", "quota", -1), ValueError, "redundant_slots_per_rank must be an int >= 0", id="policy_slots"),
+        pytest.param(lambda: PolicySpec("x", "quota", 1, replica_lifetime="forever"), ValueError, "replica_lifetime must be one of", id="policy_lifetime"),
+        pytest.param(lambda: LpRerouteConfig(window=0), ValueError, "EplbConfig.window must be in", id="lp_window"),
+        pytest.param(lambda: LpReroutePlanner(LpRerouteConfig(), window=2), TypeError, "either config or settings", id="lp_config_and_settings"),
+        pytest.param(lambda: mean_over_models([]), ValueError, "at least one result", id="mean_of_nothing"),
+        pytest.param(lambda: synthetic_workload("bursty", 4, 16, 32, 2), ValueError, "generator must be 'zipf' or 'moving'", id="synthetic_kind"),
+    ],
+)
+def test_invalid_configuration_raises(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_workload_checks():
+    loads = torch.zeros(2, 1, 2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="Workload.loads must be a"):
+        Workload(loads[0], 1, "x", "token", False, "", 1.0)
+    with pytest.raises(TypeError, match="Workload.loads must be int64"):
+        Workload(loads.float(), 1, "x", "token", False, "", 1.0)
+    with pytest.raises(ValueError, match="data_kind must be one of"):
+        Workload(loads, 1, "x", "video", False, "", 1.0)
+    with pytest.raises(ValueError, match="at least one microbatch must be measured"):
+        Workload(loads, 1, "x", "token", False, "", 1.0, warmup_microbatches=2)
+
+
+def test_layer_costs_checks():
+    settings = tiny_settings("prefill")
+    call = dict(layout=TWO_RANK_LAYOUT, model=TINY_MODEL, hardware=TINY_HARDWARE, settings=settings)
+    with pytest.raises(TypeError, match="quota must be a torch.Tensor"):
+        layer_costs([[8, 0, 4, 4]], BALANCED_REPLICAS, SOURCE, **call)
+    with pytest.raises(TypeError, match="quota must be an integer tensor"):
+        layer_costs(BALANCED_QUOTA.float(), BALANCED_REPLICAS, SOURCE, **call)
+    with pytest.raises(ValueError, match=r"source_load must have shape \[1, 2\]"):
+        layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, torch.tensor([[8, 8, 0]]), **call)
+    with pytest.raises(ValueError, match="assignment_scale must be a positive finite number"):
+        layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, **call, assignment_scale=0.0)
+    with pytest.raises(ValueError, match="planner_time_s must be a finite number >= 0"):
+        layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, **call, planner_time_s=-1.0)
+    with pytest.raises(ValueError, match="replica_lifetime must be one of"):
+        layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, **call, replica_lifetime="layer")
+    with pytest.raises(ValueError, match="needs synced"):
+        layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, **call, replica_lifetime="persistent")
+    with pytest.raises(ValueError, match="source_load must be a"):
+        ideal_layer_costs(torch.tensor([8, 8]), ExpertLayout(2, 1), TINY_MODEL, TINY_HARDWARE, settings)
+
+
+def test_persistent_replicas_pay_only_for_moved_slots():
+    settings = tiny_settings("prefill")
+    moved = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings,
+        replica_lifetime="persistent", synced=torch.tensor([[[False], [True]]]),
+    )
+    kept = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings,
+        replica_lifetime="persistent", synced=torch.tensor([[[False], [False]]]),
+    )
+    assert moved.sync_s.tolist() == [15.0]
+    assert kept.sync_s.tolist() == [0.0]
+    assert kept.total_s.tolist() == [18.0]
+
+
+def test_result_row_lookup_names_policies(small_result):
+    with pytest.raises(KeyError, match="policies are"):
+        small_result.row("magic")
+
+
+def test_mean_over_models_rejects_different_policies(small_result):
+    result = small_result
+    other = dataclasses.replace(result, rows=result.rows[:2])
+    with pytest.raises(ValueError, match="same policies in the same order"):
+        mean_over_models([result, other])
+
+
+def test_model_sizes_follow_swiglu():
+    model = get_model("deepseek-v3")
+    assert model.params_per_expert == 3 * 7168 * 2048
+    assert model.bytes_per_expert == 2 * 3 * 7168 * 2048
+    assert model.flops_per_assignment == 2 * 3 * 7168 * 2048
+    assert {m.num_experts for m in MODELS.values()} == {128, 256, 8}
+
+
+def test_hidden_backward_traffic_leaves_the_critical_path():
+    settings = dataclasses.replace(tiny_settings("train"), hide_backward_replica_traffic=True)
+    balanced = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings, planner_time_s=2.0
+    )
+    # 108 s of the hand computation minus the 15 s re-sync and the 30 s gradient reduce.
+    assert balanced.total_s.tolist() == [63.0]
+    assert balanced.bytes_moved.tolist() == [240.0]
+    with pytest.raises(TypeError, match="hide_backward_replica_traffic must be a bool"):
+        CostSettings(hide_backward_replica_traffic=1)

@@ -1,0 +1,55 @@
+"""Throughput simulator: a cost model of EP training and prefill, and trace replay of balancing policies side by side."""
+
+from ultraep.sim.cost import CostSettings, LayerCosts, ideal_layer_costs, layer_costs
+from ultraep.sim.hardware import HARDWARE, Efficiency, HardwareConfig, get_hardware
+from ultraep.sim.models import MODELS, ModelConfig, get_model
+from ultraep.sim.replay import (
+    PolicyPlans,
+    PolicyResult,
+    PolicySpec,
+    SimulationResult,
+    Workload,
+    default_policies,
+    evaluate,
+    load_trace_workload,
+    mean_over_models,
+    plan_policies,
+    read_csv,
+    read_json,
+    replay,
+    synthetic_workload,
+    token_trace_workload,
+    write_csv,
+    write_json,
+)
+
+__all__ = [
+    "HARDWARE",
+    "MODELS",
+    "CostSettings",
+    "Efficiency",
+    "HardwareConfig",
+    "LayerCosts",
+    "ModelConfig",
+    "PolicyPlans",
+    "PolicyResult",
+    "PolicySpec",
+    "SimulationResult",
+    "Workload",
+    "default_policies",
+    "evaluate",
+    "get_hardware",
+    "get_model",
+    "ideal_layer_costs",
+    "layer_costs",
+    "load_trace_workload",
+    "mean_over_models",
+    "plan_policies",
+    "read_csv",
+    "read_json",
+    "replay",
+    "synthetic_workload",
+    "token_trace_workload",
+    "write_csv",
+    "write_json",
+]

@@ -1,0 +1,329 @@
+"""The ``ultraep simulate`` command: replay traces through the cost model, balancing policies side by side.
+
+Example::
+
+    ultraep simulate --model qwen3-235b --hardware gb200-nvl72 --ranks 64 --trace trace.npz --mode train
+
+Trace handling:
+
+- A token trace is cut into microbatches of ``--tokens-per-rank`` consecutive tokens per rank. When
+  the requested EP size needs more tokens than the trace holds, the run draws whole sequences with
+  replacement and is labelled RESAMPLED, and the largest EP size the trace fills without reuse is
+  run next to it, unresampled.
+- A step-load trace gives one microbatch per step. Each expert's count is split evenly over the
+  source ranks, because the trace does not record which rank produced it.
+- The EP size must divide the trace's expert count; the largest divisor not above ``--ranks`` is used
+  and the output states it.
+- The trace's experts keep the trace's routing and take the model's expert shape; the output states
+  the mapping (see :func:`ultraep.sim.replay.expert_mapping`).
+- ``--synthetic zipf|moving`` generates loads with the model's own experts and top-k, always labelled
+  SYNTHETIC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from ultraep.sim.cost import MODES, SYNC_SCHEMES, CostSettings
+from ultraep.sim.hardware import HARDWARE, Efficiency, get_hardware
+from ultraep.sim.models import MODELS, get_model
+from ultraep.sim.replay import (
+    DEFAULT_BASELINE_SLOTS,
+    DEFAULT_EPLB_INTERVAL,
+    DEFAULT_EPLB_WINDOW,
+    DEFAULT_QUOTA_SLOTS,
+    SimulationResult,
+    Workload,
+    default_policies,
+    evaluate,
+    largest_divisor_at_most,
+    load_trace_workload,
+    mean_over_models,
+    plan_policies,
+    synthetic_workload,
+    token_trace_workload,
+    write_csv,
+    write_json,
+)
+from ultraep.traces import LoadTrace, TokenTrace, load_bundled_trace, load_trace, max_ranks_without_reuse
+
+__all__ = ["add_simulate_arguments", "build_workloads", "run_simulate"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKENS_PER_RANK = 4096
+DEFAULT_RESAMPLED_MICROBATCHES = 8
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``ultraep simulate`` to ``parser``."""
+    parser.add_argument("--model", default="qwen3-235b", choices=sorted(MODELS), help="model (default: qwen3-235b)")
+    parser.add_argument("--all", action="store_true", help="run every model and also print the mean over models")
+
+    parser.add_argument("--hardware", default="gb200-nvl72", choices=sorted(HARDWARE), help="system (default: gb200-nvl72)")
+    parser.add_argument("--ranks", type=int, default=64, help="EP size (default 64)")
+    parser.add_argument(
+        "--trace",
+        action="append",
+        help="routing trace (.npz or .npy); repeat for several; 'bundled' = the bundled ESFT trace (the default)",
+    )
+    parser.add_argument("--num-experts", type=int, help="logical experts of a .npy trace, which does not store them")
+    parser.add_argument("--synthetic", choices=("zipf", "moving"), help="use SYNTHETIC loads instead of a trace")
+    parser.add_argument("--skew", type=float, default=1.0, help="Zipf skew of --synthetic zipf (default 1.0)")
+    parser.add_argument(
+        "--tokens-per-rank",
+        type=int,
+        default=DEFAULT_TOKENS_PER_RANK,
+        help=f"tokens per rank in one microbatch of a token trace or synthetic run (default {DEFAULT_TOKENS_PER_RANK})",
+    )
+
+    parser.add_argument("--mode", default="train", choices=MODES, help="train (forward and backward) or prefill (default train)")
+    parser.add_argument(
+        "--microbatches",
+        type=int,
+        default=DEFAULT_RESAMPLED_MICROBATCHES,
+        help=f"measured microbatches of resampled and synthetic runs (default {DEFAULT_RESAMPLED_MICROBATCHES})",
+    )
+
+    parser.add_argument("--quota-slots", default=_join(DEFAULT_QUOTA_SLOTS), help="redundant slots per rank for quota, comma-separated (default 1,2,4)")
+    parser.add_argument(
+        "--baseline-slots", default=_join(DEFAULT_BASELINE_SLOTS), help="redundant slots per rank for eplb and lp_reroute (default 2)"
+    )
+    parser.add_argument("--eplb-window", type=int, default=DEFAULT_EPLB_WINDOW, help="microbatches of history per placement (default 4)")
+    parser.add_argument("--eplb-interval", type=int, default=DEFAULT_EPLB_INTERVAL, help="microbatches between placements (default 4)")
+    parser.add_argument(
+        "--planner-time-us",
+        action="append",
+        metavar="POLICY=US",
+        help="planner time on the critical path in microseconds for a planner name or policy label, e.g. quota=30; "
+        "default: the median wall time measured on this CPU",
+    )
+
+    parser.add_argument("--sync-scheme", default="auto", choices=SYNC_SCHEMES, help="replica weight sync (default auto)")
+    parser.add_argument("--microbatches-per-step", type=int, default=1, help="microbatches per optimizer step (default 1)")
+    parser.add_argument(
+        "--hide-backward-replica-traffic",
+        action="store_true",
+        help="leave backward re-sync and gradient reduce off the critical path (optimistic bound for perfect overlap)",
+    )
+    defaults = Efficiency()
+    for name in ("gemm", "hbm", "nvlink", "network"):
+        parser.add_argument(
+            f"--{name}-efficiency", type=float, default=getattr(defaults, name), help=f"fraction of peak reached (default {getattr(defaults, name)})"
+        )
+
+    parser.add_argument("--seed", type=int, default=0, help="seed for resampling and synthetic loads (default 0)")
+    parser.add_argument("--csv", help="write every run's rows to this CSV file")
+    parser.add_argument("--json", help="write every run to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads for torch while planning and costing (default 1: planner times are for one core)"
+    )
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Run ``ultraep simulate``; print the tables and return the exit status (2 for invalid input)."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"ultraep simulate: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Step 1: configuration. One thread by default, so measured planner times are one core's.
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    models = list(MODELS.values()) if args.all else [get_model(args.model)]
+    hardware = get_hardware(args.hardware)
+    efficiency = Efficiency(
+        gemm=args.gemm_efficiency, hbm=args.hbm_efficiency, nvlink=args.nvlink_efficiency, network=args.network_efficiency
+    )
+    settings = CostSettings(
+        mode=args.mode,
+        efficiency=efficiency,
+        sync_scheme=args.sync_scheme,
+        microbatches_per_step=args.microbatches_per_step,
+        hide_backward_replica_traffic=args.hide_backward_replica_traffic,
+    )
+    policies = default_policies(
+        _parse_slots(args.quota_slots, "--quota-slots"),
+        _parse_slots(args.baseline_slots, "--baseline-slots"),
+        eplb_window=args.eplb_window,
+        eplb_interval=args.eplb_interval,
+    )
+    planner_time_s = _parse_planner_times(args.planner_time_us or [])
+    progress = False if args.no_progress else None
+    print(
+        f"ultraep simulate: {hardware.display_name}, EP{args.ranks} requested, mode {args.mode}; efficiency "
+        f"gemm {efficiency.gemm}, hbm {efficiency.hbm}, nvlink {efficiency.nvlink}, network {efficiency.network}; "
+        f"weight sync {settings.sync_scheme}; {settings.microbatches_per_step} microbatch(es) per optimizer step; "
+        f"backward replica traffic {'hidden (optimistic)' if settings.hide_backward_replica_traffic else 'on the critical path'}; "
+        f"{args.threads} CPU thread(s)."
+    )
+    print(
+        "Layer times count the routed experts' dispatch, grouped GEMM and combine plus balancing costs; "
+        "attention, dense layers and shared experts are left out, so ratios are MoE-layer ratios."
+    )
+
+    set_words = ", ".join(f"{name} {seconds * 1e6:g} us" for name, seconds in planner_time_s.items())
+    print(
+        "Planner time on the critical path: "
+        + (f"set with --planner-time-us for {set_words}; every other planner" if set_words else "every planner")
+        + f" on the critical path uses the median wall time of its calls measured on this host's CPU with {args.threads} "
+        "thread(s). On a GPU system the planner runs on the GPU, so pass a GPU measurement as --planner-time-us quota=<us>."
+    )
+
+    # Step 2: workloads, planning and evaluation.
+    all_results: list[SimulationResult] = []
+    sources = [("synthetic", None)] if args.synthetic else [("trace", path) for path in (args.trace or ["bundled"])]
+    for kind, path in sources:
+        if kind == "synthetic":
+            # Synthetic loads use each model's own experts, so each model gets its own workload.
+            per_model = [(build_synthetic(args, model), [model]) for model in models]
+        else:
+            trace, label = _read_trace(path, args.num_experts)
+            per_model = [(workload, models) for workload in build_workloads(trace, label, args)]
+        for workload, workload_models in per_model:
+            plans = plan_policies(workload, policies, progress=progress)
+            results = [
+                evaluate(workload, plans, model, hardware, settings, planner_time_s=planner_time_s) for model in workload_models
+            ]
+            for result in results:
+                print()
+                print(result.format_table())
+            if len(results) > 1:
+                mean = mean_over_models(results)
+                print()
+                print(mean.format_table())
+                results.append(mean)
+            all_results.extend(results)
+    if args.all and args.synthetic:
+        print("\nSynthetic runs differ per model (each uses the model's experts), so no mean over models is printed.")
+
+    # Step 3: files.
+    if args.csv:
+        write_csv(all_results, args.csv)
+        print(f"\nwrote {args.csv}")
+    if args.json:
+        write_json(all_results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_workloads(trace: TokenTrace | LoadTrace, label: str, args: argparse.Namespace) -> list[Workload]:
+    """Form the workloads of one trace for the requested EP size (see the module docstring).
+
+    Reads ``args.ranks``, ``args.tokens_per_rank``, ``args.microbatches``, ``args.seed`` and
+    ``args.eplb_window``. Returns one workload, or a RESAMPLED one followed by the unresampled run at
+    the largest EP size the trace fills. Each workload's description gives the reason for its EP size.
+    """
+    num_ranks = largest_divisor_at_most(trace.num_experts, args.ranks)
+    divisor_note = (
+        f"EP{args.ranks} does not divide the trace's {trace.num_experts} experts, so EP{num_ranks} (the largest "
+        f"divisor not above {args.ranks}) is used. "
+        if num_ranks != args.ranks
+        else ""
+    )
+    if isinstance(trace, LoadTrace):
+        workload = load_trace_workload(trace, num_ranks, warmup_microbatches=args.eplb_window, label=label)
+        return [_with_note(workload, divisor_note)]
+    tokens_per_rank = args.tokens_per_rank
+    fill_ranks = largest_divisor_at_most(trace.num_experts, max_ranks_without_reuse(trace, tokens_per_rank))
+    if fill_ranks >= num_ranks:
+        workload = token_trace_workload(trace, num_ranks, tokens_per_rank, warmup_microbatches=args.eplb_window, label=label)
+        return [_with_note(workload, divisor_note)]
+    workloads = []
+    if trace.seq_ids is not None:
+        resampled = token_trace_workload(
+            trace,
+            num_ranks,
+            tokens_per_rank,
+            resample=True,
+            seed=args.seed,
+            num_microbatches=args.microbatches,
+            warmup_microbatches=args.eplb_window,
+            label=label,
+        )
+        note = (
+            f"{divisor_note}The trace's {trace.num_tokens} tokens fill at most EP{fill_ranks} at {tokens_per_rank} "
+            f"tokens per rank, so this EP{num_ranks} run RESAMPLES whole sequences; the unresampled EP{fill_ranks} "
+            "run stands next to it. "
+        )
+        workloads.append(_with_note(resampled, note))
+    else:
+        logger.warning("trace %s has no sequence ids, so EP%d cannot be resampled; running EP%d only", label, num_ranks, fill_ranks)
+    if fill_ranks >= 1:
+        unresampled = token_trace_workload(trace, fill_ranks, tokens_per_rank, warmup_microbatches=args.eplb_window, label=label)
+        note = f"EP{fill_ranks} is the largest EP size the trace fills at {tokens_per_rank} tokens per rank without reusing a token. "
+        workloads.append(_with_note(unresampled, note))
+    if not workloads:
+        raise ValueError(
+            f"trace {label} is too short: it has {trace.num_tokens} tokens, fewer than one rank's {tokens_per_rank}, "
+            "and no sequence ids to resample; lower --tokens-per-rank"
+        )
+    return workloads
+
+
+def _with_note(workload: Workload, note: str) -> Workload:
+    return dataclasses.replace(workload, description=note + workload.description) if note else workload
+
+
+def build_synthetic(args: argparse.Namespace, model) -> Workload:
+    """Generate the SYNTHETIC workload of ``args.synthetic`` with the model's experts and top-k."""
+    num_ranks = largest_divisor_at_most(model.num_experts, args.ranks)
+    return synthetic_workload(
+        args.synthetic,
+        num_ranks,
+        model.num_experts,
+        args.tokens_per_rank,
+        model.top_k,
+        skew=args.skew,
+        num_microbatches=args.microbatches,
+        seed=args.seed,
+        warmup_microbatches=args.eplb_window,
+    )
+
+
+def _read_trace(path: str, num_experts: int | None) -> tuple[TokenTrace | LoadTrace, str]:
+    if path == "bundled":
+        return load_bundled_trace(), "bundled ESFT trace (DeepSeek-V2-Lite routing)"
+    return load_trace(path, num_experts=num_experts), Path(path).name
+
+
+def _parse_slots(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise ValueError(f"{option} must be comma-separated integers such as 1,2,4, got {text!r}") from error
+    if any(value < 1 for value in values):
+        raise ValueError(f"{option} values must be >= 1 (a balancing policy needs a redundant slot), got {text!r}")
+    return values
+
+
+def _parse_planner_times(items: list[str]) -> dict[str, float]:
+    times = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            microseconds = float(value)
+        except ValueError:
+            microseconds = float("nan")
+        if not sep or not name or not microseconds >= 0:
+            raise ValueError(f"--planner-time-us takes POLICY=MICROSECONDS with a value >= 0, e.g. quota=30; got {item!r}")
+        times[name] = microseconds * 1e-6
+    return times
+
+
+def _join(values) -> str:
+    return ",".join(str(value) for value in values)

@@ -1,0 +1,544 @@
+"""Cost model of one MoE layer under expert parallelism, per microbatch and balancing policy.
+
+The model counts only what differs between balancing policies: the routed experts' grouped GEMM, the
+dispatch and combine all-to-alls, and the balancing work (planning, weight sync of replicas, and in
+training the re-sync and the gradient reduce). Attention, dense layers and shared experts take the
+same time on every rank whatever the routing, so they are left out. Throughput ratios computed from
+these times are therefore ratios of MoE-layer time. A whole training or prefill step adds the
+routing-independent layers to both sides, so its ratios sit closer to 1.
+
+Notation (all per layer and microbatch, float64, seconds and bytes):
+
+- ``sigma = model.top_k / trace_top_k``: assignment scale. A trace's load matrix counts the trace's
+  assignments; the cost counts ``sigma`` model assignments for each, so every token costs the
+  model's top-k expert passes. Imbalance ratios are unchanged by the scale.
+- ``q_i``: quota of instance ``i`` times ``sigma``. ``L_r = sum of q_i on rank r`` (rank load) and
+  ``A_r``: assignments produced on rank ``r`` (its tokens times top-k, times ``sigma``).
+- ``F = 2 * 3 * hidden * intermediate``: forward FLOPs of one assignment in a SwiGLU expert.
+  ``W = 2 * 3 * hidden * intermediate``: bytes of one expert's bf16 weights.
+- ``P, B_hbm, B_nv, B_net``: peak FLOP/s, HBM, NVLink (per direction) and network (per direction)
+  bandwidths times their efficiency factors.
+
+Formulas:
+
+1. Grouped GEMM, per instance with ``q_i > 0``:
+   ``t_i = max(F * (q_i + tile_rows / 2) / P, W / B_hbm)``, and ``t_i = 0`` when ``q_i = 0``.
+   The first term is the compute time: a grouped GEMM computes whole tiles of ``tile_rows`` rows per
+   expert, which wastes half a tile per expert on average. That makes the efficiency
+   ``q / (q + tile_rows/2)`` fall for few tokens per expert. The second term is a floor: each
+   instance reads its weights from HBM once. Rank time ``G_r = sum_i t_i``. Backward (training)
+   is ``2 * G_r``: the data gradient and the weight gradient each cost one forward GEMM.
+2. Dispatch, per rank: the sources of an assignment are spread over the ranks like the tokens, so a
+   fraction ``(n_dom(r) - 1) / R`` of rank ``r``'s traffic stays inside its NVLink domain (of
+   ``n_dom(r)`` ranks) and ``(R - n_dom(r)) / R`` crosses the network; ``1/R`` is local.
+   Rank ``r`` sends ``A_r`` and receives ``L_r`` assignments of ``hidden * dispatch_bytes`` bytes:
+   ``D_r = max(max(send_nv, recv_nv) / B_nv, max(send_net, recv_net) / B_net)``.
+   Combine moves the same volumes back (``combine_bytes`` per value): ``C_r``. In training the
+   backward pass runs both again on gradients.
+   Replicas earn no locality credit in this model: a replica receives its quota from all ranks.
+3. Weight sync: every replica to be filled receives ``W`` bytes from its master's rank. With
+   ``"direct"`` the master sends every copy itself, so a hot expert with ``n`` replicas loads its
+   master's outbound link with ``n * W``. With ``"relay"`` the master of an expert with ``n`` copies
+   sends to ``k`` relays (``k`` minimises ``max(k, ceil((n - k) / k))``, about ``sqrt(n)``) and each
+   relay forwards to its share of the rest, chunk by chunk (``relay_chunks`` chunks per copy).
+   ``"auto"`` relays only the experts whose master rank would send more copies than the busiest
+   receiver takes in. Per rank,
+   ``S_r = max(max(out_nv, in_nv) / B_nv, max(out_net, in_net) / B_net)``, and the sync time is
+   ``max_r S_r``, plus one chunk ``W / relay_chunks`` over the slowest link class used when some copy
+   goes through a relay (the relay forwards chunk ``c`` while chunk ``c + 1`` arrives).
+4. Gradient reduce (training): the same trees carry each replica's weight gradient
+   (``grad_bytes_per_param`` per parameter) back to its master, so it is the sync formula with
+   ``W * grad_bytes_per_param / 2`` bytes per copy.
+5. Layer time (the slowest rank sets it):
+   forward ``= planner + sync + max_r (D_r + G_r + C_r)``;
+   training adds ``resync + max_r (D_r + 2 G_r + C_r) + grad_reduce``; with
+   ``hide_backward_replica_traffic`` the re-sync and the gradient reduce are left out (an optimistic
+   bound for perfect overlap with other layers' backward work).
+   Replicas that live for one microbatch (the ``quota`` policy) sync every forward, re-sync in
+   backward (redundant buffers are reused across layers) and reduce gradients every microbatch; a
+   replica with quota 0 is skipped. The runtime also skips a copy when the slot still holds the same
+   layer's current weights, which happens only for the last layer's re-sync; that saving is ignored.
+   Persistent replicas (``eplb``, ``lp_reroute``) sync only the slots whose expert changed and, in
+   training, refresh every replica after the optimizer step and reduce their gradients once per step;
+   those two costs are spread over ``microbatches_per_step``.
+6. Ideal: every rank sends and receives the mean of ``A_r`` and holds its ``experts_per_rank`` masters
+   with ``mean / experts_per_rank`` assignments each. No planner, sync, re-sync or gradient reduce.
+   The ideal is never slower than a policy whose slowest rank runs at least ``experts_per_rank``
+   instances with load; a rank whose load sits on fewer experts saves their fixed costs and could in
+   principle beat it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from ultraep.layout import ExpertLayout
+from ultraep.sim.hardware import Efficiency, HardwareConfig
+from ultraep.sim.models import ModelConfig
+
+__all__ = [
+    "MODES",
+    "REPLICA_LIFETIMES",
+    "SYNC_SCHEMES",
+    "CostSettings",
+    "LayerCosts",
+    "SyncTraffic",
+    "ideal_layer_costs",
+    "instance_gemm_time",
+    "layer_costs",
+    "relays_for",
+    "replica_sync_traffic",
+    "sync_time",
+]
+
+MODES = ("train", "prefill")
+SYNC_SCHEMES = ("direct", "relay", "auto")
+REPLICA_LIFETIMES = ("microbatch", "persistent")
+
+
+@dataclasses.dataclass(frozen=True)
+class CostSettings:
+    """Settings of the cost model that are not properties of the model or the hardware."""
+
+    mode: str = "train"
+    """``"train"`` (forward and backward) or ``"prefill"`` (forward only)."""
+    efficiency: Efficiency = dataclasses.field(default_factory=Efficiency)
+    """Fractions of the peak rates reached."""
+    tile_rows: int = 128
+    """Rows per tile of the grouped GEMM; each expert with tokens wastes half a tile on average."""
+    dispatch_bytes_per_value: int = 2
+    """Bytes per hidden value in dispatch (2 for bf16, 1 for fp8 dispatch)."""
+    combine_bytes_per_value: int = 2
+    """Bytes per hidden value in combine (bf16)."""
+    grad_bytes_per_param: int = 4
+    """Bytes per parameter of a replica's weight gradient sent to its master (4: fp32 main gradients)."""
+    sync_scheme: str = "auto"
+    """Weight sync mode, as in the runtime: ``"direct"`` (the master sends every copy), ``"relay"``
+    (experts with several copies go through relays) or ``"auto"`` (relay only where a master rank
+    sends more copies than the busiest receiver takes in)."""
+    relay_chunks: int = 4
+    """Chunks per expert copy when relaying; one chunk time is added for the relay hop."""
+    microbatches_per_step: int = 1
+    """Microbatches per optimizer step; persistent replicas refresh and reduce once per step."""
+    hide_backward_replica_traffic: bool = False
+    """Leave the backward re-sync (or refresh) and the gradient reduce off the critical path, as if they
+    overlapped perfectly with other layers' backward work. An optimistic bound; their bytes still count."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"CostSettings.mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.sync_scheme not in SYNC_SCHEMES:
+            raise ValueError(f"CostSettings.sync_scheme must be one of {list(SYNC_SCHEMES)}, got {self.sync_scheme!r}")
+        if not isinstance(self.hide_backward_replica_traffic, bool):
+            raise TypeError(
+                "CostSettings.hide_backward_replica_traffic must be a bool, got "
+                f"{type(self.hide_backward_replica_traffic).__name__}"
+            )
+        if not isinstance(self.efficiency, Efficiency):
+            raise TypeError(f"CostSettings.efficiency must be an Efficiency, got {type(self.efficiency).__name__}")
+        for name in (
+            "tile_rows",
+            "dispatch_bytes_per_value",
+            "combine_bytes_per_value",
+            "grad_bytes_per_param",
+            "relay_chunks",
+            "microbatches_per_step",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CostSettings.{name} must be a positive int, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerCosts:
+    """Time and traffic of one MoE layer for a batch of samples (layer and microbatch pairs).
+
+    Every field is [num_samples] float64 on the CPU; times are seconds, traffic is bytes.
+    """
+
+    total_s: torch.Tensor
+    """Layer time: forward, plus backward in training."""
+    planner_s: torch.Tensor
+    """Planner time on the critical path."""
+    sync_s: torch.Tensor
+    """Forward weight sync of replicas."""
+    forward_s: torch.Tensor
+    """Slowest rank's dispatch + grouped GEMM + combine in forward."""
+    backward_s: torch.Tensor
+    """Slowest rank's backward all-to-alls and GEMMs (0 in prefill)."""
+    resync_s: torch.Tensor
+    """Backward re-sync of replicas, or the per-step refresh of persistent replicas spread over microbatches."""
+    grad_reduce_s: torch.Tensor
+    """Gradient reduce of replicas (0 in prefill)."""
+    bytes_moved: torch.Tensor
+    """Weight and gradient bytes sent for replicas: sync, re-sync or refresh, and gradient reduce."""
+    max_rank_load: torch.Tensor
+    """Largest rank load, in model assignments (``sigma`` times the trace's)."""
+    mean_rank_load: torch.Tensor
+    """Mean rank load, in model assignments."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SyncTraffic:
+    """Bytes each rank sends and receives to fill a set of redundant slots; every field is per sample."""
+
+    out_nvlink: torch.Tensor
+    """[num_samples, num_ranks] float64. Bytes sent to ranks of the same NVLink domain."""
+    in_nvlink: torch.Tensor
+    """[num_samples, num_ranks] float64. Bytes received from ranks of the same NVLink domain."""
+    out_network: torch.Tensor
+    """[num_samples, num_ranks] float64. Bytes sent to other domains."""
+    in_network: torch.Tensor
+    """[num_samples, num_ranks] float64. Bytes received from other domains."""
+    depth: torch.Tensor
+    """[num_samples] int64. Deepest level of any copy tree (2 = some copy came through a relay, 1 = all
+    direct from the master, 0 = no copies)."""
+    num_copies: torch.Tensor
+    """[num_samples] int64. Replicas filled."""
+    bytes_per_copy: float
+    """Bytes sent per filled slot."""
+
+
+def instance_gemm_time(
+    quota: torch.Tensor, model: ModelConfig, hardware: HardwareConfig, settings: CostSettings
+) -> torch.Tensor:
+    """Return the forward grouped-GEMM time of each instance (formula 1 of the module docstring).
+
+    quota: [...] float64 or integer tensor, CPU. Model assignments of each instance (already scaled
+      by ``sigma``); 0 = the instance does no work.
+    Returns [...] float64 seconds, same shape.
+    """
+    quota = quota.to(torch.float64)
+    efficiency = settings.efficiency
+    compute = model.flops_per_assignment * (quota + settings.tile_rows / 2) / (hardware.peak_flops * efficiency.gemm)
+    weight_read = model.bytes_per_expert / (hardware.hbm_bytes_per_s * efficiency.hbm)
+    return torch.where(quota > 0, torch.clamp(compute, min=weight_read), torch.zeros_like(quota))
+
+
+def relays_for(num_receivers: int) -> int:
+    """Return the relays a two-level copy tree uses for ``num_receivers`` copies of one expert.
+
+    The master feeds ``k`` relays directly, and each relay forwards to its share of the other
+    ``num_receivers - k``. The chosen ``k`` minimises the largest number of copies one rank sends,
+    ``max(k, ceil((num_receivers - k) / k))``; ties go to the larger ``k``, which means fewer relay
+    hops. This is the same rule as the relay trees of ``ultraep.comm``. Returns 0 for 0 receivers.
+    """
+    best_k, best_fan_out = num_receivers, num_receivers
+    for k in range(num_receivers, 0, -1):
+        fan_out = max(k, -(-(num_receivers - k) // k))
+        if fan_out < best_fan_out:
+            best_k, best_fan_out = k, fan_out
+    return best_k
+
+
+def replica_sync_traffic(
+    replica_expert_ids: torch.Tensor,
+    synced: torch.Tensor,
+    layout: ExpertLayout,
+    bytes_per_copy: float,
+    domain_size: int,
+    settings: CostSettings,
+) -> SyncTraffic:
+    """Build the copy trees of formula 3 and count the bytes each rank sends and receives.
+
+    replica_expert_ids: [num_samples, num_ranks, redundant_slots_per_rank] int64, CPU. Logical expert
+      of each redundant slot; -1 = empty.
+    synced: [num_samples, num_ranks, redundant_slots_per_rank] bool, CPU. Slots that receive a copy in
+      this sample; slots with -1 are never synced.
+    bytes_per_copy: bytes sent per filled slot (expert weights, or a replica's weight gradient).
+    domain_size: ranks per NVLink domain.
+
+    ``"direct"``: every copy comes from the master. ``"relay"``: an expert with ``n`` copies uses
+    ``k = relays_for(n)`` relays. Its copies are ranked by how many direct copies their rank's masters
+    send (fewest first, then slot id). The first ``k`` receive from the master, and the rest are dealt
+    round-robin to the relays. ``"auto"``: relay only the experts whose master rank would send more
+    direct copies than the busiest receiver takes in.
+    """
+    num_samples, num_ranks, slots = replica_expert_ids.shape
+    num_flat = num_ranks * slots
+    zeros = torch.zeros(num_samples, num_ranks, dtype=torch.float64)
+    if num_flat == 0:
+        empty = torch.zeros(num_samples, dtype=torch.int64)
+        return SyncTraffic(zeros, zeros.clone(), zeros.clone(), zeros.clone(), empty, empty.clone(), float(bytes_per_copy))
+    flat_expert = replica_expert_ids.reshape(num_samples, num_flat)  # [num_samples, num_flat]
+    valid = (flat_expert >= 0) & synced.reshape(num_samples, num_flat)
+    slot_rank = torch.arange(num_flat).expand(num_samples, num_flat) // slots
+    master_rank = flat_expert.clamp(min=0) // layout.experts_per_rank
+
+    # Step 1: direct copy counts: what each master rank would send and each rank receive.
+    valid_count = valid.to(torch.int64)
+    direct_out = torch.zeros(num_samples, num_ranks, dtype=torch.int64).scatter_add_(1, master_rank, valid_count)
+    direct_in = torch.zeros(num_samples, num_ranks, dtype=torch.int64).scatter_add_(1, slot_rank, valid_count)
+
+    # Step 2: sort copies by (expert, sends of their rank, slot id); unsynced slots go last.
+    sends = direct_out.gather(1, slot_rank)  # [num_samples, num_flat]
+    expert_key = torch.where(valid, flat_expert, torch.full_like(flat_expert, layout.num_experts))
+    slot_idx = torch.arange(num_flat).expand(num_samples, num_flat)
+    key = (expert_key * (num_flat + 1) + sends) * num_flat + slot_idx
+    order = torch.argsort(key, dim=1)
+    sorted_expert = expert_key.gather(1, order)
+    sorted_rank = slot_rank.gather(1, order)
+    sorted_valid = valid.gather(1, order)
+    sorted_master = master_rank.gather(1, order)
+
+    # Step 3: position of each copy among its expert's copies and the expert's copy count.
+    position_idx = torch.arange(num_flat).expand(num_samples, num_flat)
+    previous_expert = torch.cat([torch.full((num_samples, 1), -1, dtype=torch.int64), sorted_expert[:, :-1]], dim=1)
+    group_start = torch.where(sorted_expert != previous_expert, position_idx, torch.zeros_like(position_idx))
+    group_start = torch.cummax(group_start, dim=1).values  # [num_samples, num_flat]
+    position = position_idx - group_start
+    copies_per_expert = torch.zeros(num_samples, layout.num_experts + 1, dtype=torch.int64).scatter_add_(
+        1, sorted_expert, sorted_valid.to(torch.int64)
+    )
+    group_size = copies_per_expert.gather(1, sorted_expert)  # copies of this copy's expert
+
+    # Step 4: which experts relay, and each copy's sender.
+    if settings.sync_scheme == "direct":
+        relayed = torch.zeros_like(sorted_valid)
+    else:
+        relayed = sorted_valid & (group_size > 1)
+        if settings.sync_scheme == "auto":
+            busiest_intake = direct_in.max(dim=1, keepdim=True).values
+            relayed = relayed & (direct_out.gather(1, sorted_master) > busiest_intake)
+    num_relays = _relay_table(num_flat)[group_size]
+    from_relay = relayed & (position >= num_relays)
+    relay_position = group_start + (position - num_relays).clamp(min=0) % num_relays.clamp(min=1)
+    sender = torch.where(from_relay, sorted_rank.gather(1, relay_position.clamp(max=num_flat - 1)), sorted_master)
+
+    # Step 5: bytes per rank and link class.
+    same_domain = (sender // domain_size) == (sorted_rank // domain_size)
+    copy_bytes = torch.where(sorted_valid, float(bytes_per_copy), 0.0).to(torch.float64)
+    nvlink_bytes = torch.where(same_domain, copy_bytes, 0.0)
+    network_bytes = torch.where(same_domain, 0.0, copy_bytes)
+    depth = torch.where(from_relay, 2, torch.where(sorted_valid, 1, 0)).max(dim=1).values
+    return SyncTraffic(
+        out_nvlink=zeros.clone().scatter_add_(1, sender, nvlink_bytes),
+        in_nvlink=zeros.clone().scatter_add_(1, sorted_rank, nvlink_bytes),
+        out_network=zeros.clone().scatter_add_(1, sender, network_bytes),
+        in_network=zeros.clone().scatter_add_(1, sorted_rank, network_bytes),
+        depth=depth,
+        num_copies=sorted_valid.sum(dim=1),
+        bytes_per_copy=float(bytes_per_copy),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _relay_table(max_receivers: int) -> torch.Tensor:
+    """Return [max_receivers + 1] int64: ``relays_for(n)`` for every ``n``."""
+    return torch.tensor([relays_for(n) for n in range(max_receivers + 1)], dtype=torch.int64)
+
+
+def sync_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSettings) -> torch.Tensor:
+    """Return [num_samples] float64 seconds to move ``traffic`` (formula 3 of the module docstring)."""
+    nvlink = hardware.nvlink_bytes_per_s * settings.efficiency.nvlink
+    network = hardware.network_bytes_per_s * settings.efficiency.network
+    per_rank = torch.maximum(
+        torch.maximum(traffic.out_nvlink, traffic.in_nvlink) / nvlink,
+        torch.maximum(traffic.out_network, traffic.in_network) / network,
+    )  # [num_samples, num_ranks]
+    chunk_bytes = traffic.bytes_per_copy / settings.relay_chunks
+    uses_network = traffic.out_network.sum(dim=1) > 0
+    chunk_time = torch.where(uses_network, chunk_bytes / network, chunk_bytes / nvlink)
+    fill = (traffic.depth - 1).clamp(min=0).to(torch.float64) * chunk_time
+    return per_rank.max(dim=1).values + fill
+
+
+def layer_costs(
+    quota: torch.Tensor,
+    replica_expert_ids: torch.Tensor,
+    source_load: torch.Tensor,
+    layout: ExpertLayout,
+    model: ModelConfig,
+    hardware: HardwareConfig,
+    settings: CostSettings,
+    *,
+    assignment_scale: float = 1.0,
+    planner_time_s: float = 0.0,
+    replica_lifetime: str = "microbatch",
+    synced: torch.Tensor | None = None,
+) -> LayerCosts:
+    """Cost one MoE layer under a balancing policy for a batch of samples (formulas 1-5).
+
+    quota: [num_samples, num_slots] integer tensor, CPU. Quota of every physical slot from the plan.
+    replica_expert_ids: [num_samples, num_ranks, redundant_slots_per_rank] int64, CPU. Logical expert
+      of each redundant slot; -1 = empty.
+    source_load: [num_samples, num_ranks] integer tensor, CPU. Assignments produced on each rank
+      (row sums of the load matrix).
+    assignment_scale: ``sigma``, model assignments per trace assignment.
+    planner_time_s: planner time on the critical path per layer and microbatch (forward only).
+    replica_lifetime: ``"microbatch"`` (replicas refilled every microbatch) or ``"persistent"``
+      (replicas stay until the placement changes).
+    synced: [num_samples, num_ranks, redundant_slots_per_rank] bool, CPU, or None. For persistent
+      replicas, the slots whose expert changed in this sample; required for ``"persistent"`` and
+      ignored for ``"microbatch"`` (every filled slot is synced).
+    """
+    _check_cost_inputs(quota, replica_expert_ids, source_load, layout, assignment_scale, planner_time_s)
+    if replica_lifetime not in REPLICA_LIFETIMES:
+        raise ValueError(f"replica_lifetime must be one of {list(REPLICA_LIFETIMES)}, got {replica_lifetime!r}")
+    if replica_lifetime == "persistent" and synced is None:
+        raise ValueError("replica_lifetime='persistent' needs synced, the mask of slots whose expert changed")
+    num_samples = quota.shape[0]
+    training = settings.mode == "train"
+    replica_quota = quota.view(num_samples, layout.num_ranks, layout.slots_per_rank)[:, :, layout.experts_per_rank :]
+    # A replica with quota 0 does no work, so it needs no weights and sends no gradient.
+    filled = (replica_expert_ids >= 0) & (replica_quota > 0)
+
+    # Step 1: dispatch, grouped GEMM and combine on every rank.
+    instance_quota = quota.to(torch.float64).view(num_samples, layout.num_ranks, layout.slots_per_rank) * assignment_scale
+    rank_load = instance_quota.sum(dim=2)  # [num_samples, num_ranks]
+    gemm = instance_gemm_time(instance_quota, model, hardware, settings).sum(dim=2)
+    dispatch, combine = _all_to_all_times(source_load.to(torch.float64) * assignment_scale, rank_load, model, hardware, settings)
+    forward = (dispatch + gemm + combine).max(dim=1).values
+    backward = (dispatch + 2 * gemm + combine).max(dim=1).values if training else torch.zeros(num_samples, dtype=torch.float64)
+
+    # Step 2: weight sync, re-sync or refresh, and gradient reduce of replicas.
+    weight_bytes = float(model.bytes_per_expert)
+    grad_bytes = model.params_per_expert * float(settings.grad_bytes_per_param)
+    all_traffic = replica_sync_traffic(replica_expert_ids, filled, layout, weight_bytes, hardware.domain_size, settings)
+    all_sync = sync_time(all_traffic, hardware, settings)
+    all_copy_bytes = all_traffic.num_copies.to(torch.float64) * weight_bytes
+    zeros = torch.zeros(num_samples, dtype=torch.float64)
+    if training:
+        grad_traffic = replica_sync_traffic(replica_expert_ids, filled, layout, grad_bytes, hardware.domain_size, settings)
+        grad_reduce = sync_time(grad_traffic, hardware, settings)
+        grad_copy_bytes = grad_traffic.num_copies.to(torch.float64) * grad_bytes
+    else:
+        grad_reduce, grad_copy_bytes = zeros, zeros
+    if replica_lifetime == "microbatch":
+        sync, sync_bytes = all_sync, all_copy_bytes
+        resync = all_sync if training else zeros
+        resync_bytes = all_copy_bytes if training else zeros
+    else:
+        moved_traffic = replica_sync_traffic(replica_expert_ids, synced & (replica_expert_ids >= 0), layout, weight_bytes, hardware.domain_size, settings)
+        sync = sync_time(moved_traffic, hardware, settings)
+        sync_bytes = moved_traffic.num_copies.to(torch.float64) * weight_bytes
+        per_step = float(settings.microbatches_per_step)
+        resync = all_sync / per_step if training else zeros
+        resync_bytes = all_copy_bytes / per_step if training else zeros
+        grad_reduce = grad_reduce / per_step
+        grad_copy_bytes = grad_copy_bytes / per_step
+
+    # Step 3: the layer's critical path.
+    planner = torch.full((num_samples,), float(planner_time_s), dtype=torch.float64)
+    total = planner + sync + forward
+    if training:
+        total = total + backward
+        if not settings.hide_backward_replica_traffic:
+            total = total + resync + grad_reduce
+    return LayerCosts(
+        total_s=total,
+        planner_s=planner,
+        sync_s=sync,
+        forward_s=forward,
+        backward_s=backward,
+        resync_s=resync,
+        grad_reduce_s=grad_reduce,
+        bytes_moved=sync_bytes + resync_bytes + grad_copy_bytes,
+        max_rank_load=rank_load.max(dim=1).values,
+        mean_rank_load=rank_load.mean(dim=1),
+    )
+
+
+def ideal_layer_costs(
+    source_load: torch.Tensor,
+    layout: ExpertLayout,
+    model: ModelConfig,
+    hardware: HardwareConfig,
+    settings: CostSettings,
+    *,
+    assignment_scale: float = 1.0,
+) -> LayerCosts:
+    """Cost the force-balanced ideal (formula 6): every rank at the mean load, no balancing cost.
+
+    source_load: [num_samples, num_ranks] integer tensor, CPU. Assignments produced on each rank.
+    """
+    if not isinstance(source_load, torch.Tensor) or source_load.dim() != 2 or source_load.shape[1] != layout.num_ranks:
+        raise ValueError(
+            f"source_load must be a [num_samples, num_ranks={layout.num_ranks}] tensor, got "
+            f"{list(source_load.shape) if isinstance(source_load, torch.Tensor) else type(source_load).__name__}"
+        )
+    num_samples = source_load.shape[0]
+    mean_load = source_load.to(torch.float64).mean(dim=1, keepdim=True) * assignment_scale  # [num_samples, 1]
+    uniform_load = mean_load.expand(num_samples, layout.num_ranks)
+    instance_quota = (mean_load / layout.experts_per_rank).unsqueeze(2).expand(num_samples, layout.num_ranks, layout.experts_per_rank)
+    gemm = instance_gemm_time(instance_quota, model, hardware, settings).sum(dim=2)
+    dispatch, combine = _all_to_all_times(uniform_load, uniform_load, model, hardware, settings)
+    forward = (dispatch + gemm + combine).max(dim=1).values
+    zeros = torch.zeros(num_samples, dtype=torch.float64)
+    if settings.mode == "train":
+        backward = (dispatch + 2 * gemm + combine).max(dim=1).values
+    else:
+        backward = zeros
+    return LayerCosts(
+        total_s=forward + backward,
+        planner_s=zeros,
+        sync_s=zeros,
+        forward_s=forward,
+        backward_s=backward,
+        resync_s=zeros,
+        grad_reduce_s=zeros,
+        bytes_moved=zeros,
+        max_rank_load=uniform_load.max(dim=1).values,
+        mean_rank_load=uniform_load.mean(dim=1),
+    )
+
+
+def _all_to_all_times(
+    send_load: torch.Tensor, recv_load: torch.Tensor, model: ModelConfig, hardware: HardwareConfig, settings: CostSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ([num_samples, num_ranks] dispatch seconds, same for combine) from formula 2.
+
+    send_load, recv_load: [num_samples, num_ranks] float64 model assignments a rank sends in dispatch
+    (its own) and receives (its rank load).
+    """
+    num_ranks = send_load.shape[1]
+    domain_size = hardware.domain_size
+    rank_ids = torch.arange(num_ranks)
+    domain_start = (rank_ids // domain_size) * domain_size
+    ranks_in_domain = torch.clamp(num_ranks - domain_start, max=domain_size).to(torch.float64)  # [num_ranks]
+    nvlink_fraction = (ranks_in_domain - 1) / num_ranks
+    network_fraction = (num_ranks - ranks_in_domain) / num_ranks
+    nvlink = hardware.nvlink_bytes_per_s * settings.efficiency.nvlink
+    network = hardware.network_bytes_per_s * settings.efficiency.network
+
+    def one_direction(bytes_per_value: int) -> torch.Tensor:
+        bytes_per_assignment = model.hidden_size * bytes_per_value
+        volume = torch.maximum(send_load, recv_load) * bytes_per_assignment
+        return torch.maximum(volume * nvlink_fraction / nvlink, volume * network_fraction / network)
+
+    return one_direction(settings.dispatch_bytes_per_value), one_direction(settings.combine_bytes_per_value)
+
+
+def _check_cost_inputs(
+    quota: torch.Tensor,
+    replica_expert_ids: torch.Tensor,
+    source_load: torch.Tensor,
+    layout: ExpertLayout,
+    assignment_scale: float,
+    planner_time_s: float,
+) -> None:
+    for name, tensor in (("quota", quota), ("replica_expert_ids", replica_expert_ids), ("source_load", source_load)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got dtype {tensor.dtype}")
+    num_samples = quota.shape[0] if quota.dim() == 2 else -1
+    expected = {
+        "quota": (num_samples, layout.num_slots),
+        "replica_expert_ids": (num_samples, layout.num_ranks, layout.redundant_slots_per_rank),
+        "source_load": (num_samples, layout.num_ranks),
+    }
+    for name, tensor in (("quota", quota), ("replica_expert_ids", replica_expert_ids), ("source_load", source_load)):
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"{name} must have shape {list(expected[name])} for {layout} (num_samples from quota), "
+                f"got {list(tensor.shape)}"
+            )
+    if not (math.isfinite(assignment_scale) and assignment_scale > 0):
+        raise ValueError(f"assignment_scale must be a positive finite number, got {assignment_scale!r}")
+    if not (math.isfinite(planner_time_s) and planner_time_s >= 0):
+        raise ValueError(f"planner_time_s must be a finite number >= 0, got {planner_time_s!r}")
