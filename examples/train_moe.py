@@ -8,7 +8,8 @@ top-2 softmax router), trained on a 2 KB public-domain text. Each rank has ``8 /
 master slots plus one redundant slot. Dense parameters are replicated and their gradients summed
 over the ranks (data parallelism); expert gradients arrive complete through the all-to-all backward
 and grad reduce. Rank 0 prints, per step, the loss and each MoE layer's imbalance before and after
-balancing. Both runs print the same losses, because balancing does not change the model's math.
+balancing. Both runs print the same losses up to float32 rounding (last printed digit at most), because
+balancing does not change the model's math; only the order of some floating-point sums differs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Command line: ``ultraep demo``, ``ultraep plan`` and ``ultraep simulate``."""
+"""Command line of ultraep: demo, plan and simulate."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ import numpy as np
 import torch
 
 from ultraep.evaluate import evaluate_planner, format_table
-from ultraep.layout import ExpertLayout, as_load_matrix, check_load_matrix
+from ultraep.layout import MAX_TOTAL_LOAD, ExpertLayout, as_load_matrix, check_load_matrix
+from ultraep.plan import PlanInvariantError, check_plan
 from ultraep.planners.registry import PLANNER_NAMES, make_planner
 
 logger = logging.getLogger(__name__)
 
 DEMO_EP_SIZES = (8, 16, 32, 64)
+# History-based planners keep the masters only on a single load matrix, so `ultraep plan` omits them.
+PLAN_COMMAND_PLANNERS = tuple(name for name in PLANNER_NAMES if name not in ("eplb", "lp_reroute"))
 DEMO_MAX_MICROBATCHES = 4
 
 
@@ -42,8 +45,13 @@ def read_loads(path: str) -> torch.Tensor:
     elif file.suffix == ".json":
         try:
             array = np.asarray(json.loads(file.read_text()))
-        except (json.JSONDecodeError, ValueError) as error:
+        except json.JSONDecodeError as error:
             raise CommandError(f"--loads file {path!r} is not valid JSON: {error}") from error
+        except ValueError as error:
+            raise CommandError(
+                f"--loads file {path!r} does not hold a rectangular array of numbers: {error}; "
+                "every row needs num_experts entries"
+            ) from error
     else:
         raise CommandError(f"--loads file {path!r} must end in .npy or .json, got {file.suffix!r}")
     if array.dtype == object or array.dtype.kind not in "iuf":
@@ -54,10 +62,22 @@ def read_loads(path: str) -> torch.Tensor:
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
             index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
-            raise CommandError(f"--loads entry {list(index)} is {array[index]}; loads must be finite counts")
+            raise CommandError(
+                f"--loads entry {list(index)} is {array[index]}; loads must be finite counts (use 0 for an unused expert)"
+            )
         if not (array == np.round(array)).all():
             index = tuple(int(i) for i in np.argwhere(array != np.round(array))[0])
-            raise CommandError(f"--loads entry {list(index)} is {array[index]}; loads must be whole assignment counts")
+            raise CommandError(
+                f"--loads entry {list(index)} is {array[index]}; loads must be whole assignment counts, "
+                "not fractions or averages"
+            )
+    # Check the range before casting: uint64 or huge floats would wrap to negative int64 values.
+    if array.size and (array.max() > MAX_TOTAL_LOAD or array.min() < 0):
+        index = tuple(int(i) for i in np.argwhere((array > MAX_TOTAL_LOAD) | (array < 0))[0])
+        raise CommandError(
+            f"--loads entry {list(index)} is {array[index]}; loads must be counts in [0, {MAX_TOTAL_LOAD}] "
+            "(one microbatch's assignments)"
+        )
     if array.ndim not in (1, 2):
         raise CommandError(
             f"--loads must be [num_ranks, num_experts] or [num_experts], got shape {list(array.shape)}"
@@ -91,12 +111,21 @@ def run_plan(args: argparse.Namespace) -> int:
         plan = planner(matrix, layout)
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
-    text = json.dumps(plan.to_dict(), indent=1)
+    try:
+        check_plan(plan, matrix)
+    except PlanInvariantError as error:  # pragma: no cover - a planner bug, not a user error
+        raise RuntimeError(f"planner {args.planner!r} produced an invalid plan: {error}") from error
+    # One key per line, each list on one line, so the file stays readable at EP64.
+    data = plan.to_dict()
+    text = "{\n" + ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in data.items()) + "\n}\n"
     if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
+        out = pathlib.Path(args.out)
+        if not out.parent.is_dir():
+            raise CommandError(f"--out folder {str(out.parent)!r} does not exist; create it first or pick another path")
+        out.write_text(text)
         logger.info("wrote plan for %s to %s", layout, args.out)
     else:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(text)
     return 0
 
 
@@ -111,7 +140,10 @@ def _demo_loads(args: argparse.Namespace):
     except (OSError, ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
     if not hasattr(trace, "topk_ids"):
-        raise CommandError(f"--trace {args.trace!r} holds per-step loads; ultraep demo needs a token-level trace")
+        raise CommandError(
+            f"--trace {args.trace!r} holds per-step loads; ultraep demo needs a token-level trace "
+            "(per-step load traces work with ultraep simulate --trace)"
+        )
     if args.ranks is not None:
         sizes = [args.ranks]
     else:
@@ -188,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ranks", type=int, help="EP size; default: 8, 16, 32 and 64 where they divide the experts")
     demo.add_argument("--slots", type=int, help="redundant slots per rank; default: 1 and 2")
     demo.add_argument("--tokens-per-rank", type=int, help="tokens per rank in one microbatch; default: up to 4096")
-    demo.add_argument("--microbatches", type=int, default=DEMO_MAX_MICROBATCHES, help="microbatches per EP size (default 4)")
+    demo.add_argument("--microbatches", type=int, default=DEMO_MAX_MICROBATCHES, help="at most this many microbatches per EP size (default 4)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=run_demo)
 
@@ -196,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--loads", required=True, help=".npy or .json: [num_ranks, num_experts] or [num_experts] counts")
     plan.add_argument("--ranks", type=int, required=True, help="EP size (ranks)")
     plan.add_argument("--slots", type=int, required=True, help="redundant slots per rank")
-    plan.add_argument("--planner", default="quota", choices=PLANNER_NAMES, help="planner (default: quota)")
+    plan.add_argument(
+        "--planner",
+        default="quota",
+        choices=PLAN_COMMAND_PLANNERS,
+        help="planner (default: quota); the history-based eplb and lp_reroute need past microbatches, see ultraep simulate",
+    )
     plan.add_argument("--out", help="write the plan JSON here instead of standard output")
     plan.set_defaults(func=run_plan)
 

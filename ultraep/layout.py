@@ -28,7 +28,12 @@ MAX_TOTAL_LOAD = 2**35
 
 @dataclasses.dataclass(frozen=True)
 class ExpertLayout:
-    """Placement of logical experts and redundant slots over the ranks of one EP group."""
+    """Placement of logical experts and redundant slots over the ranks of one EP group.
+
+    The id conversions (``master_rank``, ``master_slot_id``, ``slot_rank``, ``is_redundant_slot``,
+    ``redundant_slot_id``) take Python ints or integer tensors of any shape and device and return the
+    same kind: an int for ints, a tensor of the input's shape and device for tensors.
+    """
 
     num_ranks: int
     """Ranks in the EP group (>= 1)."""
@@ -163,6 +168,14 @@ def check_load_matrix(loads: torch.Tensor, layout: ExpertLayout, *, name: str = 
         src_rank, expert = divmod(int(torch.argmin(loads.reshape(-1))), layout.num_experts)
         raise ValueError(
             f"{name}[{src_rank}, {expert}] = {minimum} is negative; a load counts assignments and must be >= 0"
+        )
+    # Bound the largest entry first: a sum of huge entries would wrap around in int64.
+    maximum = int(loads.max())
+    if maximum > MAX_TOTAL_LOAD:
+        src_rank, expert = divmod(int(torch.argmax(loads.reshape(-1))), layout.num_experts)
+        raise ValueError(
+            f"{name}[{src_rank}, {expert}] = {maximum} exceeds {MAX_TOTAL_LOAD}, the most the planner's int64 "
+            "arithmetic supports for one microbatch; plan smaller microbatches"
         )
     total = int(loads.sum(dtype=torch.int64))
     if total > MAX_TOTAL_LOAD:

@@ -33,7 +33,17 @@ class PlanInvariantError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Placement of replicas in redundant slots plus the exact quota of every instance."""
+    """Placement of replicas in redundant slots plus the exact quota of every instance.
+
+    Fields:
+
+    - ``layout``: the :class:`~ultraep.layout.ExpertLayout` the plan is for.
+    - ``replica_expert_ids``: [num_ranks, redundant_slots_per_rank] int64, same device as the load
+      matrix. Logical expert held by each redundant slot; -1 = empty.
+    - ``quota``: [num_slots] int64, same device. Exact number of assignments each physical slot
+      processes; 0 for an empty redundant slot. A master's quota may be 0 when all its load moved to
+      replicas.
+    """
 
     layout: ExpertLayout
     """The expert layout the plan is for."""

@@ -89,6 +89,12 @@ class QuotaPlanner(Planner):
     name = "quota"
 
     def __init__(self, config: QuotaConfig | None = None, **settings) -> None:
+        """Build the planner from a :class:`QuotaConfig` or from its fields as keyword settings.
+
+        Settings: ``balance_target`` (1.001), ``min_replica_quota`` (1), ``min_replica_fraction``
+        (0.001), ``prefer_local`` (True), ``num_rounds`` (None: slots + 3); see :class:`QuotaConfig`.
+        Call the planner object, ``planner(loads, layout)``, to validate the load matrix and plan.
+        """
         self.config = config if config is not None else QuotaConfig(**settings)
         if config is not None and settings:
             raise TypeError(f"pass either config or settings, not both (got settings {sorted(settings)})")

@@ -1,0 +1,98 @@
+import json
+import re
+
+import numpy as np
+import pytest
+
+from ultraep.cli import main
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+def test_plan_writes_stable_json(tmp_path, capsys):
+    loads = np.full((4, 8), 5)
+    loads[:, 0] = 100
+    path = tmp_path / "loads.npy"
+    np.save(path, loads)
+    out = tmp_path / "plan.json"
+    code, _ = _run(capsys, ["plan", "--loads", str(path), "--ranks", "4", "--slots", "1", "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert list(data) == [
+        "num_ranks",
+        "experts_per_rank",
+        "redundant_slots_per_rank",
+        "physical_to_logical",
+        "logical_to_physical",
+        "logical_replica_count",
+        "quota",
+        "rank_load",
+        "imbalance",
+    ]
+    assert sum(q for q, e in zip(data["quota"], data["physical_to_logical"]) if e == 0) == 400
+    assert data["rank_load"] == [135, 135, 135, 135]
+    assert data["logical_to_physical"][1] == [1, -1, -1, -1]
+    assert data["imbalance"] == 1.0
+
+
+def test_plan_accepts_json_vector(tmp_path, capsys):
+    path = tmp_path / "loads.json"
+    path.write_text(json.dumps([40, 0, 0, 0]))
+    code, captured = _run(capsys, ["plan", "--loads", str(path), "--ranks", "2", "--slots", "1"])
+    assert code == 0
+    data = json.loads(captured.out)
+    assert data["rank_load"] == [20, 20]
+
+
+@pytest.mark.parametrize(
+    "content, suffix, argv, pattern",
+    [
+        pytest.param([[1.5, 2.0], [1.0, 1.0]], ".json", ["--ranks", "2"], "is 1.5; loads must be whole assignment counts", id="fraction"),
+        pytest.param([[float("nan"), 2.0], [1.0, 1.0]], ".npy", ["--ranks", "2"], "is nan; loads must be finite", id="nan"),
+        pytest.param([[-5, 2], [1, 1]], ".json", ["--ranks", "2"], r"entry \[0, 0\] is -5; loads must be counts", id="negative"),
+        pytest.param([1] * 8, ".json", ["--ranks", "3"], "num_experts=8 is not divisible by num_ranks=3", id="indivisible"),
+        pytest.param([[2**61] * 2] * 2, ".npy", ["--ranks", "2"], "loads must be counts in \\[0, 34359738368\\]", id="overflow"),
+        pytest.param([[1, 2], [3]], ".json", ["--ranks", "2"], "does not hold a rectangular array", id="ragged"),
+        pytest.param([[1, 2]] * 3, ".json", ["--ranks", "2"], "--loads has 3 rows but --ranks is 2", id="rows"),
+        pytest.param("x", ".csv", ["--ranks", "2"], "must end in .npy or .json, got '.csv'", id="suffix"),
+    ],
+)
+def test_plan_bad_input_exits_with_message(tmp_path, capsys, content, suffix, argv, pattern):
+    path = tmp_path / f"loads{suffix}"
+    if suffix == ".npy":
+        np.save(path, np.asarray(content))
+    elif suffix == ".json":
+        path.write_text(json.dumps(content))
+    else:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--loads", str(path), "--slots", "1", *argv])
+    assert exit_info.value.code == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_plan_missing_file_and_out_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--loads", str(tmp_path / "missing.npy"), "--ranks", "2", "--slots", "1"])
+    assert exit_info.value.code == 2
+    assert "not found" in capsys.readouterr().err
+    path = tmp_path / "loads.json"
+    path.write_text("[[1, 2], [3, 4]]")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--loads", str(path), "--ranks", "2", "--slots", "1", "--out", str(tmp_path / "no" / "plan.json")])
+    assert exit_info.value.code == 2
+    assert "does not exist; create it first" in capsys.readouterr().err
+
+
+def test_demo_runs_on_bundled_trace(capsys):
+    code, captured = _run(capsys, ["demo", "--ranks", "8", "--slots", "1", "--microbatches", "1", "--no-progress"])
+    assert code == 0
+    rows = [line for line in captured.out.splitlines() if line.startswith("| 8 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["none", "eplb (previous microbatch)", "quota"]
+    quota_after_mean = float(rows[2].split("|")[5].split("/")[0])
+    none_after_mean = float(rows[0].split("|")[5].split("/")[0])
+    assert none_after_mean > 1.2
+    assert quota_after_mean < 1.01
