@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/python -m pip
 
-.PHONY: demo test setup clean bench
+.PHONY: demo test setup clean bench bench-gpu
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/planner.py --out docs/benchmarks_planner.md
+	$(VENV)/bin/python benchmarks/runtime.py
+	$(VENV)/bin/python benchmarks/simulate.py --out docs/benchmarks_simulate.md --no-progress
+
+bench-gpu: setup
+	$(VENV)/bin/python benchmarks/gpu_bench.py --out docs/benchmarks_gpu.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,516 @@
+"""Triton kernels for count, plan and reroute against their PyTorch references, on the CPU.
+
+The kernels run in the Triton interpreter in one child process started with ``TRITON_INTERPRET=1``.
+Triton decides between interpreter and compiler when a ``@triton.jit`` function is defined, and
+its own ``tl.sort`` is defined at ``import triton``. Setting the variable inside this module would
+therefore come too late whenever anything imported Triton first. It would also switch the kernels
+of a GPU test session to the interpreter. The child computes every case once and saves inputs and
+kernel outputs. The tests below compare them with the references computed here, case by case.
+
+Run: ``.venv/bin/python -m pytest tests/unit/test_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ultraep.kernels import (
+    BACKEND_ENV_VAR,
+    KernelConfig,
+    backend_from_env,
+    count_load,
+    plan_quota,
+    reroute_ids,
+    resolve_backend,
+)
+from ultraep.layout import ExpertLayout
+from ultraep.plan import Plan, check_plan
+from ultraep.planners.quota import QuotaConfig, QuotaPlanner
+from ultraep.reroute import count_local_load, reroute
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+# Case tables, shared by the child (kernels) and the tests (references).
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCase:
+    id: str
+    num_ranks: int
+    experts_per_rank: int
+    slots: int
+    loads: str  # kind of load matrix, see _make_loads
+    seed: int = 0
+    config: QuotaConfig = QuotaConfig()
+    candidates_per_program: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RerouteCase:
+    id: str
+    num_ranks: int
+    experts_per_rank: int
+    slots: int
+    num_tokens: int
+    topk: int
+    ids: str  # kind of topk_ids, see _make_topk_ids
+    src_ranks: tuple[int, ...]
+    dtype: torch.dtype = torch.int64
+    block_size: int | None = None
+    expert_tile: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CountCase:
+    id: str
+    num_experts: int
+    num_tokens: int
+    topk: int
+    dtype: torch.dtype = torch.int64
+    padding: float = 0.1
+
+
+PLAN_CASES = [
+    PlanCase("ep4_e32_s1_random", 4, 8, 1, "random"),
+    PlanCase("ep4_e32_s0_masters_only", 4, 8, 0, "zipf"),
+    PlanCase("ep8_e64_s2_zipf", 8, 8, 2, "zipf", seed=1),
+    PlanCase("ep8_e32_s4_one_hot_expert", 8, 4, 4, "one_hot"),
+    PlanCase("ep16_e128_s1_zipf", 16, 8, 1, "zipf", seed=2),
+    PlanCase("ep16_e64_s2_all_zero", 16, 4, 2, "all_zero"),
+    PlanCase("ep16_e256_s3_uniform", 16, 16, 3, "uniform"),
+    PlanCase("ep32_e256_s2_ties", 32, 8, 2, "ties", seed=3),
+    PlanCase("ep64_e256_s2_zipf", 64, 4, 2, "zipf", seed=4),
+    PlanCase("ep64_e64_s1_large_counts", 64, 1, 1, "large", seed=5),
+    PlanCase("ep4_e32_s2_one_hot_rank", 4, 8, 2, "one_rank"),
+    PlanCase("ep5_e15_s2_padded_dims", 5, 3, 2, "zipf", seed=6),
+    PlanCase("ep1_e8_s2_single_rank", 1, 8, 2, "random"),
+    PlanCase(
+        "ep8_e64_s2_target_1_no_locality_1_round",
+        8, 8, 2, "zipf", seed=7,
+        config=QuotaConfig(balance_target=1.0, prefer_local=False, num_rounds=1),
+    ),
+    PlanCase("ep8_e64_s2_large_min_quota", 8, 8, 2, "zipf", seed=8, config=QuotaConfig(min_replica_quota=400)),
+    PlanCase("ep4_e16_s1_four_candidates_per_program", 4, 4, 1, "zipf", seed=9, candidates_per_program=4),
+]
+
+REROUTE_CASES = [
+    RerouteCase("ep4_e32_s1_zipf_all_ranks", 4, 8, 1, 300, 4, "zipf", (0, 1, 2, 3)),
+    RerouteCase("ep8_e64_s2_random_duplicates", 8, 8, 2, 200, 8, "random", (0, 5, 7)),
+    RerouteCase("ep16_e128_s3_small_tiles", 16, 8, 3, 100, 8, "zipf", (0, 9, 15), block_size=256, expert_tile=16),
+    RerouteCase("ep64_e256_s2_zipf", 64, 4, 2, 200, 8, "zipf", (0, 63)),
+    RerouteCase("ep4_e16_s0_masters_only", 4, 4, 0, 100, 2, "zipf", (0, 3)),
+    RerouteCase("ep4_e32_s2_empty_batch", 4, 8, 2, 0, 8, "zipf", (0, 2)),
+    RerouteCase("ep8_e32_s2_int32_ids", 8, 4, 2, 150, 6, "zipf", (1, 6), dtype=torch.int32),
+    RerouteCase("ep8_e32_s4_one_hot_expert", 8, 4, 4, 120, 2, "one_hot", (0, 4, 7)),
+]
+
+COUNT_CASES = [
+    CountCase("e32_random_padding", 32, 500, 4),
+    CountCase("e256_top8_8192_tokens", 256, 8192, 8),
+    CountCase("e96_not_power_of_two", 96, 300, 6),
+    CountCase("e64_empty_batch", 64, 0, 8),
+    CountCase("e64_int32_ids", 64, 700, 8, dtype=torch.int32),
+    CountCase("e128_uint8_ids_no_padding", 128, 400, 2, dtype=torch.uint8, padding=0.0),
+    CountCase("e32_all_padding", 32, 50, 4, padding=1.0),
+]
+
+# Sort helper: (id, rows, log_n, descending, dtype, key kind). The interpreter sorts by counting up
+# to 2**20 compared pairs and with a gather network above; "tl_sort" runs the compiled-kernel branch.
+SORT_CASES = [
+    ("counting_desc_int64_packed_keys", 16, 6, True, torch.int64, "packed"),
+    ("counting_asc_int32_duplicates", 4, 3, False, torch.int32, "duplicates"),
+    ("network_asc_int32_2048", 1, 11, False, torch.int32, "permutation"),
+    ("network_desc_int64_32x256", 32, 8, True, torch.int64, "packed"),
+    ("tl_sort_desc_int64_packed", 2, 3, True, torch.int64, "packed"),
+    ("tl_sort_asc_int32_duplicates", 2, 3, False, torch.int32, "duplicates"),
+]
+
+
+def _make_loads(case: PlanCase) -> torch.Tensor:
+    num_ranks, num_experts = case.num_ranks, case.num_ranks * case.experts_per_rank
+    gen = torch.Generator().manual_seed(case.seed)
+    shape = (num_ranks, num_experts)
+    if case.loads == "random":
+        loads = torch.randint(0, 200, shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.8)
+    elif case.loads == "zipf":
+        weights = torch.rand(num_experts, generator=gen) ** 6 + 1e-3
+        draws = torch.multinomial(weights, 4096 * num_ranks, replacement=True, generator=gen).view(num_ranks, -1)
+        loads = torch.stack([torch.bincount(row, minlength=num_experts) for row in draws])
+    elif case.loads == "all_zero":
+        loads = torch.zeros(shape, dtype=torch.int64)
+    elif case.loads == "one_hot":
+        loads = torch.zeros(shape, dtype=torch.int64)
+        loads[:, 1] = 5000
+    elif case.loads == "one_rank":
+        loads = torch.zeros(shape, dtype=torch.int64)
+        loads[:, : case.experts_per_rank] = 300
+    elif case.loads == "uniform":
+        loads = torch.full(shape, 37, dtype=torch.int64)
+    elif case.loads == "ties":
+        loads = torch.tensor([0, 50, 100])[torch.randint(0, 3, shape, generator=gen)]
+    elif case.loads == "large":
+        # Total just under MAX_TOTAL_LOAD = 2**35, so int64 products run near their bound.
+        loads = torch.randint(2**22, 2**23, shape, generator=gen)
+    else:
+        raise AssertionError(case.loads)
+    return loads.to(torch.int64)
+
+
+def _make_topk_ids(case: RerouteCase) -> list[torch.Tensor]:
+    num_experts = case.num_ranks * case.experts_per_rank
+    gen = torch.Generator().manual_seed(case.num_ranks * 1000 + case.num_tokens)
+    shape = (case.num_tokens, case.topk)
+    topk_ids = []
+    for _ in range(case.num_ranks):
+        if case.ids == "zipf":
+            weights = torch.rand(num_experts, generator=gen) ** 6 + 1e-3
+            ids = torch.multinomial(weights, max(1, case.num_tokens * case.topk), replacement=True, generator=gen)
+            ids = ids[: case.num_tokens * case.topk].view(shape)
+        elif case.ids == "random":
+            # Uniform draws, so a token often names one expert twice.
+            ids = torch.randint(0, num_experts, shape, generator=gen)
+        elif case.ids == "one_hot":
+            ids = torch.zeros(shape, dtype=torch.int64)
+        else:
+            raise AssertionError(case.ids)
+        ids = ids.clone()
+        ids[torch.rand(shape, generator=gen) < 0.1] = -1
+        topk_ids.append(ids.to(case.dtype))
+    return topk_ids
+
+
+def _make_count_ids(case: CountCase) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(case.num_experts + case.num_tokens)
+    ids = torch.randint(0, case.num_experts, (case.num_tokens, case.topk), generator=gen)
+    ids[torch.rand(ids.shape, generator=gen) < case.padding] = -1
+    return ids.to(case.dtype)
+
+
+def _make_sort_input(rows: int, log_n: int, dtype: torch.dtype, kind: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(rows * 100 + log_n)
+    n = 2**log_n
+    if kind == "packed":
+        # value * n + (n - 1 - index), as the planner sorts: large values, unique per row.
+        values = torch.randint(0, 2**35, (rows, n), generator=gen)
+        keys = values * n + (n - 1 - torch.arange(n))
+    elif kind == "duplicates":
+        keys = torch.randint(-1, 3, (rows, n), generator=gen)
+    else:
+        keys = torch.stack([torch.randperm(n, generator=gen) for _ in range(rows)])
+    return keys.to(dtype)
+
+
+# Child process: run every kernel under TRITON_INTERPRET=1 and save inputs and outputs.
+
+
+def _run_kernels(out_path: str, sort_kernel) -> None:
+    from ultraep.kernels.count import count_load_triton
+    from ultraep.kernels.plan import RUNS_IN_INTERPRETER, plan_quota_triton
+    from ultraep.kernels.reroute import reroute_triton
+
+    assert RUNS_IN_INTERPRETER, "the child must run with TRITON_INTERPRET=1"
+
+    results: dict = {"plan": {}, "reroute": {}, "count": {}, "sort": {}}
+    for case in PLAN_CASES:
+        layout = ExpertLayout(case.num_ranks, case.experts_per_rank, case.slots)
+        loads = _make_loads(case)
+        plan = plan_quota_triton(loads, layout, case.config, candidates_per_program=case.candidates_per_program)
+        results["plan"][case.id] = (loads, plan.replica_expert_ids, plan.quota)
+    for case in REROUTE_CASES:
+        layout = ExpertLayout(case.num_ranks, case.experts_per_rank, case.slots)
+        topk_ids = _make_topk_ids(case)
+        loads = torch.stack([count_local_load(ids, layout.num_experts) for ids in topk_ids])
+        plan = QuotaPlanner()(loads, layout)
+        tiles = {"block_size": case.block_size, "expert_tile": case.expert_tile}
+        routed = {src_rank: reroute_triton(topk_ids[src_rank], plan, loads, src_rank, **tiles) for src_rank in case.src_ranks}
+        results["reroute"][case.id] = (topk_ids, loads, plan.replica_expert_ids, plan.quota, routed)
+    for case in COUNT_CASES:
+        ids = _make_count_ids(case)
+        results["count"][case.id] = (ids, count_load_triton(ids, case.num_experts))
+    for case_id, rows, log_n, descending, dtype, kind in SORT_CASES:
+        keys = _make_sort_input(rows, log_n, dtype, kind)
+        out = torch.empty_like(keys)
+        sort_kernel[(1,)](keys, out, ROWS=rows, LOG_N=log_n, DESCENDING=descending, INTERPRETED=not case_id.startswith("tl_sort"))
+        results["sort"][case_id] = (keys, out)
+    torch.save(results, out_path)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    """Kernel outputs for every case, computed once in a child process under the Triton interpreter."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed; install it with pip install 'ultraep[triton]' to test the kernels")
+    out_path = tmp_path_factory.mktemp("kernels") / "results.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
+    env.pop("ULTRAEP_KERNEL_BACKEND", None)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out_path)], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return torch.load(out_path, weights_only=False)
+
+
+# Kernel against reference, case by case.
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=[c.id for c in PLAN_CASES])
+def test_plan_kernel_matches_reference(interpreted, case):
+    loads, replica_expert_ids, quota = interpreted["plan"][case.id]
+    assert torch.equal(loads, _make_loads(case))
+    layout = ExpertLayout(case.num_ranks, case.experts_per_rank, case.slots)
+    expected = QuotaPlanner(case.config)(loads, layout)
+    assert replica_expert_ids.dtype == torch.int64
+    assert quota.dtype == torch.int64
+    assert torch.equal(replica_expert_ids, expected.replica_expert_ids)
+    assert torch.equal(quota, expected.quota)
+    check_plan(Plan(layout, replica_expert_ids, quota), loads, min_replica_quota=case.config.min_replica_quota)
+
+
+def test_plan_cases_exercise_replicas(interpreted):
+    # Guards against a table of cases that never moves load: most cases must create replicas.
+    with_replicas = [cid for cid, (_, replicas, _) in interpreted["plan"].items() if bool((replicas >= 0).any())]
+    assert len(with_replicas) >= 9, with_replicas
+
+
+@pytest.mark.parametrize("case", REROUTE_CASES, ids=[c.id for c in REROUTE_CASES])
+def test_reroute_kernel_matches_reference(interpreted, case):
+    topk_ids, loads, replica_expert_ids, quota, routed = interpreted["reroute"][case.id]
+    layout = ExpertLayout(case.num_ranks, case.experts_per_rank, case.slots)
+    expected_ids = _make_topk_ids(case)
+    assert all(torch.equal(a, b) for a, b in zip(topk_ids, expected_ids))
+    plan = QuotaPlanner()(loads, layout)
+    assert torch.equal(plan.replica_expert_ids, replica_expert_ids)
+    assert torch.equal(plan.quota, quota)
+    for src_rank in case.src_ranks:
+        expected = reroute(topk_ids[src_rank], plan, loads, src_rank)
+        got = routed[src_rank]
+        assert got.shape == topk_ids[src_rank].shape
+        assert got.dtype == torch.int64
+        assert torch.equal(got, expected), f"src_rank {src_rank}: {(got != expected).sum().item()} assignments differ"
+
+
+def test_reroute_cases_use_replicas(interpreted):
+    # At least one rerouted assignment lands in a redundant slot in most cases.
+    hits = []
+    for case in REROUTE_CASES:
+        layout = ExpertLayout(case.num_ranks, case.experts_per_rank, case.slots)
+        routed = interpreted["reroute"][case.id][4]
+        if any(bool(layout.is_redundant_slot(slots[slots >= 0]).any()) for slots in routed.values()):
+            hits.append(case.id)
+    assert len(hits) >= 4, hits
+
+
+@pytest.mark.parametrize("case", COUNT_CASES, ids=[c.id for c in COUNT_CASES])
+def test_count_kernel_matches_reference(interpreted, case):
+    ids, counts = interpreted["count"][case.id]
+    assert torch.equal(ids, _make_count_ids(case))
+    expected = count_local_load(ids, case.num_experts)
+    assert counts.dtype == torch.int64
+    assert torch.equal(counts, expected)
+
+
+def test_count_kernel_counts_duplicates_twice(interpreted):
+    ids, counts = interpreted["count"]["e32_random_padding"]
+    assert int(counts.sum()) == int((ids >= 0).sum())
+
+
+@pytest.mark.parametrize("case", SORT_CASES, ids=[c[0] for c in SORT_CASES])
+def test_sort_helper_matches_torch_sort(interpreted, case):
+    case_id, rows, log_n, descending, dtype, kind = case
+    keys, out = interpreted["sort"][case_id]
+    assert torch.equal(keys, _make_sort_input(rows, log_n, dtype, kind))
+    assert torch.equal(out, torch.sort(keys, dim=1, descending=descending).values)
+
+
+# Backend choice and input checks of the dispatch entry points (in process; no kernel runs here).
+
+
+def test_kernel_config_reads_env_when_built(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV_VAR, "torch")
+    config = KernelConfig()
+    monkeypatch.setenv(BACKEND_ENV_VAR, "triton")
+    assert config.backend == "torch"
+    assert KernelConfig().backend == "triton"
+
+
+def test_kernel_config_defaults_to_auto(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    assert KernelConfig().backend == "auto"
+    assert backend_from_env() == "auto"
+
+
+def test_explicit_backend_ignores_env(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV_VAR, "triton")
+    assert KernelConfig("torch").backend == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+
+
+@pytest.mark.parametrize("value", ["cuda", "", "Torch", " auto"], ids=["unknown", "empty", "upper_case", "space"])
+def test_env_backend_invalid_raises(monkeypatch, value):
+    monkeypatch.setenv(BACKEND_ENV_VAR, value)
+    with pytest.raises(ValueError, match=f"environment variable {BACKEND_ENV_VAR} = .* is not a kernel backend"):
+        KernelConfig()
+    with pytest.raises(ValueError, match="use one of 'auto', 'triton', 'torch'"):
+        count_load(torch.zeros(2, 2, dtype=torch.int64), 4)
+
+
+def test_backend_argument_invalid_raises():
+    with pytest.raises(ValueError, match="backend = 'gpu' is not a kernel backend"):
+        resolve_backend("gpu", "cpu")
+    with pytest.raises(TypeError, match="KernelConfig.backend must be a str"):
+        KernelConfig(1)
+
+
+def test_auto_uses_torch_on_cpu():
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend(KernelConfig("auto"), torch.device("cpu")) == "torch"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_forced_triton_on_cpu_without_interpreter_raises():
+    # A fresh process without TRITON_INTERPRET, so the kernels are compiled-mode functions.
+    code = (
+        "import torch\n"
+        "from ultraep.kernels import count_load\n"
+        "try:\n"
+        "    count_load(torch.zeros(3, 2, dtype=torch.int64), 8, backend='triton')\n"
+        "except RuntimeError as error:\n"
+        "    print('RuntimeError:', error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", BACKEND_ENV_VAR)}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeError: backend='triton' got tensors on cpu" in proc.stdout
+    assert "set TRITON_INTERPRET=1 before Triton is first imported" in proc.stdout
+
+
+def test_import_without_triton_works_and_falls_back():
+    # Triton is made unimportable; ultraep and the dispatch layer must still import and run on PyTorch.
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None\n"
+        "import torch, ultraep, ultraep.kernels\n"
+        "from ultraep.kernels import count_load\n"
+        "print('auto:', count_load(torch.tensor([[0, 1], [1, -1]]), 2).tolist())\n"
+        "try:\n"
+        "    count_load(torch.tensor([[0, 1]]), 2, backend='triton')\n"
+        "except RuntimeError as error:\n"
+        "    print('RuntimeError:', error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != BACKEND_ENV_VAR}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "auto: [1, 2]" in proc.stdout
+    assert "RuntimeError: backend='triton' needs Triton" in proc.stdout
+    assert "pip install 'ultraep[triton]'" in proc.stdout
+
+
+def test_kernels_import_loads_no_triton():
+    code = "import sys, ultraep.kernels\nprint('triton loaded:', 'triton' in sys.modules)\n"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "triton loaded: False" in proc.stdout
+
+
+def test_torch_backend_matches_reference_functions():
+    layout = ExpertLayout(4, 4, 2)
+    case = RerouteCase("wiring", 4, 4, 2, 64, 4, "zipf", (0,))
+    topk_ids = _make_topk_ids(case)
+    loads = torch.stack([count_load(ids, layout.num_experts, backend="torch") for ids in topk_ids])
+    assert torch.equal(loads, torch.stack([count_local_load(ids, layout.num_experts) for ids in topk_ids]))
+    plan = plan_quota(loads, layout, backend="torch", check_values=True)
+    expected = QuotaPlanner()(loads, layout)
+    assert torch.equal(plan.replica_expert_ids, expected.replica_expert_ids)
+    assert torch.equal(plan.quota, expected.quota)
+    for src_rank in range(4):
+        got = reroute_ids(topk_ids[src_rank], plan, loads, src_rank, backend="torch", check_values=True)
+        assert torch.equal(got, reroute(topk_ids[src_rank], plan, loads, src_rank))
+
+
+def test_count_load_invalid_inputs_raise():
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="num_experts must be a positive int, got 0"):
+        count_load(ids, 0, backend="torch")
+    with pytest.raises(TypeError, match="topk_ids must hold integer expert ids, got dtype torch.float32"):
+        count_load(ids.float(), 4, backend="torch")
+    with pytest.raises(ValueError, match=r"topk_ids must have shape \[num_tokens, topk\], got \[8\]"):
+        count_load(ids.reshape(-1), 4, backend="torch")
+    with pytest.raises(ValueError, match=r"topk_ids\[1\] holds expert id 9, outside \[0, 3\]"):
+        count_load(torch.tensor([[0, 1], [9, 2]]), 4, backend="torch", check_values=True)
+
+
+def test_plan_quota_invalid_inputs_raise():
+    layout = ExpertLayout(2, 2, 1)
+    loads = torch.ones(2, 4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="layout must be an ExpertLayout, got tuple"):
+        plan_quota(loads, (2, 2, 1), backend="torch")
+    with pytest.raises(TypeError, match="config must be a QuotaConfig or None, got dict"):
+        plan_quota(loads, layout, {"balance_target": 1.0}, backend="torch")
+    with pytest.raises(ValueError, match=r"loads must have shape \[num_ranks, num_experts\] = \[2, 4\]"):
+        plan_quota(torch.ones(4, 2, dtype=torch.int64), layout, backend="torch")
+    with pytest.raises(TypeError, match="loads must be an integer tensor"):
+        plan_quota(loads.float(), layout, backend="torch")
+    with pytest.raises(ValueError, match=r"loads\[1, 3\] = -5 is negative"):
+        plan_quota(torch.tensor([[1, 1, 1, 1], [1, 1, 1, -5]]), layout, backend="torch", check_values=True)
+
+
+def test_reroute_ids_invalid_inputs_raise():
+    layout = ExpertLayout(2, 2, 1)
+    topk_ids = torch.tensor([[0, 1], [2, 3]])
+    loads = torch.stack([count_local_load(topk_ids, 4), torch.zeros(4, dtype=torch.int64)])
+    plan = QuotaPlanner()(loads, layout)
+    with pytest.raises(TypeError, match="plan must be a Plan, got dict"):
+        reroute_ids(topk_ids, {}, loads, 0, backend="torch")
+    with pytest.raises(ValueError, match=r"src_rank=2 is outside \[0, 1\]"):
+        reroute_ids(topk_ids, plan, loads, 2, backend="torch")
+    with pytest.raises(ValueError, match="reroute inputs must share one device, got topk_ids on meta, loads on cpu"):
+        reroute_ids(topk_ids.to("meta"), plan, loads, 0, backend="torch")
+    with pytest.raises(ValueError, match=r"loads\[1, 0\] = 0 but topk_ids on rank 1 hold 1 assignments of expert 0"):
+        reroute_ids(topk_ids, plan, loads, 1, backend="torch", check_values=True)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernel_tile_settings_invalid_raise():
+    # The checks run before any launch, so compiled-mode kernel modules are enough.
+    from ultraep.kernels.plan import plan_quota_triton
+    from ultraep.kernels.reroute import reroute_triton
+
+    layout = ExpertLayout(2, 2, 1)
+    loads = torch.ones(2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="candidates_per_program must be a power of two >= 1, got 3"):
+        plan_quota_triton(loads, layout, QuotaConfig(), candidates_per_program=3)
+    plan = QuotaPlanner()(loads, layout)
+    with pytest.raises(ValueError, match="block_size must be a power of two >= 1, got 100"):
+        reroute_triton(torch.zeros(2, 2, dtype=torch.int64), plan, loads, 0, block_size=100)
+    with pytest.raises(ValueError, match="expert_tile must be a power of two >= 1, got 0"):
+        reroute_triton(torch.zeros(2, 2, dtype=torch.int64), plan, loads, 0, expert_tile=0)
+
+
+if __name__ == "__main__":
+    # Child process only: the parent test session never imports Triton from this module.
+    import triton
+    import triton.language as tl
+
+    from ultraep.kernels.plan import _sort_rows
+
+    @triton.jit
+    def _sort_kernel(
+        x_ptr, out_ptr, ROWS: tl.constexpr, LOG_N: tl.constexpr, DESCENDING: tl.constexpr, INTERPRETED: tl.constexpr
+    ):
+        offsets = tl.arange(0, ROWS)[:, None] * 2**LOG_N + tl.arange(0, 2**LOG_N)[None, :]  # [ROWS, 2**LOG_N]
+        tl.store(out_ptr + offsets, _sort_rows(tl.load(x_ptr + offsets), LOG_N, DESCENDING, INTERPRETED))
+
+    _run_kernels(sys.argv[1], _sort_kernel)

@@ -1,0 +1,460 @@
+"""Triton quota planner: the whole threshold ladder, every matching round and the choice of plan in one launch.
+
+Reference: :class:`ultraep.planners.quota.QuotaPlanner` (``_match_rounds``, ``_select_candidate``,
+``_local_assignments``). The kernel gives the same plan bit for bit.
+
+The reference tries every (receiver anchor, threshold) pair as a candidate. Each program of the
+launch runs a tile of ``T_P2`` thresholds of one anchor side by side, as the reference batches them:
+its tensors are ``[T_P2, ...]`` with every dim padded to a power of two. Padded ranks carry no load
+and no spare, padded master slots carry quota 0, and padded candidates are never chosen. Each
+program writes its candidates' scores and state to scratch and takes a ticket from an atomic
+counter. The program that draws the last ticket picks the best candidate and writes the plan, so
+the launch needs no second kernel and no host round trip.
+
+Where the reference uses ``torch.sort(...).indices``, the kernel sorts the same unique keys
+(``value * width + tiebreak``) and decodes the index from the key, so both orders agree. Scatters
+become gathers through inverse permutations, and searchsorted becomes a binary search over
+``tl.gather``. All arithmetic is int64 on non-negative values, so truncating and floor division agree.
+
+Outputs match the reference on load matrices that pass ``check_load_matrix(check_values=True)``
+(non-negative, total at most ``MAX_TOTAL_LOAD``); other inputs give unspecified plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from ultraep.layout import ExpertLayout
+from ultraep.plan import Plan
+from ultraep.planners.base import masters_only_plan
+from ultraep.planners.quota import _ANCHORS, _FRACTION_SCALE, _GAP_STEPS, _MEAN_STEPS, QuotaConfig
+
+__all__ = ["plan_quota_triton"]
+
+# Sentinel above any load, quota or count the kernel compares (all stay below 2**62).
+_BIG = tl.constexpr(2**62)
+
+
+@triton.jit
+def _count_not_above(sorted_values, probes, LENGTH: tl.constexpr, LOG_LENGTH: tl.constexpr):
+    """Count, per probe, the entries of its row of ``sorted_values`` that are ``<= probe``.
+
+    sorted_values: [rows, LENGTH], non-decreasing along dim 1. probes: [rows, num_probes].
+    Returns [rows, num_probes] int32 in [0, LENGTH]: searchsorted(..., right=True) by binary lifting.
+    """
+    count = tl.zeros(probes.shape, tl.int32)
+    for i in tl.static_range(LOG_LENGTH + 1):
+        candidate = count + (LENGTH >> i)
+        value = tl.gather(sorted_values, tl.minimum(candidate - 1, LENGTH - 1), 1)
+        count = tl.where((candidate <= LENGTH) & (value <= probes), candidate, count)
+    return count
+
+
+@triton.jit
+def _sort_rows(x, LOG_N: tl.constexpr, DESCENDING: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Sort each row of ``x`` ([rows, 2**LOG_N], integer) along dim 1.
+
+    Compiled kernels use ``tl.sort``. The interpreter runs ``tl.sort``'s reductions one element at a
+    time, so there rows are sorted by counting (small tiles) or by a bitonic network of ``tl.gather``
+    exchanges. A sorted row is unique, so every path gives the same result.
+    """
+    N: tl.constexpr = 2**LOG_N
+    if not INTERPRETED:
+        x = tl.sort(x, dim=1, descending=DESCENDING)
+    elif x.shape[0] * N * N <= 2**20:
+        # Position of each entry = entries that sort before it (ties by index); then select by position.
+        i_idx = tl.arange(0, N)[None, :, None]
+        j_idx = tl.arange(0, N)[None, None, :]
+        x_i = x[:, :, None]
+        x_j = x[:, None, :]
+        if DESCENDING:
+            before = (x_j > x_i) | ((x_j == x_i) & (j_idx < i_idx))
+        else:
+            before = (x_j < x_i) | ((x_j == x_i) & (j_idx < i_idx))
+        position = tl.sum(before.to(tl.int32), axis=2)  # [rows, N]
+        x = tl.sum(tl.where(position[:, None, :] == i_idx, x_j, 0), axis=2)
+    else:
+        idx = tl.broadcast_to(tl.arange(0, N)[None, :], x.shape)
+        for k in tl.static_range(1, LOG_N + 1):
+            # Blocks of 2**k entries alternate direction by bit k of the index; the last merge is one block.
+            block_flip = (idx >> k) & 1 if k < LOG_N else idx * 0
+            for step in tl.static_range(k):
+                j: tl.constexpr = k - 1 - step
+                partner = tl.gather(x, idx ^ (1 << j), 1)
+                keep_larger = (((idx >> j) & 1) ^ block_flip ^ DESCENDING) == 1
+                x = tl.where((x < partner) == keep_larger, partner, x)
+    return x
+
+
+@triton.jit
+def _quota_plan_kernel(
+    loads_ptr,  # [NUM_RANKS, NUM_RANKS * EXPERTS_PER_RANK] int64, contiguous: the load matrix
+    replica_out_ptr,  # [NUM_RANKS, SLOTS] int64 out: logical expert of each redundant slot, -1 = empty
+    quota_out_ptr,  # [NUM_RANKS * (EXPERTS_PER_RANK + SLOTS)] int64 out: quota of each physical slot
+    summary_ptr,  # [NUM_PROGRAMS * T_P2, 3] int64 scratch: peak rank load, replicas, local assignments
+    master_scratch_ptr,  # [NUM_PROGRAMS * T_P2, R_P2 * M_P2] int64 scratch: master quotas in drain order
+    slot_expert_scratch_ptr,  # [NUM_PROGRAMS * T_P2, R_P2 * S_P2] int32 scratch: expert per redundant slot
+    slot_quota_scratch_ptr,  # [NUM_PROGRAMS * T_P2, R_P2 * S_P2] int64 scratch: quota per redundant slot
+    ticket_ptr,  # [1] int32, zero on entry: programs that have finished their candidates
+    min_replica_quota,  # QuotaConfig.min_replica_quota
+    fraction_q,  # QuotaConfig.min_replica_fraction in units of 1 / FRACTION_SCALE
+    target_q,  # QuotaConfig.balance_target in units of 1 / FRACTION_SCALE
+    num_rounds,  # matching rounds per threshold
+    NUM_RANKS: tl.constexpr,
+    EXPERTS_PER_RANK: tl.constexpr,
+    SLOTS: tl.constexpr,  # redundant slots per rank (>= 1)
+    STEPS: tl.constexpr,  # threshold ladder: mean steps, then gap steps, in units of 1 / FRACTION_SCALE
+    NUM_MEAN_STEPS: tl.constexpr,
+    ANCHORS: tl.constexpr,  # receiver anchors in quarters of the receiver's interval
+    FRACTION_SCALE: tl.constexpr,
+    PREFER_LOCAL: tl.constexpr,
+    T_P2: tl.constexpr,  # candidates per program: a tile of consecutive thresholds of one anchor
+    P_P2: tl.constexpr,  # programs (anchors x threshold tiles), padded to a power of two
+    R_P2: tl.constexpr,  # ranks, padded
+    M_P2: tl.constexpr,  # master slots per rank, padded
+    S_P2: tl.constexpr,  # redundant slots per rank, padded
+    LOG_R: tl.constexpr,  # log2(R_P2)
+    LOG_M: tl.constexpr,  # log2(M_P2)
+    LOG_Q: tl.constexpr,  # log2(R_P2 * M_P2)
+    SRC_BLOCK: tl.constexpr,  # source ranks summed per step while reading the load matrix
+    INTERPRETED: tl.constexpr,  # running under TRITON_INTERPRET=1 (selects the sort; same results)
+):
+    NUM_EXPERTS: tl.constexpr = NUM_RANKS * EXPERTS_PER_RANK
+    NUM_THRESHOLDS: tl.constexpr = len(STEPS)
+    NUM_ANCHORS: tl.constexpr = len(ANCHORS)
+    NUM_TILES: tl.constexpr = (NUM_THRESHOLDS + T_P2 - 1) // T_P2  # threshold tiles per anchor
+    NUM_PROGRAMS: tl.constexpr = NUM_ANCHORS * NUM_TILES
+    Q_P2: tl.constexpr = R_P2 * M_P2  # length of the donor piece line (R_P2 donors x M_P2 masters)
+    SLOTS_PER_RANK: tl.constexpr = EXPERTS_PER_RANK + SLOTS
+
+    pid = tl.program_id(0)
+    ranks = tl.arange(0, R_P2)  # [R_P2]
+    local_idx = tl.arange(0, M_P2)  # [M_P2]
+    slot_idx_range = tl.arange(0, S_P2)  # [S_P2]
+    tile_idx = tl.arange(0, T_P2)  # [T_P2]: candidate within this program
+    candidates = (pid % NUM_TILES) * T_P2 + tile_idx  # [T_P2]: threshold index of each candidate
+    line_idx = tl.arange(0, R_P2)[None, :]  # [1, R_P2]: index along a donor or receiver line
+    rank_ok = ranks < NUM_RANKS
+    master_ok = rank_ok[:, None] & (local_idx[None, :] < EXPERTS_PER_RANK)  # [R_P2, M_P2]
+    slot_ok = rank_ok[:, None] & (slot_idx_range[None, :] < SLOTS)  # [R_P2, S_P2]
+    expert_ids = ranks[:, None] * EXPERTS_PER_RANK + local_idx[None, :]  # [R_P2, M_P2]
+
+    # Step 1: expert loads (column sums), rank loads, thresholds and the minimum replica quota.
+    src_rows = tl.arange(0, SRC_BLOCK)
+    expert_load = tl.zeros([R_P2, M_P2], tl.int64)
+    for src0 in range(0, NUM_RANKS, SRC_BLOCK):
+        rows = src0 + src_rows  # [SRC_BLOCK]
+        ptrs = loads_ptr + rows[:, None, None] * NUM_EXPERTS + expert_ids[None, :, :]  # [SRC_BLOCK, R_P2, M_P2]
+        mask = (rows < NUM_RANKS)[:, None, None] & master_ok[None, :, :]
+        expert_load += tl.sum(tl.load(ptrs, mask=mask, other=0).to(tl.int64), axis=0)
+    master_rank_load = tl.sum(expert_load, axis=1)  # [R_P2]
+    total = tl.sum(master_rank_load, axis=0)
+    ceil_mean = (total + NUM_RANKS - 1) // NUM_RANKS
+    max_load = tl.max(master_rank_load, axis=0)
+    gap = tl.maximum(max_load - ceil_mean, 0)
+    step_q = tl.zeros([T_P2], tl.int64)
+    for i in tl.static_range(NUM_THRESHOLDS):
+        step_q = tl.where(candidates == i, STEPS[i], step_q)
+    mean_part = (total * step_q) // (NUM_RANKS * FRACTION_SCALE)
+    gap_part = (gap * step_q) // FRACTION_SCALE
+    thresholds = tl.minimum(ceil_mean + tl.where(candidates < NUM_MEAN_STEPS, mean_part, gap_part), max_load)
+    threshold_col = thresholds[:, None]  # [T_P2, 1]
+    min_quota = tl.maximum((total * fraction_q) // (NUM_RANKS * FRACTION_SCALE), min_replica_quota)
+    anchor = 0
+    for i in tl.static_range(NUM_ANCHORS):
+        anchor = tl.where(pid // NUM_TILES == i, ANCHORS[i], anchor)
+
+    # Drain order: each donor drains its masters by descending load, lower local index first on
+    # ties. Sorting the unique key load * m + (m - 1 - j) yields both the load and j.
+    drain_key = tl.where(master_ok, expert_load * EXPERTS_PER_RANK + (EXPERTS_PER_RANK - 1 - local_idx)[None, :], -1)
+    drain_key = _sort_rows(drain_key, LOG_M, True, INTERPRETED)  # [R_P2, M_P2]; padding (-1) sorts last
+    drain_local = tl.where(master_ok, EXPERTS_PER_RANK - 1 - drain_key % EXPERTS_PER_RANK, 0)
+    drain_expert = ranks[:, None] * EXPERTS_PER_RANK + drain_local  # [R_P2, M_P2]: logical expert at drain position
+    initial_quota = tl.where(master_ok, drain_key // EXPERTS_PER_RANK, 0)  # expert loads in drain order
+
+    # Per-candidate state. Master quotas are kept in drain order. slot_pos is the drain position
+    # (donor_rank * M_P2 + p) of the expert in each redundant slot, -1 = empty.
+    rank_load = tl.zeros([T_P2, R_P2], tl.int64) + master_rank_load[None, :]
+    master_quota = tl.zeros([T_P2, R_P2, M_P2], tl.int64) + initial_quota[None, :, :]
+    slot_pos = tl.full([T_P2, R_P2, S_P2], -1, tl.int32)
+    slot_quota = tl.zeros([T_P2, R_P2, S_P2], tl.int64)
+    slots_used = tl.zeros([T_P2, R_P2], tl.int32)
+    rank_tiebreak = (R_P2 - 1 - ranks)[None, :]  # lower rank first on equal keys
+
+    # Rounds stop early once none of this program's candidates moved anything. The state is then
+    # unchanged and every later round would repeat the last one, so the plan is the same.
+    round_idx = 0
+    moved = 1
+    while (round_idx < num_rounds) & (moved > 0):
+        # Step 2: donor pieces, hottest master first within a donor, largest excess first.
+        excess = tl.maximum(rank_load - threshold_col, 0)  # [T_P2, R_P2]
+        drained_before = tl.cumsum(master_quota, axis=2) - master_quota
+        pieces = tl.minimum(tl.maximum(excess[:, :, None] - drained_before, 0), master_quota)
+        donor_key = _sort_rows(excess * R_P2 + rank_tiebreak, LOG_R, True, INTERPRETED)
+        donor_rank = (R_P2 - 1 - donor_key % R_P2).to(tl.int32)  # [T_P2, R_P2]: rank at donor line index
+        donor_index = tl.broadcast_to(donor_rank[:, :, None], [T_P2, R_P2, M_P2])
+        piece_line = tl.gather(pieces, donor_index, 1)  # [T_P2, R_P2, M_P2] in donor order
+        piece_end = tl.cumsum(tl.reshape(piece_line, [T_P2, Q_P2]), axis=1)  # [T_P2, Q_P2]
+
+        # Step 3: receivers, most spare first. Each takes the piece under its anchor point, which
+        # lies a fixed number of quarters into its interval on the receiver line.
+        spare = tl.where(rank_ok[None, :] & (slots_used < SLOTS), tl.maximum(threshold_col - rank_load, 0), 0)
+        recv_key = _sort_rows(spare * R_P2 + rank_tiebreak, LOG_R, True, INTERPRETED)
+        recv_rank = (R_P2 - 1 - recv_key % R_P2).to(tl.int32)  # [T_P2, R_P2]: rank at receiver line index
+        recv_spare = recv_key // R_P2
+        anchor_point = tl.cumsum(recv_spare, axis=1) - recv_spare + (recv_spare * anchor) // 4
+        segment = _count_not_above(piece_end, anchor_point, Q_P2, LOG_Q)  # [T_P2, R_P2]: first piece ending past it
+        active = (recv_spare > 0) & (segment < Q_P2)
+        segment = tl.minimum(segment, Q_P2 - 1)
+        segment_donor = tl.gather(donor_rank, segment // M_P2, 1)
+        position = segment_donor * M_P2 + segment % M_P2  # [T_P2, R_P2]: drain position of the piece's master
+
+        # Receivers of one piece are adjacent on the line (pieces ascend along it), so counting
+        # receivers per piece locates each receiver's group: served[q] = receivers of pieces <= q.
+        segment_key = tl.where(active, segment, Q_P2)  # [T_P2, R_P2], non-decreasing along the line
+        piece_idx = tl.broadcast_to(tl.arange(0, Q_P2)[None, :], [T_P2, Q_P2])
+        served = _count_not_above(segment_key, piece_idx, R_P2, LOG_R)  # [T_P2, Q_P2]
+        group_first = tl.where(segment > 0, tl.gather(served, tl.maximum(segment - 1, 0), 1), 0)
+
+        # Step 4: fill each receiver up to the threshold, capped by the master's remaining quota.
+        # Receivers served by one piece draw from it in line order.
+        offered = tl.where(active, recv_spare, 0)
+        offered_before = tl.cumsum(offered, axis=1) - offered
+        group_base = tl.gather(offered_before, group_first, 1)  # offered before the group's first receiver
+        quota_at = tl.gather(tl.reshape(master_quota, [T_P2, Q_P2]), position, 1)
+        amount = tl.minimum(tl.maximum(quota_at - offered_before + group_base, 0), offered)
+        amount = tl.where(amount >= min_quota, amount, 0)  # [T_P2, R_P2] in receiver order
+        take = amount > 0
+
+        # Step 5: pick the redundant slot; a receiver that already holds the expert grows that replica.
+        used = tl.gather(slots_used, recv_rank, 1)
+        receiver_slot_pos = tl.gather(slot_pos, tl.broadcast_to(recv_rank[:, :, None], [T_P2, R_P2, S_P2]), 1)
+        is_same_expert = receiver_slot_pos == position[:, :, None]
+        first_match = tl.min(tl.where(is_same_expert, slot_idx_range[None, None, :], S_P2), axis=2)
+        chosen_slot = tl.where(first_match < S_P2, first_match, tl.minimum(used, SLOTS - 1))
+        new_slot = (take & (first_match >= S_P2)).to(tl.int32)
+        moved = tl.max(tl.max(take.to(tl.int32), axis=1), axis=0)
+
+        # Receiver line back to rank order through the inverse permutation, then write the slots.
+        recv_line = _sort_rows(recv_rank * R_P2 + line_idx, LOG_R, False, INTERPRETED) % R_P2  # line index of each rank
+        amount_r = tl.gather(amount, recv_line, 1)
+        chosen_r = tl.gather(chosen_slot, recv_line, 1)
+        position_r = tl.gather(position, recv_line, 1)
+        new_slot_r = tl.gather(new_slot, recv_line, 1)
+        hit = slot_idx_range[None, None, :] == chosen_r[:, :, None]  # [T_P2, R_P2, S_P2]
+        slot_pos = tl.where(hit & (amount_r > 0)[:, :, None], position_r[:, :, None], slot_pos)
+        slot_quota += tl.where(hit, amount_r[:, :, None], 0)
+        slots_used += new_slot_r
+        rank_load += amount_r
+
+        # Donors: sum the amounts per piece, then map the donor line back to rank-major drain positions.
+        amount_end = tl.cumsum(amount, axis=1)
+        taken_through = tl.where(served > 0, tl.gather(amount_end, tl.maximum(served - 1, 0), 1), 0)
+        donor_line = _sort_rows(donor_rank * R_P2 + line_idx, LOG_R, False, INTERPRETED) % R_P2  # donor line index of each rank
+        line_pos = tl.reshape(donor_line[:, :, None] * M_P2 + local_idx[None, None, :], [T_P2, Q_P2])
+        taken_before = tl.where(line_pos > 0, tl.gather(taken_through, tl.maximum(line_pos - 1, 0), 1), 0)
+        drained = tl.reshape(tl.gather(taken_through, line_pos, 1) - taken_before, [T_P2, R_P2, M_P2])
+        master_quota -= drained
+        rank_load -= tl.sum(drained, axis=2)
+        round_idx += 1
+
+    # Logical expert of each redundant slot, per candidate.
+    drain_expert_line = tl.zeros([T_P2, Q_P2], tl.int32) + tl.reshape(drain_expert, [Q_P2])[None, :]
+    slot_expert = tl.gather(drain_expert_line, tl.reshape(tl.maximum(slot_pos, 0), [T_P2, R_P2 * S_P2]), 1)
+    slot_expert = tl.where(slot_pos >= 0, tl.reshape(slot_expert, [T_P2, R_P2, S_P2]), -1)
+
+    # Step 6: publish this program's candidates: what the choice needs, and the state to copy out.
+    peak = tl.max(rank_load, axis=1)  # [T_P2]
+    num_replicas = tl.sum(tl.sum((slot_pos >= 0).to(tl.int64), axis=2), axis=1)
+    local = tl.zeros([T_P2], tl.int64)
+    if PREFER_LOCAL:
+        # Assignments an instance on their own source rank can serve: min(quota, loads[rank, expert]).
+        own = tl.load(loads_ptr + ranks[:, None] * NUM_EXPERTS + drain_expert, mask=master_ok, other=0).to(tl.int64)
+        master_local = tl.sum(tl.sum(tl.minimum(master_quota, own[None, :, :]), axis=2), axis=1)
+        replica_ptrs = loads_ptr + ranks[None, :, None] * NUM_EXPERTS + tl.maximum(slot_expert, 0)
+        replica_tokens = tl.load(replica_ptrs, mask=slot_expert >= 0, other=0).to(tl.int64)
+        replica_local = tl.where(slot_expert >= 0, tl.minimum(slot_quota, replica_tokens), 0)
+        local = master_local + tl.sum(tl.sum(replica_local, axis=2), axis=1)
+    rows = pid * T_P2 + tile_idx  # [T_P2]: scratch row of each candidate
+    tl.store(summary_ptr + rows * 3 + 0, peak)
+    tl.store(summary_ptr + rows * 3 + 1, num_replicas)
+    tl.store(summary_ptr + rows * 3 + 2, local)
+    master_cols = tl.arange(0, Q_P2)[None, :]
+    tl.store(master_scratch_ptr + rows[:, None] * Q_P2 + master_cols, tl.reshape(master_quota, [T_P2, Q_P2]))
+    slot_cols = tl.arange(0, R_P2 * S_P2)[None, :]
+    tl.store(slot_expert_scratch_ptr + rows[:, None] * (R_P2 * S_P2) + slot_cols, tl.reshape(slot_expert, [T_P2, R_P2 * S_P2]))
+    tl.store(slot_quota_scratch_ptr + rows[:, None] * (R_P2 * S_P2) + slot_cols, tl.reshape(slot_quota, [T_P2, R_P2 * S_P2]))
+
+    # The last program to finish chooses. The barrier orders all of this program's stores before its
+    # ticket, and the acq_rel ticket orders every other program's stores before the last one's loads.
+    # NOTE: this relies on the PTX memory model (bar.sync, then atom.acq_rel.gpu from one thread);
+    # the interpreter runs programs one after another, so only tests/gpu exercises it.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == NUM_PROGRAMS - 1:
+        # Step 7: choose as the reference does. Plans at or below the balance target, or tied with the
+        # lowest peak rank load, qualify. Among them the fewest replicas win, then the most local
+        # assignments, then the lowest peak, then the first candidate. Scratch rows run in
+        # (anchor, threshold) order, like the reference's candidate index.
+        all_rows = tl.arange(0, P_P2 * T_P2)  # [P_P2 * T_P2]
+        row_program = all_rows // T_P2
+        row_threshold = (row_program % NUM_TILES) * T_P2 + all_rows % T_P2
+        row_ok = (row_program < NUM_PROGRAMS) & (row_threshold < NUM_THRESHOLDS)
+        all_peak = tl.load(summary_ptr + all_rows * 3 + 0, mask=row_ok, other=0, cache_modifier=".cg")
+        all_replicas = tl.load(summary_ptr + all_rows * 3 + 1, mask=row_ok, other=0, cache_modifier=".cg")
+        all_local = tl.load(summary_ptr + all_rows * 3 + 2, mask=row_ok, other=0, cache_modifier=".cg")
+        best_peak = tl.min(tl.where(row_ok, all_peak, _BIG), axis=0)
+        good = row_ok & ((all_peak == best_peak) | (all_peak * (NUM_RANKS * FRACTION_SCALE) <= total * target_q))
+        fewest = tl.min(tl.where(good, all_replicas, _BIG), axis=0)
+        good = good & (all_replicas == fewest)
+        if PREFER_LOCAL:
+            most_local = tl.max(tl.where(good, all_local, -1), axis=0)
+            good = good & (all_local == most_local)
+        lowest = tl.min(tl.where(good, all_peak, _BIG), axis=0)
+        good = good & (all_peak == lowest)
+        best = tl.min(tl.where(good, all_rows, P_P2 * T_P2), axis=0)
+
+        # Step 8: copy the chosen candidate out; master quotas go from drain order to local index order.
+        inverse_key = tl.where(master_ok, drain_local * M_P2 + local_idx[None, :], M_P2 * M_P2 + local_idx[None, :])
+        drain_pos_of_local = _sort_rows(inverse_key, LOG_M, False, INTERPRETED) % M_P2  # [R_P2, M_P2]
+        master_src = master_scratch_ptr + best * Q_P2 + ranks[:, None] * M_P2 + drain_pos_of_local
+        master_by_local = tl.load(master_src, mask=master_ok, other=0, cache_modifier=".cg")
+        slot_src = best * (R_P2 * S_P2) + ranks[:, None] * S_P2 + slot_idx_range[None, :]  # [R_P2, S_P2]
+        best_slot_expert = tl.load(slot_expert_scratch_ptr + slot_src, mask=slot_ok, other=-1, cache_modifier=".cg")
+        best_slot_quota = tl.load(slot_quota_scratch_ptr + slot_src, mask=slot_ok, other=0, cache_modifier=".cg")
+        slot_base = ranks[:, None] * SLOTS_PER_RANK  # [R_P2, 1]
+        tl.store(quota_out_ptr + slot_base + local_idx[None, :], master_by_local, mask=master_ok)
+        tl.store(quota_out_ptr + slot_base + EXPERTS_PER_RANK + slot_idx_range[None, :], best_slot_quota, mask=slot_ok)
+        replica_dst = replica_out_ptr + ranks[:, None] * SLOTS + slot_idx_range[None, :]
+        tl.store(replica_dst, best_slot_expert.to(tl.int64), mask=slot_ok)
+
+
+def _pow2(value: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(value))
+
+
+def _ladder() -> tuple[int, ...]:
+    # Same rounding as the reference's constants, so the thresholds agree to the last unit.
+    return tuple(int(round(f * _FRACTION_SCALE)) for f in (*_MEAN_STEPS, *_GAP_STEPS))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LaunchConfig:
+    """Grid, warps, scratch sizes and compile-time parameters of one plan kernel launch."""
+
+    num_programs: int
+    num_warps: int
+    scratch_rows: int  # candidates held in scratch: num_programs * T_P2
+    constexprs: dict
+
+
+def _launch_config(
+    layout: ExpertLayout, config: QuotaConfig, candidates_per_program: int | None, interpreted: bool
+) -> _LaunchConfig:
+    steps = _ladder()
+    r_p2 = _pow2(layout.num_ranks)
+    m_p2 = _pow2(layout.experts_per_rank)
+    s_p2 = _pow2(layout.redundant_slots_per_rank)
+    q_p2 = r_p2 * m_p2
+    all_thresholds = _pow2(len(steps))
+
+    if candidates_per_program is None:
+        # Under the interpreter each program costs the same Python overhead, so fewer run faster.
+        t_p2 = all_thresholds if interpreted else max(1, min(all_thresholds, 512 // q_p2))
+    elif candidates_per_program < 1 or candidates_per_program & (candidates_per_program - 1):
+        raise ValueError(f"candidates_per_program must be a power of two >= 1, got {candidates_per_program}")
+    else:
+        t_p2 = min(all_thresholds, candidates_per_program)
+    num_programs = len(_ANCHORS) * triton.cdiv(len(steps), t_p2)
+
+    constexprs = {
+        "NUM_RANKS": layout.num_ranks,
+        "EXPERTS_PER_RANK": layout.experts_per_rank,
+        "SLOTS": layout.redundant_slots_per_rank,
+        "STEPS": steps,
+        "NUM_MEAN_STEPS": len(_MEAN_STEPS),
+        "ANCHORS": tuple(int(a) for a in _ANCHORS),
+        "FRACTION_SCALE": _FRACTION_SCALE,
+        "PREFER_LOCAL": bool(config.prefer_local),
+        "T_P2": t_p2,
+        "P_P2": _pow2(num_programs),
+        "R_P2": r_p2,
+        "M_P2": m_p2,
+        "S_P2": s_p2,
+        "LOG_R": r_p2.bit_length() - 1,
+        "LOG_M": m_p2.bit_length() - 1,
+        "LOG_Q": q_p2.bit_length() - 1,
+        "SRC_BLOCK": min(r_p2, _pow2(max(1, 8192 // q_p2))),
+        "INTERPRETED": interpreted,
+    }
+    # NOTE: about 32 tile entries per thread; a guess from ptxas register counts for sm_90, not from timings.
+    num_warps = min(16, max(4, (t_p2 * q_p2) // 128))
+    return _LaunchConfig(num_programs, num_warps, num_programs * t_p2, constexprs)
+
+
+def plan_quota_triton(
+    loads: torch.Tensor,
+    layout: ExpertLayout,
+    config: QuotaConfig,
+    *,
+    candidates_per_program: int | None = None,
+) -> Plan:
+    """Plan one layer and microbatch with the Triton quota planner (one kernel launch).
+
+    loads: [num_ranks, num_experts] integer tensor on a CUDA device (or on the CPU under
+      ``TRITON_INTERPRET=1``). Assignments per source rank and logical expert; entries must be
+      non-negative with a total of at most ``ultraep.layout.MAX_TOTAL_LOAD`` (not checked here).
+    layout: the expert layout. Each program keeps ``[candidates, num_ranks * experts_per_rank]``
+      tiles in registers, so very large groups (past 256 ranks x 8 master slots) may spill.
+    config: quota planner settings.
+    candidates_per_program: thresholds each program plans side by side (a power of two); ``None``
+      picks about 512 tile entries per program on a GPU and one program per anchor under the
+      interpreter. The plan does not depend on it.
+    Returns the same plan as ``QuotaPlanner(config).plan(loads, layout)``, bit for bit, with its
+    tensors on ``loads.device``. One rank or no redundant slots take the masters-only plan (no kernel).
+    Reads nothing back to the host, so the call can be captured in a CUDA graph.
+    """
+    if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
+        # Static per layout: no replica can help, and QuotaPlanner.plan returns the same plan.
+        return masters_only_plan(loads.to(torch.int64), layout)
+    launch = _launch_config(layout, config, candidates_per_program, RUNS_IN_INTERPRETER)
+    c = launch.constexprs
+    device = loads.device
+    loads = loads.to(torch.int64).contiguous()
+    num_rounds = config.num_rounds if config.num_rounds is not None else layout.redundant_slots_per_rank + 3
+
+    replica_expert_ids = torch.empty((layout.num_ranks, layout.redundant_slots_per_rank), dtype=torch.int64, device=device)
+    quota = torch.empty(layout.num_slots, dtype=torch.int64, device=device)
+    rows = launch.scratch_rows
+    summary = torch.empty((rows, 3), dtype=torch.int64, device=device)
+    master_scratch = torch.empty((rows, c["R_P2"] * c["M_P2"]), dtype=torch.int64, device=device)
+    slot_expert_scratch = torch.empty((rows, c["R_P2"] * c["S_P2"]), dtype=torch.int32, device=device)
+    slot_quota_scratch = torch.empty((rows, c["R_P2"] * c["S_P2"]), dtype=torch.int64, device=device)
+    ticket = torch.zeros(1, dtype=torch.int32, device=device)
+
+    _quota_plan_kernel[(launch.num_programs,)](
+        loads,
+        replica_expert_ids,
+        quota,
+        summary,
+        master_scratch,
+        slot_expert_scratch,
+        slot_quota_scratch,
+        ticket,
+        config.min_replica_quota,
+        int(round(config.min_replica_fraction * _FRACTION_SCALE)),
+        int(round(config.balance_target * _FRACTION_SCALE)),
+        num_rounds,
+        **c,
+        num_warps=launch.num_warps,
+    )
+    return Plan(layout, replica_expert_ids, quota)
+
+
+RUNS_IN_INTERPRETER = isinstance(_quota_plan_kernel, InterpretedFunction)
+"""True when ``TRITON_INTERPRET=1`` was set before Triton was imported: kernels then run on CPU tensors."""
