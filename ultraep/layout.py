@@ -21,8 +21,9 @@ import torch
 
 __all__ = ["ExpertLayout", "check_load_matrix", "as_load_matrix", "check_logical_to_physical", "fold_slot_counts"]
 
-# NOTE: quotas, prefix sums and the planner's integer comparisons of (load * num_ranks * 2**16)
-# stay inside int64 while the total load of one microbatch is at most this value.
+# NOTE: quotas, prefix sums and the quota planner's integer comparisons of
+# (load * num_ranks * 2**14) stay inside int64 while the total load of one microbatch is at most
+# this value and num_ranks is at most 4096.
 MAX_TOTAL_LOAD = 2**35
 
 

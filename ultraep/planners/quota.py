@@ -17,7 +17,8 @@ A few rounds repair the pieces that did not fit. The planner runs this for a fix
 thresholds between the mean and the unbalanced maximum in one batch and keeps the best plan: the
 lowest max rank load and, among plans at or below the balance target, the fewest replicas, then the
 most assignments served on their own rank. Everything is int64 tensor arithmetic with unique sort
-keys, so the plan is identical on every device and run, and no value is read back to the host.
+keys, so the plan is identical on every device and run. On accelerators no value is read back to the
+host. On the CPU the rounds stop once a round moves nothing, which leaves the plan unchanged.
 """
 
 from __future__ import annotations
