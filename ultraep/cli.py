@@ -141,7 +141,7 @@ def _demo_loads(args: argparse.Namespace):
         raise CommandError(str(error)) from error
     if not hasattr(trace, "topk_ids"):
         raise CommandError(
-            f"--trace {args.trace!r} holds per-step loads; ultraep demo needs a token-level trace "
+            f"--trace {args.trace!r} contains per-step loads; ultraep demo needs a token-level trace "
             "(per-step load traces work with ultraep simulate --trace)"
         )
     if args.ranks is not None:
@@ -157,7 +157,7 @@ def _demo_loads(args: argparse.Namespace):
             fit = trace.num_tokens // (2 * ranks)
             tokens_per_rank = min(4096, 2 ** int(math.log2(fit))) if fit >= 1 else 0
         if tokens_per_rank < 1:
-            logger.warning("the trace holds %d tokens, too few for %d ranks; skipped", trace.num_tokens, ranks)
+            logger.warning("the trace has %d tokens, too few for %d ranks; skipped", trace.num_tokens, ranks)
             continue
         try:
             sliced = microbatch_loads(trace, ranks, tokens_per_rank)

@@ -1,6 +1,6 @@
 """Count and reroute: turn logical ``topk_ids`` into physical slot ids that meet the plan's quotas exactly.
 
-Every rank knows the whole load matrix and the plan, so every rank can compute, without further
+Every rank has the whole load matrix and the plan, so every rank can compute, without further
 communication, how many of its assignments each instance takes (:func:`source_quota`). The split is
 a pure function of integers:
 
@@ -40,7 +40,7 @@ def _check_topk_ids(topk_ids: torch.Tensor, num_experts: int, check_values: bool
             bad = low if low < -1 else high
             token = int(torch.nonzero(topk_ids == bad)[0, 0])
             raise ValueError(
-                f"topk_ids[{token}] holds expert id {bad}, outside [0, {num_experts - 1}] "
+                f"topk_ids[{token}] contains expert id {bad}, outside [0, {num_experts - 1}] "
                 "(use -1 for unused entries)"
             )
 

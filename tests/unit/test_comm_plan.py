@@ -32,7 +32,8 @@ def test_weight_spec_offsets_and_views():
     assert spec.numel == 96
     buffer = torch.arange(2 * 96, dtype=torch.float32).view(2, 96)
     gate, up, down = spec.row_views(buffer)
-    assert gate.shape == (2, 4, 8) and down.shape == (2, 8, 4)
+    assert gate.shape == (2, 4, 8)
+    assert down.shape == (2, 8, 4)
     assert up[1, 0, 0].item() == 96 + 32
     down[0, 0, 0] = -1.0
     assert buffer[0, 64].item() == -1.0, "views must share memory with the buffer"
@@ -139,7 +140,8 @@ def test_needs_copy_skips_cached_slots():
     plan = plan_weight_sync(layout, [[2, 3], [0, -1]], needs_copy=[[True, False], [False, False]], mode="direct")
     assert [(t.expert_id, t.dst_slot_id) for t in plan.transfers] == [(2, 2)]
     nothing = plan_weight_sync(layout, [[2, 3], [0, -1]], needs_copy=torch.zeros(2, 2, dtype=torch.bool))
-    assert nothing.transfers == () and nothing.num_steps == 0
+    assert nothing.transfers == ()
+    assert nothing.num_steps == 0
 
 
 def test_relay_plan_halves_fan_out_of_hot_expert():
@@ -150,7 +152,8 @@ def test_relay_plan_halves_fan_out_of_hot_expert():
     relay = plan_weight_sync(layout, placement, mode="relay", num_chunks=4)
     assert direct.copies_sent_per_rank()[0] == 7.0
     assert max(relay.copies_sent_per_rank()) == 3.0  # 3 relays; they forward 2, 1 and 1 copies
-    assert relay.num_steps == 5 and relay.relay_expert_ids == (0,)
+    assert relay.num_steps == 5
+    assert relay.relay_expert_ids == (0,)
     # Link time in expert copies: direct 7; relay: step 0 sends 3 quarter chunks, steps 1-3 are
     # bounded by the master's 3 quarters, step 4 by the relay forwarding 2 quarters: 3 + 0.5.
     assert direct.link_time() == 7.0
@@ -166,7 +169,9 @@ def test_auto_relays_only_when_fan_out_exceeds_intake():
     assert plan_weight_sync(layout, placement, mode="direct").relay_expert_ids == ()
     # One copy per master: nothing to gain, so auto stays direct with one chunk.
     balanced = plan_weight_sync(layout, [[2, -1], [0, -1], [-1, -1], [-1, -1]], mode="auto", num_chunks=4)
-    assert balanced.relay_expert_ids == () and balanced.num_chunks == 1 and balanced.num_steps == 1
+    assert balanced.relay_expert_ids == ()
+    assert balanced.num_chunks == 1
+    assert balanced.num_steps == 1
 
 
 def _check_schedule(layout: ExpertLayout, placement, needs_copy, plan) -> None:
@@ -177,7 +182,8 @@ def _check_schedule(layout: ExpertLayout, placement, needs_copy, plan) -> None:
         arriving = {}
         for t in (t for t in plan.transfers if t.step == step):
             assert t.src_rank != t.dst_rank
-            assert layout.slot_rank(t.dst_slot_id) == t.dst_rank and layout.is_redundant_slot(t.dst_slot_id)
+            assert layout.slot_rank(t.dst_slot_id) == t.dst_rank
+            assert layout.is_redundant_slot(t.dst_slot_id)
             if layout.is_redundant_slot(t.src_slot_id):
                 assert held.get((t.src_slot_id, t.chunk_idx)) == t.expert_id, f"relay sends chunk {t.chunk_idx} too early"
             else:
@@ -270,7 +276,8 @@ def test_grad_reduce_slot_order_and_steps():
         GradReduceTransfer(0, 2, 0, 2, 1, 0),
         GradReduceTransfer(1, 0, 3, 11, 0, 0),
     )
-    assert plan.num_steps == 2 and plan.scratch_rows == 2
+    assert plan.num_steps == 2
+    assert plan.scratch_rows == 2
 
 
 def test_grad_reduce_skips_zero_quota_replicas():

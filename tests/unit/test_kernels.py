@@ -448,7 +448,7 @@ def test_count_load_invalid_inputs_raise():
         count_load(ids.float(), 4, backend="torch")
     with pytest.raises(ValueError, match=r"topk_ids must have shape \[num_tokens, topk\], got \[8\]"):
         count_load(ids.reshape(-1), 4, backend="torch")
-    with pytest.raises(ValueError, match=r"topk_ids\[1\] holds expert id 9, outside \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"topk_ids\[1\] contains expert id 9, outside \[0, 3\]"):
         count_load(torch.tensor([[0, 1], [9, 2]]), 4, backend="torch", check_values=True)
 
 

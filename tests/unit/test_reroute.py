@@ -110,9 +110,9 @@ def test_reroute_errors_name_the_bad_value():
     layout = ExpertLayout(2, 2, 1)
     loads = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
     plan = QuotaPlanner()(loads, layout)
-    with pytest.raises(ValueError, match=r"topk_ids\[1\] holds expert id 4, outside \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"topk_ids\[1\] contains expert id 4, outside \[0, 3\]"):
         reroute(torch.tensor([[0], [4]]), plan, loads, 0)
-    with pytest.raises(ValueError, match="holds expert id -2"):
+    with pytest.raises(ValueError, match="contains expert id -2"):
         reroute(torch.tensor([[0], [-2]]), plan, loads, 0)
     with pytest.raises(ValueError, match=r"loads\[0, 1\] = 1 but topk_ids on rank 0 hold 0 assignments of expert 1"):
         reroute(torch.tensor([[0], [-1]]), plan, loads, 0)

@@ -44,8 +44,8 @@ _FRACTION_SCALE = 2**14
 _MEAN_STEPS = (0.0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.007, 0.012)
 _GAP_STEPS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
-# Where a receiver looks for its piece, in quarters of its interval on the receiver line: the
-# middle, then a quarter and three quarters in. Each anchor matches receivers to different pieces,
+# Anchor points at which a receiver looks for its piece, in quarters of its interval on the receiver
+# line: the middle, then a quarter and three quarters in. Each anchor matches receivers to different pieces,
 # and keeping the best of the three lowers the imbalance left with one redundant slot per rank
 # (mean 1.0036 -> 1.0012 on the real and Zipf loads of the planner benchmark).
 _ANCHORS = (2, 1, 3)
@@ -294,8 +294,8 @@ def _select_candidate(state: _CandidateState, loads: torch.Tensor, layout: Exper
 
     if config.prefer_local:
         local = _local_assignments(state, loads, layout)
-        most_local = torch.where(good, local, -1).max()
-        good = good & (local == most_local)
+        max_local = torch.where(good, local, -1).max()
+        good = good & (local == max_local)
     lowest = torch.where(good, max_load, max_load.max() + 1).min()
     good = good & (max_load == lowest)
     # First index among the survivors; argmax of an int tensor returns the first maximum.
