@@ -9,7 +9,7 @@ For every (ranks, experts, redundant slots per rank) it builds skewed top-k rout
 (8192 tokens x top-8 by default), then times on rank 0:
 
 - count: ``count_load_triton`` vs ``count_local_load`` (this rank's row of the load matrix);
-- plan: ``plan_quota_triton`` vs ``QuotaPlanner.plan`` on the same GPU, default ``QuotaConfig``;
+- plan: ``plan_quota_triton`` vs the PyTorch reference (``backend="torch"``) on the same GPU, default ``QuotaConfig``;
 - reroute: ``reroute_triton`` vs ``reroute`` for rank 0's assignments.
 
 Each operation is timed two ways with CUDA events after a warm-up. "graph" captures ``--inner``
@@ -89,7 +89,7 @@ def _inputs(num_ranks: int, experts: int, slots: int, tokens: int, topk: int, se
     layout = ExpertLayout.from_num_experts(experts, num_ranks, slots)
     all_ids = _routing(num_ranks, experts, tokens, topk, seed, device)
     loads = torch.stack([count_local_load(all_ids[r], experts, check_values=False) for r in range(num_ranks)])
-    plan = QuotaPlanner().plan(loads, layout)
+    plan = QuotaPlanner(backend="torch").plan(loads, layout)
     return layout, all_ids[0].contiguous(), loads, plan
 
 
@@ -198,7 +198,7 @@ def _measure_config(num_ranks: int, experts: int, slots: int, args) -> list[dict
 
     layout, ids, loads, plan = _inputs(num_ranks, experts, slots, args.tokens, args.topk, args.seed)
     config = QuotaConfig()
-    planner = QuotaPlanner(config)
+    planner = QuotaPlanner(config, backend="torch")
     ops = {
         "count": (lambda: count_load_triton(ids, experts), lambda: count_local_load(ids, experts, check_values=False)),
         "plan": (lambda: plan_quota_triton(loads, layout, config), lambda: planner.plan(loads, layout)),

@@ -157,8 +157,18 @@ def timing_section(args, out: list[str]) -> None:
     for ranks, experts, slots in ((8, 64, 1), (16, 128, 2), (32, 256, 2), (64, 256, 1), (64, 256, 2)):
         loads = zipf_loads(ranks, experts, 8192, 8, 1.0, num_microbatches=1, num_layers=1, seed=2)[0, 0]
         layout = ExpertLayout.from_num_experts(experts, ranks, slots)
-        for name in ("quota", "pairing", "eplb"):
-            planner = make_planner(name, use_current=True, window=1, interval=1) if name == "eplb" else make_planner(name)
+        planners = {
+            "quota (compiled C)": lambda: make_planner("quota", backend="native"),
+            "quota (PyTorch reference)": lambda: make_planner("quota", backend="torch"),
+            "pairing": lambda: make_planner("pairing"),
+            "eplb": lambda: make_planner("eplb", use_current=True, window=1, interval=1),
+        }
+        reference_plan = make_planner("quota", backend="torch")(loads, layout)
+        native_plan = make_planner("quota", backend="native")(loads, layout)
+        if not (torch.equal(reference_plan.quota, native_plan.quota) and torch.equal(reference_plan.replica_expert_ids, native_plan.replica_expert_ids)):
+            raise AssertionError(f"compiled and reference quota plans differ at EP{ranks} x {experts} x {slots}")
+        for name, factory in planners.items():
+            planner = factory()
             for _ in range(5):
                 planner(loads, layout)
             times = []

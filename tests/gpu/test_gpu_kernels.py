@@ -16,7 +16,7 @@ import torch
 from ultraep.kernels import count_load, plan_quota, reroute_ids, resolve_backend
 from ultraep.layout import ExpertLayout
 from ultraep.plan import check_plan
-from ultraep.planners.quota import QuotaConfig, QuotaPlanner
+from ultraep.planners.quota import QuotaConfig, QuotaPlanner, plan_reference
 from ultraep.reroute import count_local_load, reroute
 
 pytestmark = [
@@ -71,11 +71,13 @@ def test_kernels_match_reference_on_cuda(shape, seed):
 
     for config in (QuotaConfig(), QuotaConfig(balance_target=1.0, prefer_local=False)):
         plan = plan_quota(loads, layout, config, backend="triton")
-        expected_cpu = QuotaPlanner(config)(loads.cpu(), layout)
-        expected_cuda = QuotaPlanner(config)(loads, layout)
+        expected_cpu = plan_reference(loads.cpu(), layout, config)
+        expected_cuda = plan_reference(loads, layout, config)
+        native_cpu = QuotaPlanner(config, backend="auto")(loads.cpu(), layout)
         assert torch.equal(plan.replica_expert_ids.cpu(), expected_cpu.replica_expert_ids)
         assert torch.equal(plan.quota.cpu(), expected_cpu.quota)
         assert torch.equal(plan.quota, expected_cuda.quota)
+        assert torch.equal(native_cpu.quota, expected_cpu.quota)
         check_plan(plan, loads, min_replica_quota=config.min_replica_quota)
 
     plan = QuotaPlanner()(loads, layout)
@@ -148,7 +150,7 @@ def test_cuda_graph_replay_matches_eager(shape):
         for name, replayed, expected in zip(("loads", "replica_expert_ids", "quota", "routed"), captured, eager):
             assert torch.equal(replayed, expected), f"{name} differs after replay with seed {seed}"
         ids_cpu = static_ids.cpu()
-        reference_plan = QuotaPlanner()(captured[0].cpu(), layout)
+        reference_plan = plan_reference(captured[0].cpu(), layout, QuotaConfig())
         assert torch.equal(captured[2].cpu(), reference_plan.quota)
         expected_routed = reroute(ids_cpu[src_rank], reference_plan, captured[0].cpu(), src_rank)
         assert torch.equal(captured[3].cpu(), expected_routed)

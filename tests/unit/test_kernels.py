@@ -33,7 +33,8 @@ from ultraep.kernels import (
 )
 from ultraep.layout import ExpertLayout
 from ultraep.plan import Plan, check_plan
-from ultraep.planners.quota import QuotaConfig, QuotaPlanner
+from ultraep.kernels.native import native_available
+from ultraep.planners.quota import QuotaConfig, QuotaPlanner, plan_reference
 from ultraep.reroute import count_local_load, reroute
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -268,7 +269,7 @@ def test_plan_kernel_matches_reference(interpreted, case):
     loads, replica_expert_ids, quota = interpreted["plan"][case.id]
     assert torch.equal(loads, _make_loads(case))
     layout = ExpertLayout(case.num_ranks, case.experts_per_rank, case.slots)
-    expected = QuotaPlanner(case.config)(loads, layout)
+    expected = plan_reference(loads, layout, case.config)
     assert replica_expert_ids.dtype == torch.int64
     assert quota.dtype == torch.int64
     assert torch.equal(replica_expert_ids, expected.replica_expert_ids)
@@ -360,7 +361,7 @@ def test_env_backend_invalid_raises(monkeypatch, value):
     monkeypatch.setenv(BACKEND_ENV_VAR, value)
     with pytest.raises(ValueError, match=f"environment variable {BACKEND_ENV_VAR} = .* is not a kernel backend"):
         KernelConfig()
-    with pytest.raises(ValueError, match="use one of 'auto', 'triton', 'torch'"):
+    with pytest.raises(ValueError, match="use one of 'auto', 'triton', 'native', 'torch'"):
         count_load(torch.zeros(2, 2, dtype=torch.int64), 4)
 
 
@@ -371,9 +372,11 @@ def test_backend_argument_invalid_raises():
         KernelConfig(1)
 
 
-def test_auto_uses_torch_on_cpu():
-    assert resolve_backend("auto", "cpu") == "torch"
-    assert resolve_backend(KernelConfig("auto"), torch.device("cpu")) == "torch"
+def test_auto_on_cpu_uses_native_plan_and_torch_count_reroute():
+    assert resolve_backend("auto", "cpu", "count") == "torch"
+    assert resolve_backend(KernelConfig("auto"), torch.device("cpu"), "reroute") == "torch"
+    expected = "native" if native_available() else "torch"
+    assert resolve_backend("auto", "cpu", "plan") == expected
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -432,7 +435,7 @@ def test_torch_backend_matches_reference_functions():
     loads = torch.stack([count_load(ids, layout.num_experts, backend="torch") for ids in topk_ids])
     assert torch.equal(loads, torch.stack([count_local_load(ids, layout.num_experts) for ids in topk_ids]))
     plan = plan_quota(loads, layout, backend="torch", check_values=True)
-    expected = QuotaPlanner()(loads, layout)
+    expected = plan_reference(loads, layout, QuotaConfig())
     assert torch.equal(plan.replica_expert_ids, expected.replica_expert_ids)
     assert torch.equal(plan.quota, expected.quota)
     for src_rank in range(4):

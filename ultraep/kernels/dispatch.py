@@ -1,21 +1,24 @@
-"""Count, plan and reroute on the GPU hot path: Triton kernels on CUDA tensors, PyTorch elsewhere.
+"""Count, plan and reroute on the hot path: Triton kernels on CUDA tensors, compiled C or PyTorch on the CPU.
 
-Both backends return the same integers, bit for bit. The Triton kernels run faster and need no
-host synchronisation, so a training step that uses them can be captured in a CUDA graph.
+Every backend returns the same integers, bit for bit. The Triton kernels run faster and need no
+host synchronisation, so a training step that uses them can be captured in a CUDA graph. On the CPU
+the quota planner runs compiled from C (:mod:`ultraep.kernels.native`), about 15x faster than the
+PyTorch reference at EP64; count and reroute keep the PyTorch reference there.
 
 Backend selection (``backend=`` argument, or ``ULTRAEP_KERNEL_BACKEND`` when the argument is ``None``):
 
-| value    | CUDA tensors                                | CPU tensors                              |
-| -------- | ------------------------------------------- | ---------------------------------------- |
-| `auto`   | Triton (PyTorch if Triton is not installed) | PyTorch                                  |
-| `triton` | Triton                                      | Triton interpreter, else `RuntimeError`  |
-| `torch`  | PyTorch                                     | PyTorch                                  |
+| value    | CUDA tensors                                | CPU tensors                                          |
+| -------- | ------------------------------------------- | ---------------------------------------------------- |
+| `auto`   | Triton (PyTorch if Triton is not installed) | plan: C (PyTorch if it cannot compile); else PyTorch |
+| `triton` | Triton                                      | Triton interpreter, else `RuntimeError`              |
+| `native` | `RuntimeError`                              | plan: C, else `RuntimeError`; count, reroute: PyTorch |
+| `torch`  | PyTorch                                     | PyTorch                                              |
 
 The interpreter runs only when ``TRITON_INTERPRET=1`` was set before Triton was first imported.
 
 On ROCm builds of PyTorch (``torch.version.hip``), ``auto`` keeps PyTorch because the kernels are
 untested there; ``triton`` forces them. The kernel modules are imported on first use, so importing
-this module works without Triton.
+this module works without Triton and compiles nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 from ultraep.layout import ExpertLayout, check_load_matrix
 from ultraep.plan import Plan
-from ultraep.planners.quota import QuotaConfig, QuotaPlanner
+from ultraep.planners.quota import QuotaConfig, plan_reference
 from ultraep.reroute import _check_topk_ids, count_local_load, reroute
 
 __all__ = [
@@ -48,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 BACKEND_ENV_VAR = "ULTRAEP_KERNEL_BACKEND"
 """Environment variable read when a :class:`KernelConfig` is built without an explicit backend."""
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "native", "torch")
 """Accepted backend names."""
 
 
@@ -80,7 +83,8 @@ class KernelConfig:
     """Choice of implementation for count, plan and reroute. Build it once and reuse it on the hot path."""
 
     backend: str = dataclasses.field(default_factory=backend_from_env)
-    """``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"`` or ``"torch"``; defaults to
+    """``"auto"`` (Triton on CUDA tensors, the compiled C planner and PyTorch on the CPU), ``"triton"``,
+    ``"native"`` or ``"torch"``; see the module docstring. Defaults to
     ``ULTRAEP_KERNEL_BACKEND``, read when the config is built, else ``"auto"``."""
 
     def __post_init__(self) -> None:
@@ -115,16 +119,41 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def resolve_backend(backend: str | KernelConfig | None, device: torch.device | str) -> str:
-    """Return ``"triton"`` or ``"torch"``: the implementation that runs for tensors on ``device``.
+def resolve_backend(backend: str | KernelConfig | None, device: torch.device | str, op: str = "plan") -> str:
+    """Return ``"triton"``, ``"native"`` or ``"torch"``: the implementation of ``op`` for tensors on ``device``.
 
-    Raises ``RuntimeError`` when ``"triton"`` is forced but cannot run: Triton missing, or CPU
-    tensors without ``TRITON_INTERPRET=1`` set before Triton was first imported.
+    op: ``"count"``, ``"plan"`` or ``"reroute"``; only ``"plan"`` has a native (compiled C) version.
+    Raises ``RuntimeError`` when a forced backend cannot run: ``"triton"`` without Triton, or on CPU
+    tensors without ``TRITON_INTERPRET=1`` set before Triton was first imported; ``"native"`` on
+    non-CPU tensors, or for a plan when the C planner cannot be compiled.
     """
+    if op not in ("count", "plan", "reroute"):
+        raise ValueError(f"op must be 'count', 'plan' or 'reroute', got {op!r}")
     choice = _as_config(backend).backend
     device = torch.device(device)
     if choice == "torch":
         return "torch"
+    if choice == "native":
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"backend='native' runs on CPU tensors only, got tensors on {device}; use backend='auto' or 'triton'"
+            )
+        if op != "plan":
+            return "torch"
+        from ultraep.kernels.native import native_available, native_unavailable_reason
+
+        if not native_available():
+            raise RuntimeError(
+                f"backend='native' needs the compiled C planner, which is unavailable: {native_unavailable_reason()}; "
+                "until it builds, use backend='auto' or 'torch'"
+            )
+        return "native"
+    if choice == "auto" and device.type == "cpu":
+        if op != "plan":
+            return "torch"
+        from ultraep.kernels.native import native_available
+
+        return "native" if native_available() else "torch"
     kernels = _load_kernels()
     if choice == "triton":
         if isinstance(kernels, ImportError):
@@ -146,7 +175,7 @@ def resolve_backend(backend: str | KernelConfig | None, device: torch.device | s
             "to run them on the CPU set TRITON_INTERPRET=1 before Triton is first imported "
             "(e.g. TRITON_INTERPRET=1 python script.py), or use backend='torch' or 'auto'"
         )
-    # auto
+    # auto, on a device other than the CPU
     if device.type != "cuda" or torch.version.hip is not None:
         return "torch"
     if isinstance(kernels, ImportError):
@@ -178,7 +207,7 @@ def count_load(
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     _check_topk_ids(topk_ids, num_experts, check_values)
-    if resolve_backend(backend, topk_ids.device) == "torch":
+    if resolve_backend(backend, topk_ids.device, "count") == "torch":
         return count_local_load(topk_ids, num_experts, check_values=False)
     return _load_kernels().count_load(topk_ids, num_experts)
 
@@ -200,8 +229,8 @@ def plan_quota(
     backend: see the module docstring; ``None`` reads ``ULTRAEP_KERNEL_BACKEND``.
     check_values: also check for negative entries and totals past ``MAX_TOTAL_LOAD``; reads ``loads`` on
       the host, so leave it off on a CUDA-graph hot path.
-    Returns a :class:`Plan` on ``loads.device``, identical on both backends to
-    ``QuotaPlanner(config)(loads, layout)``.
+    Returns a :class:`Plan` on ``loads.device``, identical on every backend to the PyTorch reference
+    ``plan_reference(loads, layout, config)``.
     """
     if not isinstance(layout, ExpertLayout):
         raise TypeError(f"layout must be an ExpertLayout, got {type(layout).__name__}")
@@ -209,8 +238,17 @@ def plan_quota(
     if not isinstance(config, QuotaConfig):
         raise TypeError(f"config must be a QuotaConfig or None, got {type(config).__name__}")
     check_load_matrix(loads, layout, check_values=check_values)
-    if resolve_backend(backend, loads.device) == "torch":
-        return QuotaPlanner(config).plan(loads.to(torch.int64), layout)
+    return _plan_with(resolve_backend(backend, loads.device, "plan"), loads, layout, config)
+
+
+def _plan_with(implementation: str, loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
+    """Plan with a resolved implementation; ``loads`` is already validated."""
+    if implementation == "torch":
+        return plan_reference(loads.to(torch.int64), layout, config)
+    if implementation == "native":
+        from ultraep.kernels.native import plan_quota_native
+
+        return plan_quota_native(loads, layout, config)
     return _load_kernels().plan_quota(loads, layout, config)
 
 
@@ -235,8 +273,8 @@ def reroute_ids(
     backend: see the module docstring; ``None`` reads ``ULTRAEP_KERNEL_BACKEND``.
     check_values: check ids, the load matrix and that row ``src_rank`` matches ``topk_ids``. This reads
       values on the host, so leave it off on a CUDA-graph hot path.
-    Returns [num_tokens, topk] int64 physical slot ids on the same device; -1 entries stay -1. Both
-    backends return ``ultraep.reroute.reroute(topk_ids, plan, loads, src_rank)``.
+    Returns [num_tokens, topk] int64 physical slot ids on the same device; -1 entries stay -1. Every
+    backend returns ``ultraep.reroute.reroute(topk_ids, plan, loads, src_rank)``.
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
@@ -259,6 +297,6 @@ def reroute_ids(
                 f"{int(counted[expert])} assignments of expert {expert}; build the load matrix from "
                 "count_load(topk_ids) on every rank"
             )
-    if resolve_backend(backend, topk_ids.device) == "torch":
+    if resolve_backend(backend, topk_ids.device, "reroute") == "torch":
         return reroute(topk_ids, plan, loads, src_rank, check_values=False)
     return _load_kernels().reroute(topk_ids, plan, loads, src_rank)

@@ -1,6 +1,6 @@
 """Triton quota planner: the whole threshold ladder, every matching round and the choice of plan in one launch.
 
-Reference: :class:`ultraep.planners.quota.QuotaPlanner` (``_match_rounds``, ``_select_candidate``,
+Reference: :func:`ultraep.planners.quota.plan_reference` (``_match_rounds``, ``_select_candidate``,
 ``_local_assignments``). The kernel gives the same plan bit for bit.
 
 The reference tries every (receiver anchor, threshold) pair as a candidate. Each program of the
@@ -415,12 +415,12 @@ def plan_quota_triton(
     candidates_per_program: thresholds each program plans side by side (a power of two); ``None``
       picks about 512 tile entries per program on a GPU and one program per anchor under the
       interpreter. The plan does not depend on it.
-    Returns the same plan as ``QuotaPlanner(config).plan(loads, layout)``, bit for bit, with its
+    Returns the same plan as ``plan_reference(loads, layout, config)``, bit for bit, with its
     tensors on ``loads.device``. One rank or no redundant slots take the masters-only plan (no kernel).
     Reads nothing back to the host, so the call can be captured in a CUDA graph.
     """
     if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
-        # Static per layout: no replica can help, and QuotaPlanner.plan returns the same plan.
+        # Static per layout: no replica can help, and plan_reference returns the same plan.
         return masters_only_plan(loads.to(torch.int64), layout)
     launch = _launch_config(layout, config, candidates_per_program, RUNS_IN_INTERPRETER)
     c = launch.constexprs

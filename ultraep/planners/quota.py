@@ -31,7 +31,7 @@ from ultraep.layout import ExpertLayout
 from ultraep.plan import Plan
 from ultraep.planners.base import Planner, masters_only_plan
 
-__all__ = ["QuotaConfig", "QuotaPlanner"]
+__all__ = ["QuotaConfig", "QuotaPlanner", "plan_reference"]
 
 # Fixed-point scale for fractions of the mean rank load; 2**14 keeps load * num_ranks * scale
 # inside int64 for totals up to 2**35 and up to 4096 ranks.
@@ -89,31 +89,50 @@ class QuotaPlanner(Planner):
 
     name = "quota"
 
-    def __init__(self, config: QuotaConfig | None = None, **settings) -> None:
+    def __init__(self, config: QuotaConfig | None = None, *, backend=None, **settings) -> None:
         """Build the planner from a :class:`QuotaConfig` or from its fields as keyword settings.
 
         Settings: ``balance_target`` (1.001), ``min_replica_quota`` (1), ``min_replica_fraction``
         (0.001), ``prefer_local`` (True), ``num_rounds`` (None: slots + 3); see :class:`QuotaConfig`.
+        backend: which implementation plans, as for :func:`ultraep.kernels.plan_quota`: ``"auto"``
+          (compiled C on CPU tensors, Triton on CUDA tensors), ``"triton"``, ``"native"`` or ``"torch"``
+          (the PyTorch reference, :func:`plan_reference`); ``None`` reads ``ULTRAEP_KERNEL_BACKEND``
+          now. Every backend returns the same plan, bit for bit.
         Call the planner object, ``planner(loads, layout)``, to validate the load matrix and plan.
         """
+        from ultraep.kernels.dispatch import KernelConfig, _as_config
+
         self.config = config if config is not None else QuotaConfig(**settings)
         if config is not None and settings:
             raise TypeError(f"pass either config or settings, not both (got settings {sorted(settings)})")
+        self.kernel_config: KernelConfig = _as_config(backend)
 
     def plan(self, loads: torch.Tensor, layout: ExpertLayout) -> Plan:
-        if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
-            return masters_only_plan(loads, layout)
-        with torch.inference_mode():
-            state = _match_rounds(loads, layout, self.config)
-            best = _select_candidate(state, loads, layout, self.config)
-        quota = torch.cat(
-            [
-                state.master_quota[best].view(layout.num_ranks, layout.experts_per_rank),
-                state.slot_quota[best],
-            ],
-            dim=1,
-        )  # [num_ranks, slots_per_rank]
-        return Plan(layout, state.slot_expert[best].clone(), quota.reshape(-1))
+        from ultraep.kernels.dispatch import _plan_with, resolve_backend
+
+        return _plan_with(resolve_backend(self.kernel_config, loads.device, "plan"), loads, layout, self.config)
+
+
+def plan_reference(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
+    """The quota planner in PyTorch tensor code: the reference every other backend matches bit for bit.
+
+    loads: [num_ranks, num_experts] int64, any device, validated (entries >= 0).
+    Returns a :class:`Plan` on ``loads.device``. Runs on any device with no host synchronisation
+    outside the CPU.
+    """
+    if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
+        return masters_only_plan(loads, layout)
+    with torch.inference_mode():
+        state = _match_rounds(loads, layout, config)
+        best = _select_candidate(state, loads, layout, config)
+    quota = torch.cat(
+        [
+            state.master_quota[best].view(layout.num_ranks, layout.experts_per_rank),
+            state.slot_quota[best],
+        ],
+        dim=1,
+    )  # [num_ranks, slots_per_rank]
+    return Plan(layout, state.slot_expert[best].clone(), quota.reshape(-1))
 
 
 @dataclasses.dataclass

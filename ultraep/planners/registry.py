@@ -31,16 +31,30 @@ PLANNER_NAMES: tuple[str, ...] = tuple(_PLANNERS)
 def make_planner(name: str, **settings) -> Planner:
     """Build the planner called ``name`` with keyword ``settings`` (fields of its config dataclass).
 
+    ``quota`` also takes ``backend`` (``"auto"``, ``"triton"``, ``"native"`` or ``"torch"``; see
+    :class:`~ultraep.planners.quota.QuotaPlanner`), which picks the implementation, not the plan.
     Raises ``ValueError`` for an unknown name and ``TypeError`` for a setting the planner does not take.
     """
     if name not in _PLANNERS:
         raise ValueError(f"unknown planner {name!r}; valid names are {list(PLANNER_NAMES)}")
     planner_class, config_class = _PLANNERS[name]
+    if planner_class is QuotaPlanner and "backend" in settings:
+        backend = settings.pop("backend")
+        return QuotaPlanner(QuotaConfig(**_checked(name, settings, config_class)), backend=backend)
+    return _build(name, planner_class, config_class, settings)
+
+
+def _checked(name: str, settings: dict, config_class: type | None) -> dict:
     accepted = [field.name for field in dataclasses.fields(config_class)] if config_class is not None else []
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
         takes = f"takes only {accepted}" if accepted else "takes no settings"
         raise TypeError(f"planner {name!r} got unknown settings {unknown}; it {takes}")
+    return settings
+
+
+def _build(name: str, planner_class: type[Planner], config_class: type | None, settings: dict) -> Planner:
+    settings = _checked(name, settings, config_class)
     if config_class is None:
         return planner_class()
     return planner_class(config_class(**settings))

@@ -1,0 +1,187 @@
+"""The compiled C quota planner against the PyTorch reference, and its build and fallback paths."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ultraep.kernels import plan_quota, resolve_backend
+from ultraep.kernels.native import native_available, native_library_path, native_unavailable_reason, plan_quota_native
+from ultraep.layout import MAX_TOTAL_LOAD, ExpertLayout
+from ultraep.plan import check_plan
+from ultraep.planners.quota import QuotaConfig, QuotaPlanner, plan_reference
+
+pytestmark = pytest.mark.skipif(not native_available(), reason=f"native planner unavailable: {native_unavailable_reason()}")
+
+CONFIGS = [
+    QuotaConfig(),
+    QuotaConfig(balance_target=1.0, prefer_local=False),
+    QuotaConfig(balance_target=1.05, min_replica_quota=3, min_replica_fraction=0.01),
+    QuotaConfig(num_rounds=1),
+    QuotaConfig(num_rounds=9, min_replica_fraction=0.0),
+]
+
+
+def _assert_same(loads, layout, config):
+    expected = plan_reference(loads, layout, config)
+    got = plan_quota_native(loads, layout, config)
+    assert got.replica_expert_ids.dtype == torch.int64
+    assert got.quota.dtype == torch.int64
+    assert torch.equal(got.replica_expert_ids, expected.replica_expert_ids), (layout, config)
+    assert torch.equal(got.quota, expected.quota), (layout, config)
+    check_plan(got, loads, min_replica_quota=config.min_replica_quota)
+    return got
+
+
+def _skewed(num_ranks, num_experts, seed, power=6.0, scale=100.0):
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(num_experts, generator=gen) ** power
+    return torch.poisson(weights[None].expand(num_ranks, num_experts) * scale, generator=gen).to(torch.int64)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 1, 1), (3, 2, 1), (4, 8, 2), (8, 4, 3), (16, 16, 1), (32, 4, 4), (64, 4, 2), (64, 2, 1), (5, 7, 2)],
+    ids=str,
+)
+def test_native_matches_reference_on_skewed_loads(shape, config):
+    layout = ExpertLayout(*shape)
+    for seed in range(3):
+        _assert_same(_skewed(layout.num_ranks, layout.num_experts, seed), layout, config)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 1), (16, 8, 2), (64, 4, 4)], ids=str)
+def test_native_matches_reference_on_adversarial_loads(shape):
+    layout = ExpertLayout(*shape)
+    num_ranks, num_experts = layout.num_ranks, layout.num_experts
+    one_hot = torch.zeros(num_ranks, num_experts, dtype=torch.int64)
+    one_hot[:, num_experts // 3] = 1000
+    one_rank_hot = torch.zeros(num_ranks, num_experts, dtype=torch.int64)
+    one_rank_hot[:, : layout.experts_per_rank] = 7
+    big = MAX_TOTAL_LOAD // (num_ranks * num_experts)
+    cases = {
+        "all_zero": torch.zeros(num_ranks, num_experts, dtype=torch.int64),
+        "equal": torch.full((num_ranks, num_experts), 5, dtype=torch.int64),
+        "one_hot": one_hot,
+        "one_rank_hot": one_rank_hot,
+        "single_assignment": torch.nn.functional.one_hot(torch.tensor([1]), num_experts).expand(num_ranks, -1) * (torch.arange(num_ranks)[:, None] == 0),
+        "near_max_total": torch.full((num_ranks, num_experts), big, dtype=torch.int64) * (torch.arange(num_experts) % 3 == 0),
+        "ties": torch.arange(num_experts).remainder(2).expand(num_ranks, -1) * 11,
+    }
+    for name, loads in cases.items():
+        for config in CONFIGS[:3]:
+            _assert_same(loads.contiguous().to(torch.int64), layout, config)
+
+
+@st.composite
+def layouts_and_loads(draw):
+    layout = ExpertLayout(draw(st.integers(2, 20)), draw(st.integers(1, 6)), draw(st.integers(1, 4)))
+    shape = (layout.num_ranks, layout.num_experts)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["random", "sparse", "huge", "skewed"]))
+    if kind == "random":
+        loads = torch.randint(0, 200, shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.8)
+    elif kind == "sparse":
+        loads = (torch.rand(shape, generator=gen) < 0.05).to(torch.int64) * torch.randint(1, 4, shape, generator=gen)
+    elif kind == "huge":
+        loads = torch.randint(0, 2**24, shape, generator=gen)
+    else:
+        loads = _skewed(*shape, seed=int(torch.randint(0, 1000, (1,), generator=gen)), power=draw(st.floats(1.0, 12.0)))
+    config = draw(st.sampled_from(CONFIGS))
+    return layout, loads.to(torch.int64), config
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts_and_loads())
+def test_native_matches_reference_property(case):
+    layout, loads, config = case
+    _assert_same(loads, layout, config)
+
+
+def test_native_accepts_non_contiguous_and_narrow_dtypes():
+    layout = ExpertLayout(8, 4, 2)
+    loads = _skewed(8, 32, seed=5)
+    expected = plan_reference(loads, layout, QuotaConfig())
+    assert bool((expected.replica_expert_ids >= 0).any())
+    for variant in (loads.t().contiguous().t(), loads.to(torch.int32), loads.to(torch.int16)):
+        got = plan_quota_native(variant, layout, QuotaConfig())
+        assert torch.equal(got.quota, expected.quota), variant.dtype
+        assert torch.equal(got.replica_expert_ids, expected.replica_expert_ids), variant.dtype
+
+
+def test_masters_only_layouts_return_masters_only_plans():
+    for shape in [(1, 8, 2), (8, 4, 0)]:
+        layout = ExpertLayout(*shape)
+        loads = _skewed(layout.num_ranks, layout.num_experts, seed=1)
+        got = plan_quota_native(loads, layout, QuotaConfig())
+        assert bool((got.replica_expert_ids == -1).all())
+        assert torch.equal(got.quota.view(layout.num_ranks, -1)[:, : layout.experts_per_rank].reshape(-1), loads.sum(0))
+
+
+def test_planner_and_dispatch_use_native_on_cpu():
+    layout = ExpertLayout(16, 4, 2)
+    loads = _skewed(16, 64, seed=3)
+    assert resolve_backend("auto", "cpu", "plan") == "native"
+    assert resolve_backend("native", "cpu", "plan") == "native"
+    assert resolve_backend("native", "cpu", "reroute") == "torch"
+    expected = plan_reference(loads, layout, QuotaConfig())
+    for plan in (
+        QuotaPlanner()(loads, layout),
+        QuotaPlanner(backend="native")(loads, layout),
+        plan_quota(loads, layout, backend="native", check_values=True),
+    ):
+        assert torch.equal(plan.quota, expected.quota)
+        assert torch.equal(plan.replica_expert_ids, expected.replica_expert_ids)
+
+
+def test_native_backend_rejects_other_devices():
+    with pytest.raises(RuntimeError, match="backend='native' runs on CPU tensors only, got tensors on meta"):
+        resolve_backend("native", "meta", "plan")
+    with pytest.raises(ValueError, match="takes CPU tensors, got loads on meta"):
+        plan_quota_native(torch.zeros(2, 2, dtype=torch.int64, device="meta"), ExpertLayout(2, 1, 1), QuotaConfig())
+
+
+def test_library_is_cached_under_cache_dir(tmp_path):
+    env = dict(os.environ, ULTRAEP_CACHE_DIR=str(tmp_path))
+    code = (
+        "from ultraep.kernels.native import native_available, native_library_path\n"
+        "print(native_available(), native_library_path())\n"
+    )
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert first.stdout.startswith("True " + str(tmp_path)), first.stdout + first.stderr
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert len(built) == 1 and built[0].endswith(".so"), built
+    # A second process loads the cached file and leaves no partial build behind.
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert second.stdout.startswith("True ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == built
+    assert native_library_path().name == built[0]
+
+
+def test_without_compiler_auto_falls_back_and_native_raises(tmp_path):
+    env = dict(os.environ, ULTRAEP_CACHE_DIR=str(tmp_path), CC="/nonexistent/cc", PATH=str(tmp_path))
+    code = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from ultraep.kernels import plan_quota, resolve_backend\n"
+        "from ultraep.layout import ExpertLayout\n"
+        "from ultraep.planners.quota import QuotaPlanner\n"
+        "loads = torch.tensor([[9, 1, 1, 1], [0, 0, 0, 0]])\n"
+        "print('auto:', resolve_backend('auto', 'cpu', 'plan'))\n"
+        "print('quota:', QuotaPlanner()(loads, ExpertLayout(2, 2, 1)).quota.tolist())\n"
+        "try:\n"
+        "    plan_quota(loads, ExpertLayout(2, 2, 1), backend='native')\n"
+        "except RuntimeError as error:\n"
+        "    print('native:', error)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "auto: torch" in proc.stdout
+    assert "quota: [5, 1, 0, 1, 1, 4]" in proc.stdout
+    assert "native: backend='native' needs the compiled C planner, which is unavailable: no C compiler found" in proc.stdout
+    assert "native quota planner unavailable, the PyTorch reference plans on the CPU" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,180 @@
+"""Quota planner compiled from C for CPU tensors: the reference's plan, bit for bit, in microseconds.
+
+The PyTorch reference (:class:`ultraep.planners.quota.QuotaPlanner`) issues about 500 small tensor
+operations per plan, which costs milliseconds on a CPU. ``quota_plan.c`` runs the same steps in plain
+loops. It is compiled on first use with the system C compiler (``$CC``, else ``cc`` or ``gcc``) into a
+cache folder (``$ULTRAEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/ultraep``, else ``~/.cache/ultraep``) and
+called through ctypes; it needs no Python or PyTorch headers. When no compiler works,
+:func:`native_available` returns ``False`` and logs why once, and the kernel dispatcher keeps the
+PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from ultraep.layout import ExpertLayout
+from ultraep.plan import Plan
+from ultraep.planners import quota as quota_module
+from ultraep.planners.base import masters_only_plan
+from ultraep.planners.quota import QuotaConfig
+
+__all__ = [
+    "CACHE_DIR_ENV_VAR",
+    "native_available",
+    "native_library_path",
+    "native_unavailable_reason",
+    "plan_quota_native",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR_ENV_VAR = "ULTRAEP_CACHE_DIR"
+"""Environment variable naming the folder for the compiled library."""
+
+_SOURCE = Path(__file__).with_name("quota_plan.c")
+_COMPILE_FLAGS = ("-O2", "-std=c99", "-shared", "-fPIC")
+_ERRORS = {1: "bad arguments", 2: "out of memory"}
+_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_DIR_ENV_VAR):
+        return Path(os.environ[CACHE_DIR_ENV_VAR])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "ultraep"
+    return Path.home() / ".cache" / "ultraep"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def native_library_path() -> Path:
+    """Return where the compiled library for this source, machine and flags is cached."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_COMPILE_FLAGS).encode()).hexdigest()[:16]
+    return _cache_dir() / f"ultraep_quota_plan_{platform.machine()}_{digest}.so"
+
+
+def _build(target: Path) -> None:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (tried $CC, cc, gcc); install gcc or set CC")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: processes that build at once never load a partial file.
+    fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *_COMPILE_FLAGS, str(_SOURCE), "-o", partial],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to compile {_SOURCE.name} (exit {result.returncode}): {result.stderr.strip()}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | Exception:
+    with _lock:
+        path = native_library_path()
+        try:
+            if not path.exists():
+                logger.info("compiling the native quota planner into %s", path)
+                _build(path)
+            library = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError) as error:
+            logger.warning("native quota planner unavailable, the PyTorch reference plans on the CPU: %s", error)
+            return error
+    function = library.ultraep_quota_plan
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 2
+    return library
+
+
+def native_available() -> bool:
+    """Return True when the compiled planner loads (compiling it on the first call)."""
+    return not isinstance(_library(), Exception)
+
+
+def native_unavailable_reason() -> str | None:
+    """Return why the compiled planner cannot load, or None when it loads."""
+    library = _library()
+    return str(library) if isinstance(library, Exception) else None
+
+
+@functools.lru_cache(maxsize=16)
+def _settings(config: QuotaConfig) -> tuple:
+    """Integer settings and constant arrays for one config, kept alive with it."""
+    scale = quota_module._FRACTION_SCALE
+    mean_steps = torch.tensor([int(round(f * scale)) for f in quota_module._MEAN_STEPS], dtype=torch.int64)
+    gap_steps = torch.tensor([int(round(f * scale)) for f in quota_module._GAP_STEPS], dtype=torch.int64)
+    anchors = torch.tensor(quota_module._ANCHORS, dtype=torch.int64)
+    fraction_q = int(round(config.min_replica_fraction * scale))
+    target_q = int(round(config.balance_target * scale))
+    return mean_steps, gap_steps, anchors, scale, fraction_q, target_q
+
+
+def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
+    """Plan one layer and microbatch with the compiled quota planner.
+
+    loads: [num_ranks, num_experts] integer tensor on the CPU, validated by the caller, entries >= 0.
+    Returns the plan of ``plan_reference(loads, layout, config)``, bit for bit, on the CPU.
+    Raises ``RuntimeError`` when the library cannot be built or loaded.
+    """
+    library = _library()
+    if isinstance(library, Exception):
+        raise RuntimeError(f"the native quota planner is unavailable: {library}")
+    if loads.device.type != "cpu":
+        raise ValueError(f"the native quota planner takes CPU tensors, got loads on {loads.device}; use backend='auto'")
+    loads = loads.to(torch.int64).contiguous()
+    if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
+        return masters_only_plan(loads, layout)
+    num_ranks, experts_per_rank, slots = layout.num_ranks, layout.experts_per_rank, layout.redundant_slots_per_rank
+    mean_steps, gap_steps, anchors, scale, fraction_q, target_q = _settings(config)
+    num_rounds = config.num_rounds if config.num_rounds is not None else slots + 3
+    slot_expert = torch.empty((num_ranks, slots), dtype=torch.int64)
+    quota = torch.empty(layout.num_slots, dtype=torch.int64)
+    status = library.ultraep_quota_plan(
+        loads.data_ptr(),
+        num_ranks,
+        experts_per_rank,
+        slots,
+        mean_steps.data_ptr(),
+        mean_steps.numel(),
+        gap_steps.data_ptr(),
+        gap_steps.numel(),
+        anchors.data_ptr(),
+        anchors.numel(),
+        scale,
+        config.min_replica_quota,
+        fraction_q,
+        target_q,
+        int(config.prefer_local),
+        num_rounds,
+        slot_expert.data_ptr(),
+        quota.data_ptr(),
+    )
+    if status != 0:
+        raise RuntimeError(f"the native quota planner failed with code {status} ({_ERRORS.get(status, 'unknown')}) for {layout}")
+    return Plan(layout, slot_expert, quota)

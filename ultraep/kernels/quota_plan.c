@@ -1,0 +1,350 @@
+/* Quota planner for CPU tensors: the same integers as ultraep.planners.quota, bit for bit.
+ *
+ * The PyTorch reference runs every candidate threshold in one batch of tensor operations; here each
+ * candidate runs on its own, in plain loops. The steps, their order and every integer formula follow
+ * the reference (see its module docstring for the method). Two shortcuts leave the result unchanged:
+ *
+ * - A candidate stops when one of its rounds moves nothing: its state is then unchanged, so every
+ *   later round would repeat that round.
+ * - The sort keys are unique (value * num_ranks + tie-break), so a sort by key is one fixed
+ *   permutation. Ranks whose value is 0 (no excess, no spare) keep ascending rank order after the
+ *   ranks with a positive value, which is where the full sort puts them.
+ *
+ * Products that the reference computes in int64 are computed here in uint64 and cast back, so the
+ * rare overflow wraps the same way instead of being undefined behaviour.
+ *
+ * Built by ultraep.kernels.native with the system C compiler and called through ctypes; it uses
+ * neither Python nor PyTorch headers.
+ */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ERR_ARGS 1
+#define ERR_MEMORY 2
+
+static int64_t mul_wrap(int64_t a, int64_t b) { return (int64_t)((uint64_t)a * (uint64_t)b); }
+
+static int64_t floor_div(int64_t a, int64_t b) {
+    /* Python / torch floor division for b > 0. */
+    int64_t q = a / b;
+    if ((a % b != 0) && (a < 0)) q -= 1;
+    return q;
+}
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Sorts keys[0..n) in descending order; buffer holds n more words. Bottom-up merge sort. */
+static void sort_descending(int64_t *keys, int64_t n, int64_t *buffer) {
+    for (int64_t i = 1; i < n; ++i) { /* insertion sort of runs of 8 */
+        if (i % 8 == 0) continue;
+        int64_t key = keys[i], j = i;
+        while (j % 8 != 0 && keys[j - 1] < key) {
+            keys[j] = keys[j - 1];
+            --j;
+        }
+        keys[j] = key;
+    }
+    int64_t *from = keys, *to = buffer;
+    for (int64_t width = 8; width < n; width *= 2) {
+        for (int64_t lo = 0; lo < n; lo += 2 * width) {
+            int64_t mid = min64(lo + width, n), hi = min64(lo + 2 * width, n);
+            int64_t a = lo, b = mid, k = lo;
+            while (a < mid && b < hi) { /* branch-free step: the compare is unpredictable */
+                const int64_t x = from[a], y = from[b];
+                const int64_t first = x > y;
+                to[k++] = first ? x : y;
+                a += first;
+                b += 1 - first;
+            }
+            while (a < mid) to[k++] = from[a++];
+            while (b < hi) to[k++] = from[b++];
+        }
+        int64_t *swap = from;
+        from = to;
+        to = swap;
+    }
+    if (from != keys) memcpy(keys, from, (size_t)n * sizeof(int64_t));
+}
+
+/* Writes into order[0..n) the indices sorted by value[i] * n + (n - 1 - i), descending, as torch.sort
+ * does on those unique keys: larger value first, lower index first on ties. The keys sorted here put
+ * the value above a bit field holding n - 1 - i, which orders the same way and decodes without a
+ * division. Indices with value 0 follow in ascending order, where their keys put them. Values are
+ * >= 0 and below 2**(63 - bits); scratch holds 2 * n words. Returns the number of positive values. */
+static int64_t order_by_value(const int64_t *value, int64_t n, int64_t *order, int64_t *scratch) {
+    int bits = 0;
+    while (((int64_t)1 << bits) < n) ++bits;
+    const int64_t mask = ((int64_t)1 << bits) - 1;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i)
+        if (value[i] > 0) scratch[count++] = (value[i] << bits) | (n - 1 - i);
+    sort_descending(scratch, count, scratch + n);
+    for (int64_t k = 0; k < count; ++k) order[k] = n - 1 - (scratch[k] & mask);
+    int64_t next = count;
+    for (int64_t i = 0; i < n; ++i)
+        if (value[i] <= 0) order[next++] = i;
+    return count;
+}
+
+/*
+ * loads:            [num_ranks * num_experts] int64, row-major load matrix, entries >= 0.
+ * mean_steps:       [num_mean_steps] fixed-point fractions of the mean rank load.
+ * gap_steps:        [num_gap_steps] fixed-point fractions of the gap to the unbalanced maximum.
+ * anchors:          [num_anchors] receiver anchor points in quarters.
+ * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
+ * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
+ * Returns 0, or ERR_ARGS / ERR_MEMORY.
+ */
+int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_per_rank, int64_t slots,
+                       const int64_t *mean_steps, int64_t num_mean_steps, const int64_t *gap_steps,
+                       int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors, int64_t fraction_scale,
+                       int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
+                       int64_t num_rounds, int64_t *out_slot_expert, int64_t *out_quota) {
+    if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 ||
+        num_mean_steps + num_gap_steps < 1 || fraction_scale < 1)
+        return ERR_ARGS;
+    const int64_t R = num_ranks, P = experts_per_rank, S = slots, E = R * P;
+    const int64_t T = num_mean_steps + num_gap_steps, C = T * num_anchors;
+
+    /* One allocation for everything: per-candidate final states plus per-round scratch. */
+    const int64_t state_words = R + E + 2 * R * S; /* rank_load, master_quota (drain order), slot_pos, slot_quota */
+    const int64_t words = 2 * E /* expert_load, drain_expert */ + R /* master rank load */ + C /* thresholds */ +
+                          C * state_words + R /* slots_used */ + 9 * R /* round scratch */ + 2 * (R > P ? R : P) /* sort keys */ + 2 * E /* pieces */ +
+                          3 * E /* own, segment tables */ + 3 * C /* metrics */;
+    int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
+    if (mem == NULL) return ERR_MEMORY;
+    int64_t *cursor = mem;
+#define TAKE(name, n)        \
+    int64_t *name = cursor; \
+    cursor += (n)
+    TAKE(expert_load, E);
+    TAKE(drain_expert, E);
+    TAKE(master_rank_load, R);
+    TAKE(thresholds, C);
+    TAKE(states, C * state_words);
+    TAKE(slots_used, R);
+    TAKE(excess, R);
+    TAKE(spare, R);
+    TAKE(donor_order, R);
+    TAKE(recv_rank, R);
+    TAKE(keys, 2 * (R > P ? R : P));
+    TAKE(offered, R);
+    TAKE(segment, R);
+    TAKE(position, R);
+    TAKE(donor_rank, R);
+    TAKE(amount, R);
+    TAKE(piece_segment, E);
+    TAKE(piece_end, E);
+    TAKE(own, E);
+    TAKE(segment_donor, E);
+    TAKE(segment_local, E);
+    TAKE(max_load, C);
+    TAKE(num_replicas, C);
+    TAKE(local, C);
+#undef TAKE
+
+    /* Step 1: expert and rank loads, thresholds, minimum replica quota. */
+    memset(expert_load, 0, (size_t)E * sizeof(int64_t));
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t *row = loads + r * E;
+        for (int64_t e = 0; e < E; ++e) expert_load[e] += row[e];
+    }
+    int64_t total = 0, top = INT64_MIN;
+    for (int64_t r = 0; r < R; ++r) {
+        int64_t sum = 0;
+        for (int64_t p = 0; p < P; ++p) sum += expert_load[r * P + p];
+        master_rank_load[r] = sum;
+        total += sum;
+        if (sum > top) top = sum;
+    }
+    const int64_t ceil_mean = floor_div(total + R - 1, R);
+    const int64_t gap = max64(top - ceil_mean, 0);
+    for (int64_t t = 0; t < num_mean_steps; ++t)
+        thresholds[t] = min64(ceil_mean + floor_div(mul_wrap(total, mean_steps[t]), R * fraction_scale), top);
+    for (int64_t t = 0; t < num_gap_steps; ++t)
+        thresholds[num_mean_steps + t] = min64(ceil_mean + floor_div(mul_wrap(gap, gap_steps[t]), fraction_scale), top);
+    for (int64_t a = 1; a < num_anchors; ++a)
+        for (int64_t t = 0; t < T; ++t) thresholds[a * T + t] = thresholds[t];
+    const int64_t min_quota = max64(floor_div(mul_wrap(total, fraction_q), R * fraction_scale), min_replica_quota);
+
+    for (int64_t r = 0; r < R; ++r) {
+        for (int64_t p = 0; p < P; ++p) {
+            segment_donor[r * P + p] = r;
+            segment_local[r * P + p] = p;
+        }
+    }
+
+    /* Drain order: hottest master first, lower local index first on ties. */
+    for (int64_t r = 0; r < R; ++r) {
+        order_by_value(expert_load + r * P, P, drain_expert + r * P, keys);
+        for (int64_t p = 0; p < P; ++p) drain_expert[r * P + p] += r * P;
+    }
+
+    for (int64_t c = 0; c < C; ++c) {
+        const int64_t threshold = thresholds[c];
+        const int64_t anchor = anchors[c / T];
+        int64_t *rank_load = states + c * state_words;
+        int64_t *master_quota = rank_load + R;
+        int64_t *slot_pos = master_quota + E;
+        int64_t *slot_quota = slot_pos + R * S;
+        /* A candidate with the threshold and anchor of an earlier one ends in the same state. */
+        int64_t same = -1;
+        for (int64_t prev = 0; prev < c && same < 0; ++prev)
+            if (thresholds[prev] == threshold && anchors[prev / T] == anchor) same = prev;
+        if (same >= 0) {
+            memcpy(rank_load, states + same * state_words, (size_t)state_words * sizeof(int64_t));
+            continue;
+        }
+        memcpy(rank_load, master_rank_load, (size_t)R * sizeof(int64_t));
+        for (int64_t i = 0; i < E; ++i) master_quota[i] = expert_load[drain_expert[i]];
+        for (int64_t i = 0; i < R * S; ++i) {
+            slot_pos[i] = -1;
+            slot_quota[i] = 0;
+        }
+        memset(slots_used, 0, (size_t)R * sizeof(int64_t));
+
+        for (int64_t round = 0; round < num_rounds; ++round) {
+            /* Step 2: donor pieces, hottest master first, largest donor first. Only the pieces of
+             * positive size are kept, with their index on the reference's line of all
+             * num_experts pieces; a search on that line never stops on a piece of size 0. */
+            for (int64_t r = 0; r < R; ++r) excess[r] = max64(rank_load[r] - threshold, 0);
+            const int64_t num_donors = order_by_value(excess, R, donor_order, keys);
+            int64_t num_pieces = 0, end = 0;
+            for (int64_t d = 0; d < num_donors; ++d) {
+                const int64_t *held = master_quota + donor_order[d] * P;
+                int64_t left = excess[donor_order[d]];
+                for (int64_t p = 0; p < P && left > 0; ++p) {
+                    const int64_t piece = min64(left, held[p]);
+                    if (piece > 0) {
+                        end += piece;
+                        piece_end[num_pieces] = end;
+                        piece_segment[num_pieces] = d * P + p;
+                        ++num_pieces;
+                    }
+                    left -= held[p];
+                }
+            }
+
+            /* Step 3: receivers, most spare first, each at its anchor point. Anchor points ascend,
+             * so the active receivers are a prefix and one pass over the pieces finds them all;
+             * the receivers after it take nothing and change nothing. */
+            for (int64_t r = 0; r < R; ++r) spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
+            const int64_t num_receivers = order_by_value(spare, R, recv_rank, keys);
+            int64_t offered_end = 0, num_active = 0, k = 0;
+            for (int64_t i = 0; i < num_receivers; ++i) {
+                const int64_t recv_spare = spare[recv_rank[i]];
+                const int64_t point = offered_end + (recv_spare * anchor) / 4;
+                offered_end += recv_spare;
+                while (k < num_pieces && piece_end[k] <= point) ++k;
+                if (k == num_pieces) break;
+                const int64_t seg = piece_segment[k];
+                segment[i] = seg;
+                donor_rank[i] = donor_order[segment_donor[seg]];
+                position[i] = donor_rank[i] * P + segment_local[seg];
+                offered[i] = recv_spare;
+                ++num_active;
+            }
+
+            /* Step 4: fill each receiver up to the threshold, capped by what the master holds;
+             * receivers served by one piece draw from it in line order. */
+            int64_t before = 0, base = 0, moved = 0;
+            for (int64_t i = 0; i < num_active; ++i) {
+                if (i == 0 || segment[i] != segment[i - 1]) base = before;
+                int64_t a = min64(max64(master_quota[position[i]] - before + base, 0), offered[i]);
+                before += offered[i];
+                if (a < min_quota) a = 0;
+                amount[i] = a;
+                moved |= a > 0;
+            }
+            if (!moved) break;
+
+            /* Step 5: write replicas; a receiver that already holds the expert grows that replica. */
+            for (int64_t i = 0; i < num_active; ++i) {
+                const int64_t recv = recv_rank[i], a = amount[i];
+                if (a == 0) continue;
+                int64_t slot_idx = -1;
+                for (int64_t s = 0; s < S; ++s) {
+                    if (slot_pos[recv * S + s] == position[i]) {
+                        slot_idx = s;
+                        break;
+                    }
+                }
+                if (slot_idx < 0) {
+                    slot_idx = min64(slots_used[recv], S - 1);
+                    slots_used[recv] += 1;
+                }
+                slot_pos[recv * S + slot_idx] = position[i];
+                slot_quota[recv * S + slot_idx] += a;
+            }
+            for (int64_t i = 0; i < num_active; ++i) {
+                master_quota[position[i]] -= amount[i];
+                rank_load[recv_rank[i]] += amount[i];
+                rank_load[donor_rank[i]] -= amount[i];
+            }
+        }
+    }
+
+    /* Selection: lowest max load; among plans at or below the target, fewest replicas, then most
+     * local assignments, then lowest max load, then the first index. */
+    for (int64_t r = 0; r < R; ++r)
+        for (int64_t p = 0; p < P; ++p) own[r * P + p] = loads[r * E + r * P + p];
+    int64_t best_load = INT64_MAX;
+    for (int64_t c = 0; c < C; ++c) {
+        const int64_t *rank_load = states + c * state_words;
+        const int64_t *master_quota = rank_load + R;
+        const int64_t *slot_pos = master_quota + E;
+        const int64_t *slot_quota = slot_pos + R * S;
+        int64_t m = INT64_MIN, n = 0, l = 0;
+        for (int64_t r = 0; r < R; ++r) m = max64(m, rank_load[r]);
+        for (int64_t i = 0; i < R * S; ++i) n += slot_pos[i] >= 0;
+        if (prefer_local) {
+            for (int64_t i = 0; i < E; ++i) l += min64(master_quota[i], own[drain_expert[i]]);
+            for (int64_t r = 0; r < R; ++r) {
+                for (int64_t s = 0; s < S; ++s) {
+                    const int64_t pos = slot_pos[r * S + s];
+                    if (pos >= 0) l += min64(slot_quota[r * S + s], loads[r * E + drain_expert[pos]]);
+                }
+            }
+        }
+        max_load[c] = m;
+        num_replicas[c] = n;
+        local[c] = l;
+        best_load = min64(best_load, m);
+    }
+    const int64_t limit = mul_wrap(total, target_q);
+    int64_t fewest = INT64_MAX;
+    for (int64_t c = 0; c < C; ++c) {
+        int good = max_load[c] == best_load || mul_wrap(max_load[c], R * fraction_scale) <= limit;
+        if (good) fewest = min64(fewest, num_replicas[c]);
+        else num_replicas[c] = -1; /* marks "not good" below */
+    }
+    int64_t max_local = -1;
+    for (int64_t c = 0; c < C; ++c)
+        if (num_replicas[c] == fewest) max_local = max64(max_local, local[c]);
+    int64_t lowest = INT64_MAX, best = 0;
+    for (int64_t c = 0; c < C; ++c)
+        if (num_replicas[c] == fewest && local[c] == max_local && max_load[c] < lowest) {
+            lowest = max_load[c];
+            best = c;
+        }
+
+    /* Output the chosen candidate with logical expert ids. */
+    const int64_t *rank_load = states + best * state_words;
+    const int64_t *master_quota = rank_load + R;
+    const int64_t *slot_pos = master_quota + E;
+    const int64_t *slot_quota = slot_pos + R * S;
+    for (int64_t r = 0; r < R; ++r)
+        for (int64_t p = 0; p < P; ++p) out_quota[r * (P + S) + (drain_expert[r * P + p] - r * P)] = master_quota[r * P + p];
+    for (int64_t r = 0; r < R; ++r) {
+        for (int64_t s = 0; s < S; ++s) {
+            int64_t pos = slot_pos[r * S + s];
+            out_slot_expert[r * S + s] = pos >= 0 ? drain_expert[pos] : -1;
+            out_quota[r * (P + S) + P + s] = slot_quota[r * S + s];
+        }
+    }
+    free(mem);
+    return 0;
+}
