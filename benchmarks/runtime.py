@@ -4,7 +4,8 @@
     python benchmarks/runtime.py --tokens 4096 --redundant-slots 2
 
 Spawns ``--ranks`` processes (one CPU thread each) and trains ``--layers`` reference MoE layers that
-share one ReplicaManager, with a router skewed toward a few hot experts. Per layer it reports:
+share one ReplicaManager, with a router skewed toward a few hot experts. ``--buffer-layers`` gives
+every layer its own redundant-slot weight buffers. Per layer it reports:
 
 1. time of count + gather + plan + reroute + forward weight sync, and of the backward re-sync and
    grad reduce, as ratios of the balanced layer's own forward+backward time (medians over the
@@ -57,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank and microbatch")
     parser.add_argument("--skew", type=float, default=2.0, help="router logit bias of the hottest expert")
     parser.add_argument("--sync-mode", default="auto", choices=("direct", "relay", "auto"), help="weight sync mode")
+    parser.add_argument(
+        "--buffer-layers",
+        action="store_true",
+        help="give each layer its own redundant-slot weight buffers (ManagerConfig.buffer_layers = --layers)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations")
     parser.add_argument("--iters", type=int, default=6, help="timed iterations (median reported)")
     parser.add_argument("--plan-ranks", type=int, default=64, help="EP size of the planning-only relay table")
@@ -93,7 +99,9 @@ def _worker(rank: int, args, store_dir: str, queue) -> None:
     layout = ExpertLayout(args.ranks, args.experts_per_rank, args.redundant_slots)
     manager = ReplicaManager(
         layout, swiglu_weight_shapes(args.hidden_size, args.ffn_hidden_size),
-        config=ManagerConfig(sync_mode=args.sync_mode, record_timings=True),
+        config=ManagerConfig(
+            sync_mode=args.sync_mode, record_timings=True, buffer_layers=args.layers if args.buffer_layers else 0
+        ),
     )
     balanced = _make_layers(manager, args, True)
     unbalanced = _make_layers(manager, args, False)
@@ -199,9 +207,10 @@ def main(argv=None) -> None:
         return statistics.median(_median_ms(results[r]["timings"].get(phase, {}).get(layer_id, [])) for r in results)
 
     print(f"# ultraep runtime benchmark\n\ncommand: `{command}`\n")
+    buffer_words = "with one weight buffer set each" if args.buffer_layers else "sharing the buffers"
     print(
         f"{args.ranks} gloo ranks on CPU (1 thread each), {args.experts_per_rank} experts + {args.redundant_slots} "
-        f"redundant slot(s) per rank, {args.layers} MoE layers sharing the buffers, hidden {args.hidden_size}, "
+        f"redundant slot(s) per rank, {args.layers} MoE layers {buffer_words}, hidden {args.hidden_size}, "
         f"SwiGLU ffn {args.ffn_hidden_size}, top-2, {args.tokens} tokens per rank, sync_mode={args.sync_mode}, "
         f"{args.iters} timed iterations after {args.warmup} warm-up; phase times are medians over ranks of "
         f"per-rank medians in ms, host wall clock. {os.cpu_count()} CPU cores on this machine.\n"
@@ -244,7 +253,7 @@ def main(argv=None) -> None:
         f"reduce scratch) = {first['extra_memory'] / first['layer_expert_memory']:.2f}x one layer's expert memory "
         f"on a rank ({first['layer_expert_memory'] / 2**20:.2f} MiB), "
         f"{first['extra_memory'] / (args.layers * first['layer_expert_memory']):.2f}x for all {args.layers} layers "
-        "(the buffers are shared).\n"
+        + ("(one weight buffer set per layer).\n" if args.buffer_layers else "(the buffers are shared).\n")
     )
     for line in _relay_table(args):
         print(line)

@@ -17,6 +17,8 @@ from ultraep.runtime import ManagerConfig, MoELayer, RankAgreementError, Replica
         pytest.param({"sync_mode": "tree"}, r"sync_mode must be one of \('direct', 'relay', 'auto'\), got 'tree'", id="sync_mode"),
         pytest.param({"num_chunks": 0}, "num_chunks must be a positive int, got 0", id="num_chunks"),
         pytest.param({"timeout_s": 0}, r"timeout_s must be None or > 0 seconds, got 0", id="timeout"),
+        pytest.param({"buffer_layers": -1}, r"buffer_layers must be an int >= 0 .*got -1", id="buffer_layers"),
+        pytest.param({"buffer_layers": True}, r"buffer_layers must be an int >= 0 .*got True", id="buffer_layers_bool"),
     ],
 )
 def test_manager_config_rejects_bad_values(settings, match):
@@ -73,7 +75,7 @@ def _cache_record_worker(rank: int, world_size: int) -> str:
     manager = make_manager(world_size, redundant_slots_per_rank=1)
     layer = make_layers(manager, True, num_layers=1)[0]
     if rank == 1:
-        manager._held[0][0] = (5, 0, 0)  # a corrupted record of what rank 0's redundant slot contains
+        manager._held[0][0][0] = (5, 0, 0)  # a corrupted record of what rank 0's redundant slot contains
     try:
         layer(make_inputs(rank, 8))
     except RankAgreementError as err:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_harness import run_ranks
-from moe_cases import make_inputs, make_layers, make_manager, run_layers
+from moe_cases import expert_parameters, make_inputs, make_layers, make_manager, run_layers
 from ultraep.comm import WeightSpec, execute_weight_sync, plan_weight_sync
 from ultraep.layout import ExpertLayout
 
@@ -93,7 +93,7 @@ def _cache_worker(rank: int, world_size: int) -> None:
             manager.resync_on_backward(routing, torch.zeros(0))
         assert manager.in_flight() == []
         # Every replica holds its expert's current master weights, wherever the master lives.
-        rows = manager.replica_weights
+        rows = manager.slot_weights(layer_id)
         for idx, expert_id in enumerate(routing.plan.replica_expert_ids[rank].tolist()):
             if expert_id >= 0:
                 assert replicas[0].shape[0] == manager.layout.redundant_slots_per_rank
@@ -140,3 +140,49 @@ def _resync_worker(rank: int, world_size: int) -> dict:
 
 def test_backward_resyncs_only_reused_slots(tmp_path):
     run_ranks(_resync_worker, 2, tmp_path)
+
+
+def _layer_buffers_worker(rank: int, world_size: int) -> dict:
+    shared = make_manager(world_size, redundant_slots_per_rank=1)
+    per_layer = make_manager(world_size, redundant_slots_per_rank=1, buffer_layers=2)
+    assert per_layer.replica_weights.shape[:2] == (2, 1)
+    assert per_layer.extra_memory_bytes - shared.extra_memory_bytes == shared.slot_weights(0).numel() * 4
+    results = {}
+    for name, manager in (("shared", shared), ("per_layer", per_layer)):
+        layers = make_layers(manager, True, num_layers=2)
+        x = make_inputs(rank, 32).requires_grad_(True)
+        out = run_layers(layers, x)
+        out.sum().backward()
+        results[name] = {
+            "out": out.detach(),
+            "x_grad": x.grad,
+            "expert_grads": [w.grad.clone() for w in expert_parameters(layers)],
+            "stats": {i: (s.forward_sync_bytes, s.backward_sync_bytes) for i, s in manager.stats.items()},
+        }
+        if name == "per_layer":
+            with torch.no_grad():
+                # The gradients changed the weight versions, so this forward copies every replica.
+                run_layers(layers, make_inputs(rank, 32))
+                results["after_backward"] = {i: s.forward_sync_bytes for i, s in manager.stats.items()}
+                # Same inputs, same plans, unchanged weights: every slot already holds its copy.
+                run_layers(layers, make_inputs(rank, 32))
+                results["inference_again"] = {i: s.forward_sync_bytes for i, s in manager.stats.items()}
+            with pytest.raises(ValueError, match="layer_id=2 has no buffer set: ManagerConfig.buffer_layers=2"):
+                manager._check_call(2, 0, make_inputs(rank, 4), layers[0].master_weights())
+    assert torch.equal(results["shared"]["out"], results["per_layer"]["out"])
+    assert torch.equal(results["shared"]["x_grad"], results["per_layer"]["x_grad"])
+    for a, b in zip(results["shared"]["expert_grads"], results["per_layer"]["expert_grads"], strict=True):
+        assert torch.equal(a, b)
+    return results
+
+
+def test_per_layer_buffers_skip_backward_resync(tmp_path):
+    results = run_ranks(_layer_buffers_worker, 2, tmp_path)
+    for rank_result in results:
+        shared, per_layer = rank_result["shared"]["stats"], rank_result["per_layer"]["stats"]
+        # Shared buffers: layer 0 re-syncs in the backward. Per-layer buffers: nothing is re-synced.
+        assert shared[0][1] == shared[0][0] > 0
+        assert per_layer[0] == (shared[0][0], 0)
+        assert per_layer[1] == (shared[1][0], 0)
+        assert rank_result["after_backward"] == {0: shared[0][0], 1: shared[1][0]}
+        assert rank_result["inference_again"] == {0: 0, 1: 0}

@@ -1,10 +1,13 @@
 """The replica manager: owns the redundant-slot buffers and runs every phase of balancing per layer.
 
-One :class:`ReplicaManager` serves all MoE layers of a model on one rank. It allocates once, shared by
-all layers:
+One :class:`ReplicaManager` serves all MoE layers of a model on one rank. It allocates once:
 
-- ``replica_weights`` [redundant_slots_per_rank, numel]: weights of the replicas in this rank's
-  redundant slots, one flat row per slot (packed by :class:`~ultraep.comm.WeightSpec`);
+- ``replica_weights`` [num_buffer_sets, redundant_slots_per_rank, numel]: weights of the replicas in
+  this rank's redundant slots, one flat row per slot (packed by :class:`~ultraep.comm.WeightSpec`).
+  By default one set serves every layer (``num_buffer_sets`` = 1); with
+  ``ManagerConfig.buffer_layers = N`` each of the layers 0..N-1 keeps its own set, so the backward
+  finds the layer's replicas still in place and a replica that stays on the same rank in the next
+  microbatch is not copied again while the weights are unchanged;
 - ``replica_grads`` [redundant_slots_per_rank, numel]: their gradients, zero between layers;
 - ``reduce_scratch`` [redundant_slots_per_rank, numel]: where a master rank receives replica
   gradients, up to ``redundant_slots_per_rank`` per grad reduce step.
@@ -85,6 +88,12 @@ class ManagerConfig:
     timeout_s: float | None = None
     """Seconds to wait for one step of weight sync, grad reduce or the all-gathers before raising
     :class:`~ultraep.comm.CommunicationError`; ``None`` uses the process group's timeout."""
+    buffer_layers: int = 0
+    """0: one set of redundant-slot weight buffers shared by every layer, the least memory; the
+    backward re-syncs a layer's replicas because later layers overwrote them. N > 0: one set per layer
+    for layer ids 0..N-1 (N times the memory): the backward re-sync finds the replicas in place and
+    copies nothing, and with ``reuse_cached_weights`` a slot that contains the same expert at the same
+    weight version in the next microbatch (inference, gradient accumulation) is not copied again."""
     record_timings: bool = False
     """Record host wall time of each phase per layer in ``ReplicaManager.timings[phase][layer_id]``
     (phases ``count``, ``gather``, ``plan``, ``plan_check``, ``reroute``, ``sync_forward``,
@@ -97,6 +106,11 @@ class ManagerConfig:
             raise ValueError(f"ManagerConfig.num_chunks must be a positive int, got {self.num_chunks!r}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"ManagerConfig.timeout_s must be None or > 0 seconds, got {self.timeout_s!r}")
+        if isinstance(self.buffer_layers, bool) or not isinstance(self.buffer_layers, int) or self.buffer_layers < 0:
+            raise ValueError(
+                f"ManagerConfig.buffer_layers must be an int >= 0 (0 = one buffer set shared by all layers, "
+                f"N = one set for each of the layers 0..N-1), got {self.buffer_layers!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,13 +282,16 @@ class ReplicaManager:
 
         slots = layout.redundant_slots_per_rank
         numel = self.spec.numel
-        self.replica_weights = torch.empty(slots, numel, dtype=dtype, device=self.device)  # [redundant_slots_per_rank, numel]
+        self.num_buffer_sets = max(1, self.config.buffer_layers)
+        # [num_buffer_sets, redundant_slots_per_rank, numel]
+        self.replica_weights = torch.empty(self.num_buffer_sets, slots, numel, dtype=dtype, device=self.device)
         self.replica_grads = torch.zeros(slots, numel, dtype=dtype, device=self.device)  # [redundant_slots_per_rank, numel]
         self.reduce_scratch = torch.empty(slots, numel, dtype=dtype, device=self.device)  # [redundant_slots_per_rank, numel]
 
-        # held[rank][j]: (layer_id, expert_id, version) in redundant slot j of rank, or None. The same
-        # table on every rank, because every rank applies the same sync plans in the same order.
-        self._held: list[list[tuple[int, int, int] | None]] = [[None] * slots for _ in range(layout.num_ranks)]
+        # held[set][rank][j]: (layer_id, expert_id, version) in redundant slot j of rank in buffer set
+        # `set`, or None. The same table on every rank, because every rank applies the same sync plans
+        # in the same order.
+        self._held: list[list[list[tuple[int, int, int] | None]]] = self._empty_held()
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
         self._versions: dict[int, _LayerVersion] = {}
         self.stats: dict[int, LayerStats] = {}
@@ -294,7 +311,7 @@ class ReplicaManager:
 
     @property
     def extra_memory_bytes(self) -> int:
-        """Bytes of the three shared buffers (replica weights, replica gradients, reduce scratch)."""
+        """Bytes of the three buffers (replica weights of every set, replica gradients, reduce scratch)."""
         return sum(t.numel() * t.element_size() for t in (self.replica_weights, self.replica_grads, self.reduce_scratch))
 
     def route(
@@ -410,7 +427,11 @@ class ReplicaManager:
         # No gradient reaches the masters (or there are no redundant slots): no autograd bookkeeping.
         if self.layout.redundant_slots_per_rank > 0:
             self._sync(routing.key, phase="forward")
-        return self.spec.row_views(self.replica_weights.data)
+        return self.spec.row_views(self.slot_weights(routing.layer_id))
+
+    def slot_weights(self, layer_id: int) -> torch.Tensor:
+        """Return the [redundant_slots_per_rank, numel] buffer of ``layer_id``'s replicas on this rank."""
+        return self.replica_weights.data[self._buffer_set(layer_id)]
 
     def resync_on_backward(self, routing: Routing, expert_output: torch.Tensor) -> torch.Tensor:
         """Return ``expert_output`` unchanged; its backward re-syncs the redundant slots first (phase 6).
@@ -443,7 +464,7 @@ class ReplicaManager:
         Call it on every rank after changing master weights in a way autograd does not see
         (assigning ``.data``, writing through a detached alias). Local, no communication.
         """
-        self._held = [[None] * self.layout.redundant_slots_per_rank for _ in range(self.layout.num_ranks)]
+        self._held = self._empty_held()
         for version in self._versions.values():
             version.epoch += 1
 
@@ -458,6 +479,7 @@ class ReplicaManager:
         plan = state.routing.plan
         replica_ids = plan.replica_expert_ids.cpu().tolist()
         replica_quota = plan.quota.cpu().view(layout.num_ranks, layout.slots_per_rank)[:, layout.experts_per_rank :].tolist()
+        held = self._held[self._buffer_set(key[0])]
 
         # Step 1: which slots need a copy. A replica with quota 0 processes nothing and needs none.
         needs_copy, targets = [], {}
@@ -466,7 +488,7 @@ class ReplicaManager:
             for idx, expert in enumerate(row):
                 wanted = expert >= 0 and replica_quota[rank][idx] > 0
                 target = (key[0], expert, state.versions[layout.master_rank(expert)]) if wanted else None
-                cached = self.config.reuse_cached_weights and self._held[rank][idx] == target
+                cached = self.config.reuse_cached_weights and held[rank][idx] == target
                 flags.append(wanted and not cached)
                 if wanted and not cached:
                     targets[(rank, idx)] = target
@@ -483,7 +505,7 @@ class ReplicaManager:
                 spec=self.spec,
                 rank=self.rank,
                 master_weights=state.master_weights,
-                replica_buffer=self.replica_weights.data,
+                replica_buffer=self.slot_weights(key[0]),
                 group=self.group,
                 timeout=self.timeout,
                 description=f"weight sync ({phase}) of layer {key[0]} microbatch {key[1]}",
@@ -492,7 +514,7 @@ class ReplicaManager:
             self.invalidate_cached_weights()
             raise
         for (rank, idx), target in targets.items():
-            self._held[rank][idx] = target
+            held[rank][idx] = target
 
         stats = self.stats.setdefault(key[0], LayerStats())
         moved = sync_plan.elements_moved(self.spec.numel) * self.replica_weights.element_size()
@@ -560,6 +582,13 @@ class ReplicaManager:
     # ------------------------------------------------------------------------------------------
     # Helpers.
 
+    def _buffer_set(self, layer_id: int) -> int:
+        return layer_id if self.config.buffer_layers else 0
+
+    def _empty_held(self) -> list[list[list[tuple[int, int, int] | None]]]:
+        slots = self.layout.redundant_slots_per_rank
+        return [[[None] * slots for _ in range(self.layout.num_ranks)] for _ in range(self.num_buffer_sets)]
+
     def _state(self, key: tuple[int, int], what: str) -> _InFlight:
         state = self._in_flight.get(key)
         if state is None:
@@ -574,6 +603,11 @@ class ReplicaManager:
         for name, value in (("layer_id", layer_id), ("microbatch_id", microbatch_id)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.config.buffer_layers and layer_id >= self.config.buffer_layers:
+            raise ValueError(
+                f"layer_id={layer_id} has no buffer set: ManagerConfig.buffer_layers={self.config.buffer_layers} "
+                "gives layers 0..buffer_layers-1 their own sets; raise buffer_layers to the number of MoE layers"
+            )
         if not isinstance(topk_ids, torch.Tensor):
             raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
         if topk_ids.device != self.device:

@@ -48,7 +48,7 @@ class Replicate(torch.autograd.Function):
         ctx.key = key
         manager._sync(key, phase="forward")
         # NOTE: fresh alias, so later writes by other layers do not bump these views' version counter.
-        return manager.spec.row_views(manager.replica_weights.data)
+        return manager.spec.row_views(manager.slot_weights(key[0]))
 
     @staticmethod
     def backward(ctx, *replica_grads: torch.Tensor):
