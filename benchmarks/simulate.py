@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             mean = mean_over_models(results)
             all_results.extend(results + [mean])
             sections.append((workload, mode, planner_choice, results, mean))
-            summary.append(target_check(workload, mode, planner_choice, mean, slots))
+            summary.append(target_check(workload, mode, planner_choice, mean))
             print(f"\n{workload.label} EP{workload.num_ranks} {mode}, planner time {planner_choice}: mean over models")
             print("\n".join(format_rows(mean.rows)), flush=True)
     elapsed = time.perf_counter() - started
@@ -172,12 +172,12 @@ def compare_bundled(esft_path: Path) -> str:
     return "The bundled trace differs from the ESFT file; run `ultraep simulate --trace bundled` for its numbers."
 
 
-def target_check(workload: Workload, mode: str, planner_choice: str, mean: SimulationResult, slots: tuple[int, ...]) -> dict:
+def target_check(workload: Workload, mode: str, planner_choice: str, mean: SimulationResult) -> dict:
     """Compare the best quota policy with the targets and with the best eplb and lp_reroute of any slot count."""
     none = mean.row("none")
 
     def best_of(planner: str):
-        return max((mean.row(f"{planner} s={s}") for s in slots), key=lambda row: row.throughput_pct_of_ideal)
+        return max((row for row in mean.rows if row.planner == planner), key=lambda row: row.throughput_pct_of_ideal)
 
     best, eplb, lp = best_of("quota"), best_of("eplb"), best_of("lp_reroute")
     headroom = 100.0 / none.throughput_pct_of_ideal
@@ -229,7 +229,11 @@ def render_markdown(command, args, workloads, sections, summary, bundled_note, e
         "",
         f"Policies: `none`; `eplb` and `lp_reroute` (placement every {args.eplb_interval} microbatches from the last "
         f"{args.eplb_window}, replicas kept between placements) and `quota` (replicas every microbatch), each with "
-        f"{args.slots} redundant slots per rank. `eplb` plans off the critical path. "
+        f"{args.slots} redundant slots per rank. `quota s=N` uses the runtime's default, one redundant-slot buffer "
+        "set shared by all layers, so the backward re-syncs the replicas; `quota s=N layer-buffers` keeps one set per "
+        "layer (`ManagerConfig.buffer_layers`), the memory `eplb` and `lp_reroute` use for their per-layer replicas: "
+        "no backward re-sync, and a replica that stays in its slot is not copied again while the weights are "
+        "unchanged. `eplb` plans off the critical path. "
         f"Wall time of the whole run: {elapsed / 60:.1f} min.",
         "",
         bundled_note,

@@ -407,7 +407,7 @@ def test_simulate_command_writes_files(tmp_path, capsys):
     assert "SYNTHETIC" in printed
     assert "speedup over none" in printed
     runs = read_json(tmp_path / "out.json")
-    assert [row.policy for row in runs[0].rows] == ["none", "eplb s=1", "lp_reroute s=1", "quota s=1"]
+    assert [row.policy for row in runs[0].rows] == ["none", "eplb s=1", "lp_reroute s=1", "quota s=1", "quota s=1 layer-buffers"]
     assert read_csv(tmp_path / "out.csv") == runs
 
 
@@ -435,6 +435,7 @@ def test_token_trace_rank_count_follows_the_experts(tmp_path):
         pytest.param({"planner_time_us": ["quota=-1"]}, "POLICY=MICROSECONDS", id="negative_planner_time"),
         pytest.param({"quota_slots": "1,x"}, "comma-separated integers", id="bad_slot_list"),
         pytest.param({"quota_slots": "0"}, "must be >= 1", id="zero_slots"),
+        pytest.param({"quota_buffers": "shared,global"}, "--quota-buffers must list shared and/or layer", id="bad_buffers"),
         pytest.param({"gemm_efficiency": 1.5}, r"Efficiency.gemm must be in \(0, 1\]", id="efficiency_above_one"),
         pytest.param({"synthetic": None, "trace": ["/nonexistent/trace.npz"]}, "does not exist", id="missing_trace"),
     ],
@@ -501,9 +502,10 @@ def test_layer_costs_checks():
     with pytest.raises(ValueError, match="planner_time_s must be a finite number >= 0"):
         layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, **call, planner_time_s=-1.0)
     with pytest.raises(ValueError, match="replica_lifetime must be one of"):
-        layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, **call, replica_lifetime="layer")
-    with pytest.raises(ValueError, match="needs synced"):
-        layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, **call, replica_lifetime="persistent")
+        layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, **call, replica_lifetime="step")
+    for lifetime in ("persistent", "layer"):
+        with pytest.raises(ValueError, match=f"replica_lifetime='{lifetime}' needs synced"):
+            layer_costs(BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, **call, replica_lifetime=lifetime)
     with pytest.raises(ValueError, match="source_load must be a"):
         ideal_layer_costs(torch.tensor([8, 8]), ExpertLayout(2, 1), TINY_MODEL, TINY_HARDWARE, settings)
 
@@ -521,6 +523,42 @@ def test_persistent_replicas_pay_only_for_moved_slots():
     assert moved.sync_s.tolist() == [15.0]
     assert kept.sync_s.tolist() == [0.0]
     assert kept.total_s.tolist() == [18.0]
+
+
+@pytest.mark.parametrize(
+    ("mode", "microbatches_per_step", "synced", "sync", "total"),
+    [
+        # Prefill: only a replica whose expert changed is copied (15 s); otherwise none (35 - 15 = 20).
+        pytest.param("prefill", 1, True, 15.0, 35.0, id="prefill_moved"),
+        pytest.param("prefill", 1, False, 0.0, 20.0, id="prefill_kept"),
+        # Train, one microbatch per step: every forward copies (the weights changed), no re-sync:
+        # 108 s of the hand computation minus the 15 s re-sync.
+        pytest.param("train", 1, False, 15.0, 93.0, id="train_one_microbatch"),
+        # Train, 3 microbatches per step, expert kept: the copy happens in one of three microbatches.
+        pytest.param("train", 3, False, 5.0, 83.0, id="train_accumulation_kept"),
+        pytest.param("train", 3, True, 15.0, 93.0, id="train_accumulation_moved"),
+    ],
+)
+def test_layer_buffers_copy_changed_slots_and_skip_resync(mode, microbatches_per_step, synced, sync, total):
+    settings = dataclasses.replace(tiny_settings(mode), microbatches_per_step=microbatches_per_step)
+    costs = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings,
+        planner_time_s=2.0, replica_lifetime="layer", synced=torch.tensor([[[False], [synced]]]),
+    )
+    assert costs.sync_s.tolist() == [sync]
+    assert costs.resync_s.tolist() == [0.0]
+    assert costs.total_s.tolist() == [total]
+    if mode == "train":
+        assert costs.grad_reduce_s.tolist() == [30.0]
+
+
+def test_default_policies_offer_both_quota_buffers():
+    labels = [spec.label for spec in default_policies((1, 2), (2,))]
+    assert labels[-4:] == ["quota s=1", "quota s=2", "quota s=1 layer-buffers", "quota s=2 layer-buffers"]
+    lifetimes = {spec.label: spec.replica_lifetime for spec in default_policies((2,), (2,), quota_buffers=("layer",))}
+    assert lifetimes["quota s=2 layer-buffers"] == "layer" and "quota s=2" not in lifetimes
+    with pytest.raises(ValueError, match="quota_buffers must name some of"):
+        default_policies((2,), (2,), quota_buffers=("global",))
 
 
 def test_result_row_lookup_names_policies(small_result):

@@ -38,6 +38,7 @@ from ultraep.sim.replay import (
     DEFAULT_EPLB_INTERVAL,
     DEFAULT_EPLB_WINDOW,
     DEFAULT_QUOTA_SLOTS,
+    QUOTA_BUFFERS,
     SimulationResult,
     Workload,
     default_policies,
@@ -94,6 +95,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quota-slots", default=_join(DEFAULT_QUOTA_SLOTS), help="redundant slots per rank for quota, comma-separated (default 1,2,4)")
     parser.add_argument(
         "--baseline-slots", default=_join(DEFAULT_BASELINE_SLOTS), help="redundant slots per rank for eplb and lp_reroute (default 2)"
+    )
+    parser.add_argument(
+        "--quota-buffers",
+        default="shared,layer",
+        help="quota's redundant-slot buffers, comma-separated: shared (one set for all layers) and/or layer "
+        "(one set per layer, kept between microbatches) (default shared,layer)",
     )
     parser.add_argument("--eplb-window", type=int, default=DEFAULT_EPLB_WINDOW, help="microbatches of history per placement (default 4)")
     parser.add_argument("--eplb-interval", type=int, default=DEFAULT_EPLB_INTERVAL, help="microbatches between placements (default 4)")
@@ -161,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         _parse_slots(args.baseline_slots, "--baseline-slots"),
         eplb_window=args.eplb_window,
         eplb_interval=args.eplb_interval,
+        quota_buffers=_parse_buffers(args.quota_buffers),
     )
     planner_time_s = _parse_planner_times(args.planner_time_us or [])
     progress = False if args.no_progress else None
@@ -309,6 +317,14 @@ def _parse_slots(text: str, option: str) -> tuple[int, ...]:
     if any(value < 1 for value in values):
         raise ValueError(f"{option} values must be >= 1 (a balancing policy needs a redundant slot), got {text!r}")
     return values
+
+
+def _parse_buffers(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in QUOTA_BUFFERS]
+    if unknown or not names:
+        raise ValueError(f"--quota-buffers must list shared and/or layer, comma-separated (e.g. shared,layer), got {text!r}")
+    return names
 
 
 def _parse_planner_times(items: list[str]) -> dict[str, float]:

@@ -61,6 +61,14 @@ Formulas:
    Persistent replicas (``eplb``, ``lp_reroute``) sync only the slots whose expert changed and, in
    training, refresh every replica after the optimizer step and reduce their gradients once per step;
    those two costs are spread over ``microbatches_per_step``.
+   Replicas planned every microbatch into per-layer buffers (``quota`` with
+   ``ManagerConfig.buffer_layers``; the ``"layer"`` lifetime) keep each layer's slots between
+   microbatches. The forward copies only the slots whose expert changed, except in the first
+   microbatch of an optimizer step, which copies every replica because the weights changed. The
+   backward needs no re-sync. Gradients are reduced every microbatch because the placement changes.
+   Per microbatch that is ``sync = sync_all / m + sync_changed * (m - 1) / m`` in training with
+   ``m = microbatches_per_step`` and ``sync_changed`` in prefill. The buffers cost
+   ``redundant_slots_per_rank`` expert copies per layer and rank, the memory of the persistent policies.
 6. Ideal: every rank sends and receives the mean of ``A_r`` and holds its ``experts_per_rank`` masters
    with ``mean / experts_per_rank`` assignments each. No planner, sync, re-sync or gradient reduce.
    The ideal is never slower than a policy whose slowest rank runs at least ``experts_per_rank``
@@ -97,7 +105,7 @@ __all__ = [
 
 MODES = ("train", "prefill")
 SYNC_SCHEMES = ("direct", "relay", "auto")
-REPLICA_LIFETIMES = ("microbatch", "persistent")
+REPLICA_LIFETIMES = ("microbatch", "layer", "persistent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,17 +378,18 @@ def layer_costs(
       (row sums of the load matrix).
     assignment_scale: ``sigma``, model assignments per trace assignment.
     planner_time_s: planner time on the critical path per layer and microbatch (forward only).
-    replica_lifetime: ``"microbatch"`` (replicas refilled every microbatch) or ``"persistent"``
-      (replicas stay until the placement changes).
-    synced: [num_samples, num_ranks, redundant_slots_per_rank] bool, CPU, or None. For persistent
-      replicas, the slots whose expert changed in this sample; required for ``"persistent"`` and
-      ignored for ``"microbatch"`` (every filled slot is synced).
+    replica_lifetime: ``"microbatch"`` (replicas refilled every microbatch in buffers shared by all
+      layers), ``"layer"`` (replicas planned every microbatch into per-layer buffers) or
+      ``"persistent"`` (replicas stay until the placement changes); see formula 5.
+    synced: [num_samples, num_ranks, redundant_slots_per_rank] bool, CPU, or None. The slots whose
+      expert changed in this sample; required for ``"layer"`` and ``"persistent"`` and ignored for
+      ``"microbatch"`` (every filled slot is synced).
     """
     _check_cost_inputs(quota, replica_expert_ids, source_load, layout, assignment_scale, planner_time_s)
     if replica_lifetime not in REPLICA_LIFETIMES:
         raise ValueError(f"replica_lifetime must be one of {list(REPLICA_LIFETIMES)}, got {replica_lifetime!r}")
-    if replica_lifetime == "persistent" and synced is None:
-        raise ValueError("replica_lifetime='persistent' needs synced, the mask of slots whose expert changed")
+    if replica_lifetime != "microbatch" and synced is None:
+        raise ValueError(f"replica_lifetime={replica_lifetime!r} needs synced, the mask of slots whose expert changed")
     num_samples = quota.shape[0]
     training = settings.mode == "train"
     replica_quota = quota.view(num_samples, layout.num_ranks, layout.slots_per_rank)[:, :, layout.experts_per_rank :]
@@ -412,6 +421,17 @@ def layer_costs(
         sync, sync_bytes = all_sync, all_copy_bytes
         resync = all_sync if training else zeros
         resync_bytes = all_copy_bytes if training else zeros
+    elif replica_lifetime == "layer":
+        moved_traffic = replica_sync_traffic(replica_expert_ids, synced & filled, layout, weight_bytes, hardware.domain_size, settings)
+        moved_sync = sync_time(moved_traffic, hardware, settings)
+        moved_bytes = moved_traffic.num_copies.to(torch.float64) * weight_bytes
+        if training:
+            per_step = float(settings.microbatches_per_step)
+            sync = all_sync / per_step + moved_sync * (per_step - 1) / per_step
+            sync_bytes = all_copy_bytes / per_step + moved_bytes * (per_step - 1) / per_step
+        else:
+            sync, sync_bytes = moved_sync, moved_bytes
+        resync, resync_bytes = zeros, zeros
     else:
         moved_traffic = replica_sync_traffic(replica_expert_ids, synced & (replica_expert_ids >= 0), layout, weight_bytes, hardware.domain_size, settings)
         sync = sync_time(moved_traffic, hardware, settings)

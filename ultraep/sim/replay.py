@@ -76,6 +76,7 @@ DEFAULT_BASELINE_SLOTS = (2,)
 # the periodic baselines on short traces.
 DEFAULT_EPLB_WINDOW = 4
 DEFAULT_EPLB_INTERVAL = 4
+QUOTA_BUFFERS = ("shared", "layer")
 
 
 # Policies.
@@ -94,7 +95,9 @@ class PolicySpec:
     settings: tuple[tuple[str, object], ...] = ()
     """Planner settings as ``(name, value)`` pairs."""
     replica_lifetime: str = "microbatch"
-    """``"microbatch"``: replicas are refilled every microbatch. ``"persistent"``: they stay until the
+    """``"microbatch"``: replicas are refilled every microbatch in buffers shared by all layers.
+    ``"layer"``: planned every microbatch into per-layer buffers, so a replica that stays in its slot
+    is not copied again while the weights are unchanged. ``"persistent"``: they stay until the
     placement changes."""
     planner_on_critical_path: bool = True
     """False for planners that re-place periodically in the background (``eplb``)."""
@@ -119,16 +122,29 @@ def default_policies(
     *,
     eplb_window: int = DEFAULT_EPLB_WINDOW,
     eplb_interval: int = DEFAULT_EPLB_INTERVAL,
+    quota_buffers: Sequence[str] = QUOTA_BUFFERS,
 ) -> tuple[PolicySpec, ...]:
-    """Return ``none``, then ``eplb`` and ``lp_reroute`` per baseline slot count, then ``quota`` per slot count."""
+    """Return ``none``, then ``eplb`` and ``lp_reroute`` per baseline slot count, then ``quota`` per slot count.
+
+    quota_buffers: ``"shared"`` adds ``quota s=N``, with one redundant-slot buffer set for all layers
+    (the runtime's default). ``"layer"`` adds ``quota s=N layer-buffers``, with one set per layer
+    (``ManagerConfig.buffer_layers``), which is the memory the persistent policies use.
+    """
+    unknown = sorted(set(quota_buffers) - set(QUOTA_BUFFERS))
+    if unknown or not quota_buffers:
+        raise ValueError(f"quota_buffers must name some of {list(QUOTA_BUFFERS)}, got {list(quota_buffers)}")
     periodic = (("window", eplb_window), ("interval", eplb_interval))
     policies = [PolicySpec("none", "none", 0, planner_on_critical_path=False)]
     for slots in baseline_slots:
         policies.append(PolicySpec(f"eplb s={slots}", "eplb", slots, periodic, "persistent", planner_on_critical_path=False))
     for slots in baseline_slots:
         policies.append(PolicySpec(f"lp_reroute s={slots}", "lp_reroute", slots, periodic, "persistent"))
-    for slots in quota_slots:
-        policies.append(PolicySpec(f"quota s={slots}", "quota", slots))
+    for buffers in (b for b in QUOTA_BUFFERS if b in quota_buffers):
+        for slots in quota_slots:
+            if buffers == "shared":
+                policies.append(PolicySpec(f"quota s={slots}", "quota", slots))
+            else:
+                policies.append(PolicySpec(f"quota s={slots} layer-buffers", "quota", slots, (), "layer"))
     return tuple(policies)
 
 
