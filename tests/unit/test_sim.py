@@ -552,11 +552,39 @@ def test_layer_buffers_copy_changed_slots_and_skip_resync(mode, microbatches_per
         assert costs.grad_reduce_s.tolist() == [30.0]
 
 
+@pytest.mark.parametrize(
+    ("mode", "total"),
+    [
+        # Rank 1 runs its master (5 s) while the copy (15 s) arrives, then its replica (5 s):
+        # 4 + max(5, 15) + 5 + 4 = 28 against 18 without the sync, so 10 s of the sync are exposed.
+        # Rank 0 has no replica and does not wait: 4 + 9 + 4 = 17. Total = planner 2 + 10 + 18.
+        pytest.param("prefill", 30.0, id="prefill"),
+        # Training adds the unchanged backward: 108 - 15 + 10.
+        pytest.param("train", 103.0, id="train"),
+    ],
+)
+def test_overlapped_sync_hides_behind_master_gemm(mode, total):
+    settings = dataclasses.replace(tiny_settings(mode), overlap_sync=True)
+    costs = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings, planner_time_s=2.0
+    )
+    assert costs.sync_s.tolist() == [10.0]
+    assert costs.forward_s.tolist() == [18.0]
+    assert costs.total_s.tolist() == [total]
+    none = layer_costs(NONE_QUOTA, NONE_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings)
+    assert none.total_s.tolist() == layer_costs(
+        NONE_QUOTA, NONE_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, tiny_settings(mode)
+    ).total_s.tolist()
+    with pytest.raises(TypeError, match="overlap_sync must be a bool"):
+        CostSettings(overlap_sync=1)
+
+
 def test_default_policies_offer_both_quota_buffers():
     labels = [spec.label for spec in default_policies((1, 2), (2,))]
     assert labels[-4:] == ["quota s=1", "quota s=2", "quota s=1 layer-buffers", "quota s=2 layer-buffers"]
     lifetimes = {spec.label: spec.replica_lifetime for spec in default_policies((2,), (2,), quota_buffers=("layer",))}
-    assert lifetimes["quota s=2 layer-buffers"] == "layer" and "quota s=2" not in lifetimes
+    assert lifetimes["quota s=2 layer-buffers"] == "layer"
+    assert "quota s=2" not in lifetimes
     with pytest.raises(ValueError, match="quota_buffers must name some of"):
         default_policies((2,), (2,), quota_buffers=("global",))
 

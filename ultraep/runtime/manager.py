@@ -19,8 +19,10 @@ flight at once (pipeline parallelism).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import hashlib
 import logging
 import time
@@ -94,6 +96,14 @@ class ManagerConfig:
     for layer ids 0..N-1 (N times the memory): the backward re-sync finds the replicas in place and
     copies nothing, and with ``reuse_cached_weights`` a slot that contains the same expert at the same
     weight version in the next microbatch (inference, gradient accumulation) is not copied again."""
+    overlap_sync: bool = False
+    """Run the forward weight sync on a background thread over a second process group, so it overlaps
+    the dispatch all-to-all and the master experts' compute. Code that reads replica weights calls
+    :meth:`ReplicaManager.wait_replicas` first, as :class:`~ultraep.runtime.MoELayer` does. The backward
+    re-sync and the grad reduce stay on the calling thread.
+
+    NOTE: tested with gloo on CPU only. With NCCL the copies are queued on the sync thread's CUDA
+    stream, and nothing here yet makes the compute stream wait for that stream."""
     record_timings: bool = False
     """Record host wall time of each phase per layer in ``ReplicaManager.timings[phase][layer_id]``
     (phases ``count``, ``gather``, ``plan``, ``plan_check``, ``reroute``, ``sync_forward``,
@@ -240,6 +250,7 @@ class ReplicaManager:
         planner: Planner | None = None,
         config: ManagerConfig | None = None,
         group: dist.ProcessGroup | None = None,
+        sync_group: dist.ProcessGroup | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -250,6 +261,10 @@ class ReplicaManager:
           weights (for SwiGLU: ``[(hidden, ffn), (hidden, ffn), (ffn, hidden)]``); shared by all layers.
         planner: the balancing planner; ``None`` means :class:`~ultraep.planners.QuotaPlanner` defaults.
         group: the EP process group; ``None`` is the default group, which must be initialized.
+        sync_group: with ``config.overlap_sync``, a second process group over the same ranks in the same
+          order, used only by the background forward sync. ``None`` creates one with
+          ``torch.distributed.new_group``, which every process of the default group must enter, so
+          build the managers on every process in the same order.
         dtype, device: of the expert weights and of every buffer.
         """
         if not isinstance(layout, ExpertLayout):
@@ -293,6 +308,21 @@ class ReplicaManager:
         # in the same order.
         self._held: list[list[list[tuple[int, int, int] | None]]] = self._empty_held()
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
+        # The forward sync running in the background: (layer_id, microbatch_id), its future.
+        self._pending_sync: tuple[tuple[int, int], concurrent.futures.Future] | None = None
+        self._sync_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.sync_group: dist.ProcessGroup | None = None
+        if self.config.overlap_sync:
+            if sync_group is None:
+                ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world_size))
+                sync_group = dist.new_group(ranks=ranks)
+            elif dist.get_world_size(sync_group) != world_size:
+                raise ValueError(
+                    f"sync_group has {dist.get_world_size(sync_group)} ranks but the EP group has {world_size}; "
+                    "build it over the same ranks in the same order, or pass None to create one"
+                )
+            self.sync_group = sync_group
+            self._sync_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ultraep-sync")
         self._versions: dict[int, _LayerVersion] = {}
         self.stats: dict[int, LayerStats] = {}
         self.timings: dict[str, dict[int, list[float]]] = {}  # phase -> layer_id -> seconds per call
@@ -339,6 +369,7 @@ class ReplicaManager:
         Raises :class:`RankAgreementError` on every rank when ranks disagree or any rank rejected its
         input; the rejecting rank raises its own ``TypeError``/``ValueError``/``RuntimeError`` instead.
         """
+        self._finish_pending_sync()
         layout = self.layout
         key = (layer_id, microbatch_id)
         start = self._clock()
@@ -419,15 +450,32 @@ class ReplicaManager:
         Every returned view must feed the output that passes through :meth:`resync_on_backward`.
         The views stay valid until another layer or microbatch is synced; the backward re-syncs them.
 
-        Collective over the EP group, like :meth:`route`.
+        Collective over the EP group, like :meth:`route`. With ``ManagerConfig.overlap_sync`` the copies
+        run in the background after this returns: call :meth:`wait_replicas` before reading the views.
         """
+        self._finish_pending_sync()
         state = self._state(routing.key, "replicate")
         if state.expects_reduce:
             return Replicate.apply(self, routing.key, *state.master_weights)
         # No gradient reaches the masters (or there are no redundant slots): no autograd bookkeeping.
         if self.layout.redundant_slots_per_rank > 0:
-            self._sync(routing.key, phase="forward")
+            self._sync(routing.key, phase="forward", background=self.config.overlap_sync)
         return self.spec.row_views(self.slot_weights(routing.layer_id))
+
+    def wait_replicas(self, routing: Routing) -> None:
+        """Block until the forward weight sync started by :meth:`replicate` for ``routing`` has finished.
+
+        Returns at once when no sync runs in the background (``overlap_sync`` off, or already done).
+        Raises the sync's :class:`~ultraep.comm.CommunicationError` if it failed. Local: the copies
+        themselves are collective and were started on every rank by :meth:`replicate`.
+        """
+        pending = self._pending_sync
+        if pending is not None and pending[0] != routing.key:
+            raise RuntimeError(
+                f"wait_replicas for layer {routing.layer_id} microbatch {routing.microbatch_id}, but the sync in "
+                f"flight is for layer {pending[0][0]} microbatch {pending[0][1]}; call it after that layer's replicate()"
+            )
+        self._finish_pending_sync()
 
     def slot_weights(self, layer_id: int) -> torch.Tensor:
         """Return the [redundant_slots_per_rank, numel] buffer of ``layer_id``'s replicas on this rank."""
@@ -440,6 +488,7 @@ class ReplicaManager:
         Call it once per :meth:`route`, after :meth:`replicate`. When ``expert_output`` needs no
         gradient, no backward will run for this layer and microbatch, so its state is released here.
         """
+        self._finish_pending_sync()
         self._state(routing.key, "resync_on_backward")
         if expert_output.requires_grad and torch.is_grad_enabled():
             return ResyncOnBackward.apply(self, routing.key, expert_output)
@@ -448,10 +497,12 @@ class ReplicaManager:
 
     def release(self, layer_id: int, microbatch_id: int) -> None:
         """Drop the state of a layer and microbatch whose backward will not run. Local, no communication."""
+        self._finish_pending_sync()
         self._in_flight.pop((layer_id, microbatch_id), None)
 
     def release_all(self) -> None:
         """Drop the state of every layer and microbatch in flight. Local, no communication."""
+        self._finish_pending_sync()
         self._in_flight.clear()
 
     def in_flight(self) -> list[tuple[int, int]]:
@@ -464,15 +515,34 @@ class ReplicaManager:
         Call it on every rank after changing master weights in a way autograd does not see
         (assigning ``.data``, writing through a detached alias). Local, no communication.
         """
+        self._finish_pending_sync()
+        self._forget_cached_weights()
+
+    def _forget_cached_weights(self) -> None:
         self._held = self._empty_held()
         for version in self._versions.values():
             version.epoch += 1
 
+    def _finish_pending_sync(self) -> None:
+        """Wait for the background forward sync, if any; every other phase runs after it."""
+        if self._pending_sync is None:
+            return
+        key, future = self._pending_sync
+        self._pending_sync = None
+        start = self._clock()
+        future.result()
+        self._record("sync_wait", key[0], start)
+
     # ------------------------------------------------------------------------------------------
     # Phases run from the autograd functions.
 
-    def _sync(self, key: tuple[int, int], *, phase: str) -> None:
-        """Fill the redundant slots of all ranks for ``key``, skipping slots that hold current weights."""
+    def _sync(self, key: tuple[int, int], *, phase: str, background: bool = False) -> None:
+        """Fill the redundant slots of all ranks for ``key``, skipping slots that hold current weights.
+
+        background: run the transfers on the sync thread over ``sync_group`` and return at once;
+        :meth:`_finish_pending_sync` waits for them.
+        """
+        self._finish_pending_sync()
         start = self._clock()
         state = self._state(key, f"weight sync ({phase})")
         layout = self.layout
@@ -494,24 +564,36 @@ class ReplicaManager:
                     targets[(rank, idx)] = target
             needs_copy.append(flags)
 
-        # Step 2: plan and run the transfers; on failure nothing in the buffers can be trusted.
+        # Step 2: plan the transfers, then run them here or on the sync thread.
         sync_plan = plan_weight_sync(
             layout, replica_ids, needs_copy=needs_copy, mode=self.config.sync_mode, num_chunks=self.config.num_chunks
         )
+        group = self.sync_group if background else self.group
+        run = functools.partial(self._run_sync, key, phase, group, state.master_weights, sync_plan, targets, held, start)
+        if background:
+            self._pending_sync = (key, self._sync_executor.submit(run))
+        else:
+            run()
+
+    def _run_sync(self, key, phase, group, master_weights, sync_plan, targets, held, start) -> None:
+        """Run one sync plan over ``group`` and record what the slots now contain.
+
+        On failure nothing in the slots can be trusted, so every cached record is dropped.
+        """
         try:
             execute_weight_sync(
                 sync_plan,
-                layout=layout,
+                layout=self.layout,
                 spec=self.spec,
                 rank=self.rank,
-                master_weights=state.master_weights,
+                master_weights=master_weights,
                 replica_buffer=self.slot_weights(key[0]),
-                group=self.group,
+                group=group,
                 timeout=self.timeout,
                 description=f"weight sync ({phase}) of layer {key[0]} microbatch {key[1]}",
             )
         except CommunicationError:
-            self.invalidate_cached_weights()
+            self._forget_cached_weights()
             raise
         for (rank, idx), target in targets.items():
             held[rank][idx] = target
@@ -535,6 +617,7 @@ class ReplicaManager:
 
     def _reduce(self, key: tuple[int, int], replica_grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Grad reduce for ``key`` (phase 7); returns this rank's master gradients (``None`` = zero)."""
+        self._finish_pending_sync()
         start = self._clock()
         state = self._state(key, "grad reduce")
         layout = self.layout

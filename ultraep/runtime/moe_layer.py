@@ -202,7 +202,9 @@ class MoELayer(nn.Module):
         # Step 2: count, gather, plan, reroute.
         routing = manager.route(self.layer_id, microbatch_id, topk_ids, self.master_weights(), balance=self.balance)
 
-        # Step 3: dispatch, grouped by destination rank then slot (physical slot ids sort that way).
+        # Step 3: start the weight sync (in the background with overlap_sync), then dispatch, grouped by
+        # destination rank then slot (physical slot ids sort that way).
+        replica_weights = manager.replicate(routing)
         order = torch.argsort(routing.slot_ids.reshape(-1), stable=True)  # [num_tokens * topk]
         send_x = x[order // topk]  # [num_tokens * topk, hidden_size]
         recv_x = all_to_all(
@@ -210,8 +212,7 @@ class MoELayer(nn.Module):
             group=manager.group, timeout=manager.timeout, description=f"dispatch all-to-all of {where}",
         )  # [num_received, hidden_size], grouped by source rank, then slot
 
-        # Step 4: experts, one local slot at a time (masters first, then redundant slots).
-        replica_weights = manager.replicate(routing)
+        # Step 4: experts, one local slot at a time: masters first, then, once the sync is done, redundant slots.
         spr = layout.slots_per_rank
         local_slot = torch.repeat_interleave(
             torch.arange(spr).repeat(layout.num_ranks), routing.recv_slot_counts.reshape(-1)
@@ -223,6 +224,8 @@ class MoELayer(nn.Module):
             if local_idx < layout.experts_per_rank:
                 weights = (self.w_gate[local_idx], self.w_up[local_idx], self.w_down[local_idx])
             else:
+                if local_idx == layout.experts_per_rank:
+                    manager.wait_replicas(routing)
                 weights = tuple(w[local_idx - layout.experts_per_rank] for w in replica_weights)
             # Empty slots run too (0 rows): every replica weight view must reach the output so grad
             # reduce runs, and every rank builds the same autograd graph, so collectives stay in order.

@@ -46,7 +46,7 @@ class Replicate(torch.autograd.Function):
     def forward(ctx, manager: ReplicaManager, key: tuple[int, int], *master_weights: torch.Tensor):
         ctx.manager = manager
         ctx.key = key
-        manager._sync(key, phase="forward")
+        manager._sync(key, phase="forward", background=manager.config.overlap_sync)
         # NOTE: fresh alias, so later writes by other layers do not bump these views' version counter.
         return manager.spec.row_views(manager.slot_weights(key[0]))
 

@@ -115,6 +115,11 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-scheme", default="auto", choices=SYNC_SCHEMES, help="replica weight sync (default auto)")
     parser.add_argument("--microbatches-per-step", type=int, default=1, help="microbatches per optimizer step (default 1)")
     parser.add_argument(
+        "--overlap-sync",
+        action="store_true",
+        help="run the forward weight sync in the background behind the masters' GEMM, as ManagerConfig.overlap_sync does",
+    )
+    parser.add_argument(
         "--hide-backward-replica-traffic",
         action="store_true",
         help="leave backward re-sync and gradient reduce off the critical path (optimistic bound for perfect overlap)",
@@ -162,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
         sync_scheme=args.sync_scheme,
         microbatches_per_step=args.microbatches_per_step,
         hide_backward_replica_traffic=args.hide_backward_replica_traffic,
+        overlap_sync=args.overlap_sync,
     )
     policies = default_policies(
         _parse_slots(args.quota_slots, "--quota-slots"),
@@ -176,6 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         f"ultraep simulate: {hardware.display_name}, EP{args.ranks} requested, mode {args.mode}; efficiency "
         f"gemm {efficiency.gemm}, hbm {efficiency.hbm}, nvlink {efficiency.nvlink}, network {efficiency.network}; "
         f"weight sync {settings.sync_scheme}; {settings.microbatches_per_step} microbatch(es) per optimizer step; "
+        f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}; "
         f"backward replica traffic {'hidden (optimistic)' if settings.hide_backward_replica_traffic else 'on the critical path'}; "
         f"{args.threads} CPU thread(s)."
     )

@@ -50,7 +50,12 @@ Formulas:
    (``grad_bytes_per_param`` per parameter) back to its master, so it is the sync formula with
    ``W * grad_bytes_per_param / 2`` bytes per copy.
 5. Layer time (the slowest rank sets it):
-   forward ``= planner + sync + max_r (D_r + G_r + C_r)``;
+   forward ``= planner + sync + max_r (D_r + G_r + C_r)``, or with ``overlap_sync`` (the runtime's
+   ``ManagerConfig.overlap_sync``, the forward sync in the background)
+   ``planner + max_r (D_r + max(Gm_r, sync) + Gr_r + C_r)``, where ``Gm_r`` and ``Gr_r`` are the
+   GEMM times of rank ``r``'s masters and replicas: the replicas start once every copy has arrived
+   and the masters' GEMM has run. A rank without replica work waits for no copy. The sync is counted from the end of the dispatch although the
+   runtime starts it before, because both share the links;
    training adds ``resync + max_r (D_r + 2 G_r + C_r) + grad_reduce``; with
    ``hide_backward_replica_traffic`` the re-sync and the gradient reduce are left out (an optimistic
    bound for perfect overlap with other layers' backward work).
@@ -132,6 +137,9 @@ class CostSettings:
     """Chunks per expert copy when relaying; one chunk time is added for the relay hop."""
     microbatches_per_step: int = 1
     """Microbatches per optimizer step; persistent replicas refresh and reduce once per step."""
+    overlap_sync: bool = False
+    """Run the forward weight sync in the background, behind the masters' GEMM (formula 5), as the
+    runtime does with ``ManagerConfig.overlap_sync``."""
     hide_backward_replica_traffic: bool = False
     """Leave the backward re-sync (or refresh) and the gradient reduce off the critical path, as if they
     overlapped perfectly with other layers' backward work. An optimistic bound; their bytes still count."""
@@ -141,6 +149,8 @@ class CostSettings:
             raise ValueError(f"CostSettings.mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.sync_scheme not in SYNC_SCHEMES:
             raise ValueError(f"CostSettings.sync_scheme must be one of {list(SYNC_SCHEMES)}, got {self.sync_scheme!r}")
+        if not isinstance(self.overlap_sync, bool):
+            raise TypeError(f"CostSettings.overlap_sync must be a bool, got {type(self.overlap_sync).__name__}")
         if not isinstance(self.hide_backward_replica_traffic, bool):
             raise TypeError(
                 "CostSettings.hide_backward_replica_traffic must be a bool, got "
@@ -399,7 +409,8 @@ def layer_costs(
     # Step 1: dispatch, grouped GEMM and combine on every rank.
     instance_quota = quota.to(torch.float64).view(num_samples, layout.num_ranks, layout.slots_per_rank) * assignment_scale
     rank_load = instance_quota.sum(dim=2)  # [num_samples, num_ranks]
-    gemm = instance_gemm_time(instance_quota, model, hardware, settings).sum(dim=2)
+    instance_gemm = instance_gemm_time(instance_quota, model, hardware, settings)  # [num_samples, num_ranks, slots_per_rank]
+    gemm = instance_gemm.sum(dim=2)
     dispatch, combine = _all_to_all_times(source_load.to(torch.float64) * assignment_scale, rank_load, model, hardware, settings)
     forward = (dispatch + gemm + combine).max(dim=1).values
     backward = (dispatch + 2 * gemm + combine).max(dim=1).values if training else torch.zeros(num_samples, dtype=torch.float64)
@@ -442,7 +453,17 @@ def layer_costs(
         grad_reduce = grad_reduce / per_step
         grad_copy_bytes = grad_copy_bytes / per_step
 
-    # Step 3: the layer's critical path.
+    # Step 3: the layer's critical path. With the sync in the background only the part of it that
+    # outlasts the masters' GEMM on the slowest rank is exposed; sync_s reports that part.
+    if settings.overlap_sync:
+        master_gemm = instance_gemm[:, :, : layout.experts_per_rank].sum(dim=2)
+        replica_gemm = instance_gemm[:, :, layout.experts_per_rank :].sum(dim=2)
+        # A rank without replica work does not wait for the copies.
+        expert_phase = torch.where(
+            replica_gemm > 0, torch.maximum(master_gemm, sync[:, None]) + replica_gemm, master_gemm + replica_gemm
+        )
+        overlapped = dispatch + expert_phase + combine
+        sync = overlapped.max(dim=1).values - forward
     planner = torch.full((num_samples,), float(planner_time_s), dtype=torch.float64)
     total = planner + sync + forward
     if training:
