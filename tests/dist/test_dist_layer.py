@@ -199,3 +199,34 @@ def _lifecycle_worker(rank: int, world_size: int) -> None:
 
 def test_state_released_in_every_mode(tmp_path):
     run_ranks(_lifecycle_worker, 2, tmp_path)
+
+
+def _overlap_equivalence_worker(rank: int, world_size: int, buffer_layers: int) -> dict:
+    blocking = make_manager(world_size, redundant_slots_per_rank=1)
+    overlapped = make_manager(
+        world_size, redundant_slots_per_rank=1, overlap_sync=True, overlap_grad_reduce=True, buffer_layers=buffer_layers,
+        record_timings=True,
+    )
+    reference = _train_step(blocking, True, rank, num_tokens=40)
+    unbalanced = _train_step(overlapped, False, rank, num_tokens=40)
+    balanced = _train_step(overlapped, True, rank, num_tokens=40)
+    assert balanced["in_flight"] == []
+    assert overlapped._pending_reduces == []
+    # Both layers synced and reduced in the background; the backward's end added the reduced gradients.
+    assert sorted(overlapped.timings["sync_wait"]) == [0, 1]
+    assert list(overlapped.timings["reduce_wait"]) == [0]
+    for other, name in ((reference, "blocking sync and reduce"), (unbalanced, "no balancing")):
+        assert_close_rel(balanced["out"], other["out"], f"output against {name}")
+        assert_close_rel(balanced["x_grad"], other["x_grad"], f"input gradient against {name}")
+        for idx, (a, b) in enumerate(zip(balanced["expert_grads"], other["expert_grads"], strict=True)):
+            assert_close_rel(a, b, f"master gradient {idx} against {name}")
+        for idx, (a, b) in enumerate(zip(balanced["params_after_step"], other["params_after_step"], strict=True)):
+            assert_close_rel(a, b, f"parameter {idx} after the step against {name}")
+    assert all(num_replicas > 0 for num_replicas, _, _ in balanced["stats"].values())
+    return balanced["stats"]
+
+
+@pytest.mark.parametrize(("world_size", "buffer_layers"), [(2, 0), (4, 2)], ids=["two_ranks_shared", "four_ranks_layer_buffers"])
+def test_overlapped_sync_and_reduce_match_blocking(tmp_path, world_size, buffer_layers):
+    stats = run_ranks(_overlap_equivalence_worker, world_size, tmp_path, buffer_layers)
+    assert all(s == stats[0] for s in stats)

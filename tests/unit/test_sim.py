@@ -579,6 +579,26 @@ def test_overlapped_sync_hides_behind_master_gemm(mode, total):
         CostSettings(overlap_sync=1)
 
 
+def test_overlapped_grad_reduce_hides_behind_backward():
+    settings = dataclasses.replace(tiny_settings("train"), overlap_grad_reduce=True)
+    costs = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings, planner_time_s=2.0
+    )
+    # The 30 s reduce runs behind the shortest backward GEMM of any rank: rank 0's 2 x 9 = 18 s (rank 1
+    # has 2 x 10). The all-to-all does not cover it. 12 s stay exposed: 108 - 30 + 12.
+    assert costs.backward_s.tolist() == [28.0]
+    assert costs.grad_reduce_s.tolist() == [12.0]
+    assert costs.total_s.tolist() == [90.0]
+    assert costs.bytes_moved.tolist() == [240.0]
+    prefill = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE,
+        dataclasses.replace(tiny_settings("prefill"), overlap_grad_reduce=True), planner_time_s=2.0,
+    )
+    assert prefill.total_s.tolist() == [35.0]
+    with pytest.raises(TypeError, match="overlap_grad_reduce must be a bool"):
+        CostSettings(overlap_grad_reduce=1)
+
+
 def test_default_policies_offer_both_quota_buffers():
     labels = [spec.label for spec in default_policies((1, 2), (2,))]
     assert labels[-4:] == ["quota s=1", "quota s=2", "quota s=1 layer-buffers", "quota s=2 layer-buffers"]

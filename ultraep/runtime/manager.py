@@ -104,6 +104,11 @@ class ManagerConfig:
 
     NOTE: tested with gloo on CPU only. With NCCL the copies are queued on the sync thread's CUDA
     stream, and nothing here yet makes the compute stream wait for that stream."""
+    overlap_grad_reduce: bool = False
+    """Run grad reduce on the background thread after the layer's backward, so it overlaps the backward
+    of the layers below. The reduced gradients are added to the master weights' ``.grad`` when the
+    backward pass ends (an autograd end-of-backward callback), in layer order. Needs leaf master
+    weights that require grad; other layers reduce on the calling thread. Tested with gloo on CPU."""
     record_timings: bool = False
     """Record host wall time of each phase per layer in ``ReplicaManager.timings[phase][layer_id]``
     (phases ``count``, ``gather``, ``plan``, ``plan_check``, ``reroute``, ``sync_forward``,
@@ -261,8 +266,8 @@ class ReplicaManager:
           weights (for SwiGLU: ``[(hidden, ffn), (hidden, ffn), (ffn, hidden)]``); shared by all layers.
         planner: the balancing planner; ``None`` means :class:`~ultraep.planners.QuotaPlanner` defaults.
         group: the EP process group; ``None`` is the default group, which must be initialized.
-        sync_group: with ``config.overlap_sync``, a second process group over the same ranks in the same
-          order, used only by the background forward sync. ``None`` creates one with
+        sync_group: with ``config.overlap_sync`` or ``config.overlap_grad_reduce``, a second process group
+          over the same ranks in the same order, used only by the background thread. ``None`` creates one with
           ``torch.distributed.new_group``, which every process of the default group must enter, so
           build the managers on every process in the same order.
         dtype, device: of the expert weights and of every buffer.
@@ -312,7 +317,10 @@ class ReplicaManager:
         self._pending_sync: tuple[tuple[int, int], concurrent.futures.Future] | None = None
         self._sync_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.sync_group: dist.ProcessGroup | None = None
-        if self.config.overlap_sync:
+        # Reduces started in the background: (layer_id, microbatch_id), future, master weights.
+        self._pending_reduces: list[tuple[tuple[int, int], concurrent.futures.Future, tuple[torch.Tensor, ...]]] = []
+        self._reduce_callback_queued = False
+        if self.config.overlap_sync or self.config.overlap_grad_reduce:
             if sync_group is None:
                 ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world_size))
                 sync_group = dist.new_group(ranks=ranks)
@@ -618,6 +626,44 @@ class ReplicaManager:
     def _reduce(self, key: tuple[int, int], replica_grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Grad reduce for ``key`` (phase 7); returns this rank's master gradients (``None`` = zero)."""
         self._finish_pending_sync()
+        return self._reduce_body(key, replica_grads, self.group)
+
+    def _reduces_in_background(self, key: tuple[int, int]) -> bool:
+        """Whether ``key``'s grad reduce may run on the background thread (see ``overlap_grad_reduce``)."""
+        if not self.config.overlap_grad_reduce:
+            return False
+        weights = self._state(key, "grad reduce").master_weights
+        return all(w.is_leaf and w.requires_grad for w in weights)
+
+    def _start_reduce(self, key: tuple[int, int], replica_grads: Sequence[torch.Tensor | None]) -> None:
+        """Queue ``key``'s grad reduce on the background thread; the backward's end adds its result."""
+        weights = self._state(key, "grad reduce").master_weights
+        future = self._sync_executor.submit(self._reduce_body, key, tuple(replica_grads), self.sync_group)
+        self._pending_reduces.append((key, future, weights))
+        if not self._reduce_callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_reduces)
+            self._reduce_callback_queued = True
+
+    def _finish_reduces(self) -> None:
+        """Wait for the background reduces and add their master gradients to ``.grad``, oldest first."""
+        pending, self._pending_reduces = self._pending_reduces, []
+        self._reduce_callback_queued = False
+        start = self._clock()
+        with torch.no_grad():
+            for key, future, weights in pending:
+                for weight, grad in zip(weights, future.result(), strict=True):
+                    if grad is None:
+                        continue
+                    if weight.grad is None:
+                        weight.grad = grad
+                    else:
+                        weight.grad.add_(grad)
+        if pending:
+            self._record("reduce_wait", pending[-1][0][0], start)
+
+    def _reduce_body(
+        self, key: tuple[int, int], replica_grads: Sequence[torch.Tensor | None], group: dist.ProcessGroup | None
+    ) -> list[torch.Tensor | None]:
         start = self._clock()
         state = self._state(key, "grad reduce")
         layout = self.layout
@@ -651,7 +697,7 @@ class ReplicaManager:
             replica_grad_buffer=self.replica_grads,
             master_grads=master_grads,
             scratch=self.reduce_scratch,
-            group=self.group,
+            group=group,
             timeout=self.timeout,
             description=f"grad reduce of layer {key[0]} microbatch {key[1]}",
         )

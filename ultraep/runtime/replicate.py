@@ -52,7 +52,12 @@ class Replicate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *replica_grads: torch.Tensor):
-        master_grads = ctx.manager._reduce(ctx.key, replica_grads)
+        manager = ctx.manager
+        if manager._reduces_in_background(ctx.key):
+            # The reduced gradients reach the masters' .grad when the backward pass ends.
+            manager._start_reduce(ctx.key, replica_grads)
+            return (None, None, *([None] * len(replica_grads)))
+        master_grads = manager._reduce(ctx.key, replica_grads)
         return (None, None, *master_grads)
 
 

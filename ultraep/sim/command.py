@@ -120,6 +120,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the forward weight sync in the background behind the masters' GEMM, as ManagerConfig.overlap_sync does",
     )
     parser.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="run the gradient reduce in the background behind the next layer's backward GEMMs, as "
+        "ManagerConfig.overlap_grad_reduce does",
+    )
+    parser.add_argument(
         "--hide-backward-replica-traffic",
         action="store_true",
         help="leave backward re-sync and gradient reduce off the critical path (optimistic bound for perfect overlap)",
@@ -168,6 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         microbatches_per_step=args.microbatches_per_step,
         hide_backward_replica_traffic=args.hide_backward_replica_traffic,
         overlap_sync=args.overlap_sync,
+        overlap_grad_reduce=args.overlap_grad_reduce,
     )
     policies = default_policies(
         _parse_slots(args.quota_slots, "--quota-slots"),
@@ -183,6 +190,7 @@ def _run(args: argparse.Namespace) -> int:
         f"gemm {efficiency.gemm}, hbm {efficiency.hbm}, nvlink {efficiency.nvlink}, network {efficiency.network}; "
         f"weight sync {settings.sync_scheme}; {settings.microbatches_per_step} microbatch(es) per optimizer step; "
         f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}; "
+        f"gradient reduce {'in the background' if settings.overlap_grad_reduce else 'after the backward'}; "
         f"backward replica traffic {'hidden (optimistic)' if settings.hide_backward_replica_traffic else 'on the critical path'}; "
         f"{args.threads} CPU thread(s)."
     )

@@ -54,7 +54,12 @@ Formulas:
    ``ManagerConfig.overlap_sync``, the forward sync in the background)
    ``planner + max_r (D_r + max(Gm_r, sync) + Gr_r + C_r)``, where ``Gm_r`` and ``Gr_r`` are the
    GEMM times of rank ``r``'s masters and replicas: the replicas start once every copy has arrived
-   and the masters' GEMM has run. A rank without replica work waits for no copy. The sync is counted from the end of the dispatch although the
+   and the masters' GEMM has run. A rank without replica work waits for no copy. With
+   ``overlap_grad_reduce`` the gradient reduce runs behind the backward GEMMs of the layer below, and
+   only ``max(0, grad_reduce - min_r 2 G_r)`` stays on the critical path. Only the GEMMs count as
+   cover because the backward all-to-all uses the same links; this layer's GEMMs stand in for the
+   layer below. The first layer has no layer below, so its reduce is really exposed in full; the
+   model leaves that out, which is one layer in ``num_moe_layers``. The sync is counted from the end of the dispatch although the
    runtime starts it before, because both share the links;
    training adds ``resync + max_r (D_r + 2 G_r + C_r) + grad_reduce``; with
    ``hide_backward_replica_traffic`` the re-sync and the gradient reduce are left out (an optimistic
@@ -137,6 +142,9 @@ class CostSettings:
     """Chunks per expert copy when relaying; one chunk time is added for the relay hop."""
     microbatches_per_step: int = 1
     """Microbatches per optimizer step; persistent replicas refresh and reduce once per step."""
+    overlap_grad_reduce: bool = False
+    """Run the gradient reduce in the background behind the backward GEMMs of the layer below, as the
+    runtime does with ``ManagerConfig.overlap_grad_reduce`` (formula 5)."""
     overlap_sync: bool = False
     """Run the forward weight sync in the background, behind the masters' GEMM (formula 5), as the
     runtime does with ``ManagerConfig.overlap_sync``."""
@@ -149,6 +157,8 @@ class CostSettings:
             raise ValueError(f"CostSettings.mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.sync_scheme not in SYNC_SCHEMES:
             raise ValueError(f"CostSettings.sync_scheme must be one of {list(SYNC_SCHEMES)}, got {self.sync_scheme!r}")
+        if not isinstance(self.overlap_grad_reduce, bool):
+            raise TypeError(f"CostSettings.overlap_grad_reduce must be a bool, got {type(self.overlap_grad_reduce).__name__}")
         if not isinstance(self.overlap_sync, bool):
             raise TypeError(f"CostSettings.overlap_sync must be a bool, got {type(self.overlap_sync).__name__}")
         if not isinstance(self.hide_backward_replica_traffic, bool):
@@ -464,6 +474,9 @@ def layer_costs(
         )
         overlapped = dispatch + expert_phase + combine
         sync = overlapped.max(dim=1).values - forward
+    if training and settings.overlap_grad_reduce:
+        cover = (2 * gemm).min(dim=1).values  # the shortest backward GEMM time of any rank
+        grad_reduce = (grad_reduce - cover).clamp(min=0.0)
     planner = torch.full((num_samples,), float(planner_time_s), dtype=torch.float64)
     total = planner + sync + forward
     if training:
