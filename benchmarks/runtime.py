@@ -5,8 +5,8 @@
 
 Spawns ``--ranks`` processes (one CPU thread each) and trains ``--layers`` reference MoE layers that
 share one ReplicaManager, with a router skewed toward a few hot experts. ``--buffer-layers`` gives
-every layer its own redundant-slot weight buffers; ``--overlap-sync`` runs the forward weight sync in
-the background. Per layer it reports:
+every layer its own redundant-slot weight buffers; ``--overlap-sync`` and ``--overlap-grad-reduce`` run
+the forward weight sync and the grad reduce in the background. Per layer it reports:
 
 1. time of count + gather + plan + reroute + forward weight sync, and of the backward re-sync and
    grad reduce, as ratios of the balanced layer's own forward+backward time (medians over the
@@ -70,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="run the forward weight sync in the background (ManagerConfig.overlap_sync); the table then "
         "counts the time the layer waited for it",
     )
+    parser.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="run grad reduce in the background (ManagerConfig.overlap_grad_reduce); the table then counts "
+        "the time the backward's end waited for the reduces, under the last layer reduced",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations")
     parser.add_argument("--iters", type=int, default=6, help="timed iterations (median reported)")
     parser.add_argument("--plan-ranks", type=int, default=64, help="EP size of the planning-only relay table")
@@ -111,6 +117,7 @@ def _worker(rank: int, args, store_dir: str, queue) -> None:
             record_timings=True,
             buffer_layers=args.layers if args.buffer_layers else 0,
             overlap_sync=args.overlap_sync,
+            overlap_grad_reduce=args.overlap_grad_reduce,
         ),
     )
     balanced = _make_layers(manager, args, True)
@@ -220,6 +227,8 @@ def main(argv=None) -> None:
     buffer_words = "with one weight buffer set each" if args.buffer_layers else "sharing the buffers"
     if args.overlap_sync:
         buffer_words += ", forward weight sync in the background"
+    if args.overlap_grad_reduce:
+        buffer_words += ", grad reduce in the background"
     print(
         f"{args.ranks} gloo ranks on CPU (1 thread each), {args.experts_per_rank} experts + {args.redundant_slots} "
         f"redundant slot(s) per rank, {args.layers} MoE layers {buffer_words}, hidden {args.hidden_size}, "
@@ -232,21 +241,23 @@ def main(argv=None) -> None:
         f"(spread over iterations {_spread_ms([t / args.layers for t in per_iter[True]])}), unbalanced "
         f"{layer_fb[False]:.1f} ms ({_spread_ms([t / args.layers for t in per_iter[False]])}).\n"
     )
-    # With the sync in the background, the layer pays only the time it waits for it.
+    # With the sync or the reduce in the background, the layer pays only the time it waits for them.
+    backward_phases = tuple("reduce_wait" if p == "reduce" and args.overlap_grad_reduce else p for p in PHASES_BACKWARD)
+    reduce_label = "grad reduce (waited)" if args.overlap_grad_reduce else "grad reduce"
     forward_phases = tuple("sync_wait" if p == "sync_forward" and args.overlap_sync else p for p in PHASES_FORWARD)
     sync_label = "sync fwd (waited)" if args.overlap_sync else "sync fwd"
     print(f"| layer | imbalance before -> after | replicas | count | gather | plan | plan check | reroute | {sync_label} "
-          "| forward overhead / layer fwd+bwd | re-sync bwd | grad reduce | all overhead / layer fwd+bwd |")
+          f"| forward overhead / layer fwd+bwd | re-sync bwd | {reduce_label} | all overhead / layer fwd+bwd |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for layer_id in layer_ids:
         last = first["stats"][-1][layer_id]
-        values = {phase: phase_ms(phase, layer_id) for phase in forward_phases + PHASES_BACKWARD}
+        values = {phase: phase_ms(phase, layer_id) for phase in forward_phases + backward_phases}
         forward = sum(values[p] for p in forward_phases)
-        total = forward + sum(values[p] for p in PHASES_BACKWARD)
+        total = forward + sum(values[p] for p in backward_phases)
         print(
             f"| {layer_id} | {last['imbalance_before']:.3f} -> {last['imbalance_after']:.3f} | {last['num_replicas']} | "
             + " | ".join(f"{values[p]:.2f}" for p in forward_phases)
-            + f" | {forward / layer_fb[True]:.1%} | {values['sync_backward']:.2f} | {values['reduce']:.2f} | "
+            + f" | {forward / layer_fb[True]:.1%} | {values['sync_backward']:.2f} | {values[backward_phases[1]]:.2f} | "
             f"{total / layer_fb[True]:.1%} |"
         )
 
