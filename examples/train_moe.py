@@ -98,6 +98,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per rank and step")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--sync-mode", default="auto", choices=("direct", "relay", "auto"), help="weight sync mode")
+    parser.add_argument(
+        "--buffer-layers", action="store_true", help="one redundant-slot weight buffer set per layer (ManagerConfig.buffer_layers)"
+    )
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="forward weight sync and grad reduce in the background (ManagerConfig.overlap_sync and overlap_grad_reduce)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the batches")
     return parser.parse_args()
 
@@ -111,7 +119,14 @@ def main() -> None:
 
     layout = ExpertLayout.from_num_experts(args.num_experts, world_size, args.redundant_slots)
     manager = ReplicaManager(
-        layout, swiglu_weight_shapes(args.hidden_size, args.ffn_hidden_size), config=ManagerConfig(sync_mode=args.sync_mode)
+        layout,
+        swiglu_weight_shapes(args.hidden_size, args.ffn_hidden_size),
+        config=ManagerConfig(
+            sync_mode=args.sync_mode,
+            buffer_layers=args.num_layers if args.buffer_layers else 0,
+            overlap_sync=args.overlap,
+            overlap_grad_reduce=args.overlap,
+        ),
     )
     torch.manual_seed(args.seed)  # dense parameters: the same on every rank and in every run
     model = MoELanguageModel(manager, args)

@@ -164,7 +164,8 @@ def test_library_is_cached_under_cache_dir(tmp_path):
 
 
 def test_without_compiler_auto_falls_back_and_native_raises(tmp_path):
-    env = dict(os.environ, ULTRAEP_CACHE_DIR=str(tmp_path), CC="/nonexistent/cc", PATH=str(tmp_path))
+    env = dict(os.environ, ULTRAEP_CACHE_DIR=str(tmp_path), PATH=str(tmp_path))
+    env.pop("CC", None)
     code = (
         "import logging, torch\n"
         "logging.basicConfig(level=logging.WARNING)\n"
@@ -183,5 +184,22 @@ def test_without_compiler_auto_falls_back_and_native_raises(tmp_path):
     assert "auto: torch" in proc.stdout
     assert "quota: [5, 1, 0, 1, 1, 4]" in proc.stdout
     assert "native: backend='native' needs the compiled C planner, which is unavailable: no C compiler found" in proc.stdout
-    assert "native quota planner unavailable, the PyTorch reference plans on the CPU" in proc.stderr
+    assert "RuntimeWarning: native quota planner unavailable, the PyTorch reference plans on the CPU" in proc.stderr
+    assert "WARNING:ultraep.kernels.native:native quota planner unavailable" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_cc_is_reported_not_skipped(tmp_path):
+    env = dict(os.environ, ULTRAEP_CACHE_DIR=str(tmp_path), CC="/nonexistent/cc")
+    code = (
+        "import warnings\n"
+        "warnings.simplefilter('error')\n"
+        "from ultraep.kernels.native import native_available\n"
+        "try:\n"
+        "    native_available()\n"
+        "except RuntimeWarning as warning:\n"
+        "    print('warned:', warning)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "warned: native quota planner unavailable" in proc.stdout
+    assert "CC='/nonexistent/cc' is not an executable on PATH; point CC at a C compiler or unset it" in proc.stdout

@@ -411,6 +411,14 @@ def test_simulate_command_writes_files(tmp_path, capsys):
     assert read_csv(tmp_path / "out.csv") == runs
 
 
+def test_simulate_header_names_training_only_flags_in_prefill(tmp_path, capsys):
+    assert run_simulate(_args(tmp_path, mode="prefill", overlap_grad_reduce=True, overlap_sync=True)) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "forward weight sync in the background" in header
+    assert "--overlap-grad-reduce ignored (no backward in prefill)" in header
+    assert "optimizer step" not in header
+
+
 def test_short_trace_resamples_and_fills(tmp_path):
     args = _args(tmp_path, synthetic=None, ranks=16, tokens_per_rank=4096, microbatches=1, eplb_window=0)
     resampled, unresampled = build_workloads(load_bundled_trace(), "bundled", args)

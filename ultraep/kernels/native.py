@@ -2,11 +2,11 @@
 
 The PyTorch reference (:class:`ultraep.planners.quota.QuotaPlanner`) issues about 500 small tensor
 operations per plan, which costs milliseconds on a CPU. ``quota_plan.c`` runs the same steps in plain
-loops. It is compiled on first use with the system C compiler (``$CC``, else ``cc`` or ``gcc``) into a
+loops. It is compiled on first use with the system C compiler (``$CC`` if set, else ``cc`` or ``gcc``) into a
 cache folder (``$ULTRAEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/ultraep``, else ``~/.cache/ultraep``) and
 called through ctypes; it needs no Python or PyTorch headers. When no compiler works,
-:func:`native_available` returns ``False`` and logs why once, and the kernel dispatcher keeps the
-PyTorch reference.
+:func:`native_available` returns ``False``, a ``RuntimeWarning`` says why once, and the kernel
+dispatcher keeps the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,11 +59,17 @@ def _cache_dir() -> Path:
     return Path.home() / ".cache" / "ultraep"
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
+def _compiler() -> str:
+    """Return the C compiler: ``$CC`` when it is set (and must then exist), else ``cc`` or ``gcc``."""
+    chosen = os.environ.get("CC")
+    if chosen:
+        if shutil.which(chosen) is None:
+            raise RuntimeError(f"CC={chosen!r} is not an executable on PATH; point CC at a C compiler or unset it")
+        return chosen
+    for name in ("cc", "gcc"):
+        if shutil.which(name):
             return name
-    return None
+    raise RuntimeError("no C compiler found (tried cc and gcc, CC is unset); install gcc or set CC")
 
 
 def native_library_path() -> Path:
@@ -73,8 +80,6 @@ def native_library_path() -> Path:
 
 def _build(target: Path) -> None:
     compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (tried $CC, cc, gcc); install gcc or set CC")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: processes that build at once never load a partial file.
     fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
@@ -104,7 +109,9 @@ def _library() -> ctypes.CDLL | Exception:
                 _build(path)
             library = ctypes.CDLL(str(path))
         except (OSError, RuntimeError) as error:
-            logger.warning("native quota planner unavailable, the PyTorch reference plans on the CPU: %s", error)
+            message = f"native quota planner unavailable, the PyTorch reference plans on the CPU (about 15x slower): {error}"
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
             return error
     function = library.ultraep_quota_plan
     function.restype = ctypes.c_int

@@ -185,14 +185,30 @@ def _run(args: argparse.Namespace) -> int:
     )
     planner_time_s = _parse_planner_times(args.planner_time_us or [])
     progress = False if args.no_progress else None
+    if settings.mode == "train":
+        training_words = (
+            f"{settings.microbatches_per_step} microbatch(es) per optimizer step; "
+            f"gradient reduce {'in the background' if settings.overlap_grad_reduce else 'after the backward'}; "
+            f"backward replica traffic {'hidden (optimistic)' if settings.hide_backward_replica_traffic else 'on the critical path'}; "
+        )
+    else:
+        ignored = [
+            flag
+            for flag, used in (
+                ("--overlap-grad-reduce", settings.overlap_grad_reduce),
+                ("--hide-backward-replica-traffic", settings.hide_backward_replica_traffic),
+                ("--microbatches-per-step", settings.microbatches_per_step != 1),
+            )
+            if used
+        ]
+        training_words = f"{', '.join(ignored)} ignored (no backward in prefill); " if ignored else ""
     print(
         f"ultraep simulate: {hardware.display_name}, EP{args.ranks} requested, mode {args.mode}; efficiency "
         f"gemm {efficiency.gemm}, hbm {efficiency.hbm}, nvlink {efficiency.nvlink}, network {efficiency.network}; "
-        f"weight sync {settings.sync_scheme}; {settings.microbatches_per_step} microbatch(es) per optimizer step; "
+        f"weight sync {settings.sync_scheme}; "
         f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}; "
-        f"gradient reduce {'in the background' if settings.overlap_grad_reduce else 'after the backward'}; "
-        f"backward replica traffic {'hidden (optimistic)' if settings.hide_backward_replica_traffic else 'on the critical path'}; "
-        f"{args.threads} CPU thread(s)."
+        + training_words
+        + f"{args.threads} CPU thread(s)."
     )
     print(
         "Layer times count the routed experts' dispatch, grouped GEMM and combine plus balancing costs; "
