@@ -108,7 +108,10 @@ class ManagerConfig:
     """Run grad reduce on the background thread after the layer's backward, so it overlaps the backward
     of the layers below. The reduced gradients are added to the master weights' ``.grad`` when the
     backward pass ends (an autograd end-of-backward callback), in layer order. Needs leaf master
-    weights that require grad; other layers reduce on the calling thread. Tested with gloo on CPU."""
+    weights that require grad; other layers reduce on the calling thread. Tested with gloo on CPU.
+
+    NOTE: the reduced part reaches only ``.grad``, so ``torch.autograd.grad`` (which returns gradients
+    instead of accumulating them) misses it; use ``backward()`` with this setting."""
     record_timings: bool = False
     """Record host wall time of each phase per layer in ``ReplicaManager.timings[phase][layer_id]``
     (phases ``count``, ``gather``, ``plan``, ``plan_check``, ``reroute``, ``sync_forward``,
