@@ -1,10 +1,10 @@
 """Quota planner compiled from C for CPU tensors: the reference's plan, bit for bit, in microseconds.
 
-The PyTorch reference (:class:`ultraep.planners.quota.QuotaPlanner`) issues about 500 small tensor
+The PyTorch reference (:func:`ultraep.planners.quota.plan_reference`) issues about 500 small tensor
 operations per plan, which costs milliseconds on a CPU. ``quota_plan.c`` runs the same steps in plain
-loops. It is compiled on first use with the system C compiler (``$CC`` if set, else ``cc`` or ``gcc``) into a
-cache folder (``$ULTRAEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/ultraep``, else ``~/.cache/ultraep``) and
-called through ctypes; it needs no Python or PyTorch headers. When no compiler works,
+loops. It is compiled on first use with the system C compiler (``$CC`` if set, else ``cc`` or ``gcc``)
+into a cache folder (``$ULTRAEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/ultraep``, else
+``~/.cache/ultraep``). It is called through ctypes, so it needs no Python or PyTorch headers. When no compiler works,
 :func:`native_available` returns ``False``, a ``RuntimeWarning`` says why once, and the kernel
 dispatcher keeps the PyTorch reference.
 """
@@ -133,13 +133,13 @@ def native_unavailable_reason() -> str | None:
 @functools.lru_cache(maxsize=16)
 def _settings(config: QuotaConfig) -> tuple:
     """Integer settings and constant arrays for one config, kept alive with it."""
-    scale = quota_module._FRACTION_SCALE
-    mean_steps = torch.tensor([int(round(f * scale)) for f in quota_module._MEAN_STEPS], dtype=torch.int64)
-    gap_steps = torch.tensor([int(round(f * scale)) for f in quota_module._GAP_STEPS], dtype=torch.int64)
+    to_fixed_point = quota_module._to_fixed_point
+    mean_steps = torch.tensor([to_fixed_point(f) for f in quota_module._MEAN_STEPS], dtype=torch.int64)
+    gap_steps = torch.tensor([to_fixed_point(f) for f in quota_module._GAP_STEPS], dtype=torch.int64)
     anchors = torch.tensor(quota_module._ANCHORS, dtype=torch.int64)
-    fraction_q = int(round(config.min_replica_fraction * scale))
-    target_q = int(round(config.balance_target * scale))
-    return mean_steps, gap_steps, anchors, scale, fraction_q, target_q
+    fraction_q = to_fixed_point(config.min_replica_fraction)
+    target_q = to_fixed_point(config.balance_target)
+    return mean_steps, gap_steps, anchors, quota_module._FRACTION_SCALE, fraction_q, target_q
 
 
 def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:

@@ -32,7 +32,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from ultraep.layout import ExpertLayout
 from ultraep.plan import Plan
 from ultraep.planners.base import masters_only_plan
-from ultraep.planners.quota import _ANCHORS, _FRACTION_SCALE, _GAP_STEPS, _MEAN_STEPS, QuotaConfig
+from ultraep.planners.quota import _ANCHORS, _FRACTION_SCALE, _GAP_STEPS, _MEAN_STEPS, QuotaConfig, _to_fixed_point
 
 __all__ = ["plan_quota_triton"]
 
@@ -340,7 +340,7 @@ def _pow2(value: int, minimum: int = 1) -> int:
 
 def _ladder() -> tuple[int, ...]:
     # Same rounding as the reference's constants, so the thresholds agree to the last unit.
-    return tuple(int(round(f * _FRACTION_SCALE)) for f in (*_MEAN_STEPS, *_GAP_STEPS))
+    return tuple(_to_fixed_point(f) for f in (*_MEAN_STEPS, *_GAP_STEPS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,8 +447,8 @@ def plan_quota_triton(
         slot_quota_scratch,
         ticket,
         config.min_replica_quota,
-        int(round(config.min_replica_fraction * _FRACTION_SCALE)),
-        int(round(config.balance_target * _FRACTION_SCALE)),
+        _to_fixed_point(config.min_replica_fraction),
+        _to_fixed_point(config.balance_target),
         num_rounds,
         **c,
         num_warps=launch.num_warps,

@@ -51,6 +51,11 @@ _GAP_STEPS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 _ANCHORS = (2, 1, 3)
 
 
+def _to_fixed_point(fraction: float) -> int:
+    """Return ``fraction`` in units of ``1 / _FRACTION_SCALE``, rounded, as every backend computes with it."""
+    return int(round(fraction * _FRACTION_SCALE))
+
+
 @dataclasses.dataclass(frozen=True)
 class QuotaConfig:
     """Settings of the quota planner."""
@@ -114,7 +119,7 @@ class QuotaPlanner(Planner):
 
 
 def plan_reference(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
-    """The quota planner in PyTorch tensor code: the reference every other backend matches bit for bit.
+    """Plan with the quota planner in PyTorch tensor code, the reference every other backend matches bit for bit.
 
     loads: [num_ranks, num_experts] int64, any device, validated (entries >= 0).
     Returns a :class:`Plan` on ``loads.device``. Runs on any device with no host synchronisation
@@ -269,7 +274,7 @@ class _Constants:
     segment_local_idx: torch.Tensor  # [num_experts]: segment % experts_per_rank
 
     def fraction_q(self, config: QuotaConfig) -> int:
-        return int(round(config.min_replica_fraction * _FRACTION_SCALE))
+        return _to_fixed_point(config.min_replica_fraction)
 
 
 _CONSTANTS_CACHE: dict = {}
@@ -284,8 +289,8 @@ def _constants(layout: ExpertLayout, device: torch.device) -> _Constants:
     segment = torch.arange(layout.num_experts, device=device)
     cached = _Constants(
         anchors=torch.tensor(_ANCHORS, dtype=torch.int64, device=device),
-        mean_steps=torch.tensor([int(round(f * _FRACTION_SCALE)) for f in _MEAN_STEPS], dtype=torch.int64, device=device),
-        gap_steps=torch.tensor([int(round(f * _FRACTION_SCALE)) for f in _GAP_STEPS], dtype=torch.int64, device=device),
+        mean_steps=torch.tensor([_to_fixed_point(f) for f in _MEAN_STEPS], dtype=torch.int64, device=device),
+        gap_steps=torch.tensor([_to_fixed_point(f) for f in _GAP_STEPS], dtype=torch.int64, device=device),
         rank_tiebreak=torch.arange(num_ranks - 1, -1, -1, device=device),
         local_tiebreak=torch.arange(experts_per_rank - 1, -1, -1, device=device),
         rank_base=torch.arange(num_ranks, device=device)[:, None] * experts_per_rank,
@@ -305,7 +310,7 @@ def _select_candidate(state: _CandidateState, loads: torch.Tensor, layout: Exper
 
     # Plans at or below the balance target, or tied with the best, are equally good.
     best_load = max_load.min()
-    target_q = int(round(config.balance_target * _FRACTION_SCALE))
+    target_q = _to_fixed_point(config.balance_target)
     scaled = max_load * (num_ranks * _FRACTION_SCALE)
     good = (max_load == best_load) | (scaled <= state.total * target_q)
     fewest = torch.where(good, num_replicas, num_replicas.max() + 1).min()
