@@ -372,7 +372,7 @@ def test_backend_argument_invalid_raises():
         KernelConfig(1)
 
 
-def test_auto_on_cpu_uses_native_plan_and_torch_count_reroute():
+def test_auto_backend_on_cpu():
     assert resolve_backend("auto", "cpu", "count") == "torch"
     assert resolve_backend(KernelConfig("auto"), torch.device("cpu"), "reroute") == "torch"
     expected = "native" if native_available() else "torch"

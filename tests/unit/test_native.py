@@ -155,7 +155,8 @@ def test_library_is_cached_under_cache_dir(tmp_path):
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert first.stdout.startswith("True " + str(tmp_path)), first.stdout + first.stderr
     built = sorted(p.name for p in tmp_path.iterdir())
-    assert len(built) == 1 and built[0].endswith(".so"), built
+    assert len(built) == 1, built
+    assert built[0].endswith(".so"), built
     # A second process loads the cached file and leaves no partial build behind.
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert second.stdout.startswith("True ")

@@ -36,7 +36,7 @@ static int64_t floor_div(int64_t a, int64_t b) {
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* Sorts keys[0..n) in descending order; buffer holds n more words. Bottom-up merge sort. */
+/* Sorts keys[0..n) in descending order with a bottom-up merge sort; buffer has room for n more words. */
 static void sort_descending(int64_t *keys, int64_t n, int64_t *buffer) {
     for (int64_t i = 1; i < n; ++i) { /* insertion sort of runs of 8 */
         if (i % 8 == 0) continue;
@@ -73,7 +73,7 @@ static void sort_descending(int64_t *keys, int64_t n, int64_t *buffer) {
  * does on those unique keys: larger value first, lower index first on ties. The keys sorted here put
  * the value above a bit field holding n - 1 - i, which orders the same way and decodes without a
  * division. Indices with value 0 follow in ascending order, where their keys put them. Values are
- * >= 0 and below 2**(63 - bits); scratch holds 2 * n words. Returns the number of positive values. */
+ * >= 0 and below 2**(63 - bits); scratch has room for 2 * n words. Returns the number of positive values. */
 static int64_t order_by_value(const int64_t *value, int64_t n, int64_t *order, int64_t *scratch) {
     int bits = 0;
     while (((int64_t)1 << bits) < n) ++bits;
@@ -208,8 +208,9 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
 
         for (int64_t round = 0; round < num_rounds; ++round) {
             /* Step 2: donor pieces, hottest master first, largest donor first. Only the pieces of
-             * positive size are kept, with their index on the reference's line of all
-             * num_experts pieces; a search on that line never stops on a piece of size 0. */
+             * positive size are kept, each with its index on the reference's line of all
+             * num_experts pieces. That is exact because a search on that line never stops on a
+             * piece of size 0. */
             for (int64_t r = 0; r < R; ++r) excess[r] = max64(rank_load[r] - threshold, 0);
             const int64_t num_donors = order_by_value(excess, R, donor_order, keys);
             int64_t num_pieces = 0, end = 0;
@@ -229,8 +230,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             }
 
             /* Step 3: receivers, most spare first, each at its anchor point. Anchor points ascend,
-             * so the active receivers are a prefix and one pass over the pieces finds them all;
-             * the receivers after it take nothing and change nothing. */
+             * so the active receivers are a prefix and one pass over the pieces finds them all.
+             * The receivers after that prefix take nothing and change nothing. */
             for (int64_t r = 0; r < R; ++r) spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
             const int64_t num_receivers = order_by_value(spare, R, recv_rank, keys);
             int64_t offered_end = 0, num_active = 0, k = 0;
@@ -248,8 +249,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                 ++num_active;
             }
 
-            /* Step 4: fill each receiver up to the threshold, capped by what the master holds;
-             * receivers served by one piece draw from it in line order. */
+            /* Step 4: fill each receiver up to the threshold, capped by the master's remaining
+             * quota. Receivers served by one piece draw from it in line order. */
             int64_t before = 0, base = 0, moved = 0;
             for (int64_t i = 0; i < num_active; ++i) {
                 if (i == 0 || segment[i] != segment[i - 1]) base = before;
@@ -261,7 +262,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             }
             if (!moved) break;
 
-            /* Step 5: write replicas; a receiver that already holds the expert grows that replica. */
+            /* Step 5: write replicas. A receiver that already has a replica of the expert grows it. */
             for (int64_t i = 0; i < num_active; ++i) {
                 const int64_t recv = recv_rank[i], a = amount[i];
                 if (a == 0) continue;

@@ -632,7 +632,7 @@ class ReplicaManager:
         return self._reduce_body(key, replica_grads, self.group)
 
     def _reduces_in_background(self, key: tuple[int, int]) -> bool:
-        """Whether ``key``'s grad reduce may run on the background thread (see ``overlap_grad_reduce``)."""
+        """Return whether ``key``'s grad reduce may run on the background thread (see ``overlap_grad_reduce``)."""
         if not self.config.overlap_grad_reduce:
             return False
         weights = self._state(key, "grad reduce").master_weights

@@ -57,7 +57,7 @@ Formulas:
    and the masters' GEMM has run. A rank without replica work waits for no copy. With
    ``overlap_grad_reduce`` the gradient reduce runs behind the backward GEMMs of the layer below, and
    only ``max(0, grad_reduce - min_r 2 G_r)`` stays on the critical path. Only the GEMMs count as
-   cover because the backward all-to-all uses the same links; this layer's GEMMs stand in for the
+   cover because the backward all-to-all uses the same links. This layer's GEMMs stand in for the
    layer below. The first layer has no layer below, so its reduce is really exposed in full; the
    model leaves that out, which is one layer in ``num_moe_layers``. The sync is counted from the end of the dispatch although the
    runtime starts it before, because both share the links;
@@ -463,8 +463,8 @@ def layer_costs(
         grad_reduce = grad_reduce / per_step
         grad_copy_bytes = grad_copy_bytes / per_step
 
-    # Step 3: the layer's critical path. With the sync in the background only the part of it that
-    # outlasts the masters' GEMM on the slowest rank is exposed; sync_s reports that part.
+    # Step 3: the layer's critical path. With the sync in the background, only the part of it that
+    # outlasts the masters' GEMM on the slowest rank is exposed, and sync_s reports that part.
     if settings.overlap_sync:
         master_gemm = instance_gemm[:, :, : layout.experts_per_rank].sum(dim=2)
         replica_gemm = instance_gemm[:, :, layout.experts_per_rank :].sum(dim=2)
