@@ -6,7 +6,8 @@
 Spawns ``--ranks`` processes (one CPU thread each) and trains ``--layers`` reference MoE layers that
 share one ReplicaManager, with a router skewed toward a few hot experts. ``--buffer-layers`` gives
 every layer its own redundant-slot weight buffers; ``--overlap-sync`` and ``--overlap-grad-reduce`` run
-the forward weight sync and the grad reduce in the background. Per layer it reports:
+the forward weight sync and the grad reduce in the background; ``--pipeline-replicas`` (with
+``--overlap-sync``) computes replicas chunk by chunk as their copy arrives. Per layer it reports:
 
 1. time of count + gather + plan + reroute + forward weight sync, and of the backward re-sync and
    grad reduce, as ratios of the balanced layer's own forward+backward time (medians over the
@@ -76,6 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="run grad reduce in the background (ManagerConfig.overlap_grad_reduce); the table then counts "
         "the time the backward's end waited for the reduces, under the last layer reduced",
     )
+    parser.add_argument(
+        "--pipeline-replicas",
+        action="store_true",
+        help="with --overlap-sync: send copies in chunks and compute replicas chunk by chunk as they arrive "
+        "(ManagerConfig.pipeline_replicas)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations")
     parser.add_argument("--iters", type=int, default=6, help="timed iterations (median reported)")
     parser.add_argument("--plan-ranks", type=int, default=64, help="EP size of the planning-only relay table")
@@ -118,6 +125,7 @@ def _worker(rank: int, args, store_dir: str, queue) -> None:
             buffer_layers=args.layers if args.buffer_layers else 0,
             overlap_sync=args.overlap_sync,
             overlap_grad_reduce=args.overlap_grad_reduce,
+            pipeline_replicas=args.pipeline_replicas,
         ),
     )
     balanced = _make_layers(manager, args, True)
@@ -227,6 +235,8 @@ def main(argv=None) -> None:
     buffer_words = "with one weight buffer set each" if args.buffer_layers else "sharing the buffers"
     if args.overlap_sync:
         buffer_words += ", forward weight sync in the background"
+    if args.pipeline_replicas:
+        buffer_words += ", replicas computed chunk by chunk as their copy arrives"
     if args.overlap_grad_reduce:
         buffer_words += ", grad reduce in the background"
     print(

@@ -14,8 +14,9 @@ writes a markdown section with the exact command to ``--out``:
 Each workload is planned once per policy and costed for every model, in training and in prefill:
 with the planner time measured on this CPU (one thread) on the critical path, and with the planner
 time set to 0, which isolates balance quality and replica traffic from planner speed. Each of these
-runs twice: with the forward weight sync before the experts, and with it in the background behind the
-masters' GEMM (plus, in training, the gradient reduce behind the next layer's backward GEMMs).
+runs three times: with the forward weight sync before the experts; with it in the background behind
+the masters' GEMM (plus, in training, the gradient reduce behind the next layer's backward GEMMs);
+and with that background sync sent in chunks that the replicas compute as they arrive.
 
 Usage::
 
@@ -61,6 +62,12 @@ ZERO_PLANNER_TIME = {"quota": 0.0, "lp_reroute": 0.0}
 OVERLAP_WORDS = ", forward sync overlapped"
 TRAIN_OVERLAP_WORDS = ", sync and grad reduce overlapped"
 TRAIN_OVERLAP = CostSettings(mode="train", overlap_sync=True, overlap_grad_reduce=True)
+PIPELINE_CHUNKS = 8
+PIPELINE_WORDS = f", replicas pipelined with their copy ({PIPELINE_CHUNKS} chunks)"
+TRAIN_PIPELINE = CostSettings(
+    mode="train", overlap_sync=True, overlap_grad_reduce=True, pipeline_replicas=True, sync_chunks=PIPELINE_CHUNKS
+)
+PREFILL_PIPELINE = CostSettings(mode="prefill", overlap_sync=True, pipeline_replicas=True, sync_chunks=PIPELINE_CHUNKS)
 VARIANTS = (
     ("train", "measured on this CPU", CostSettings(mode="train"), None),
     ("train", "set to 0", CostSettings(mode="train"), ZERO_PLANNER_TIME),
@@ -76,6 +83,10 @@ VARIANTS = (
     ("prefill", "set to 0", CostSettings(mode="prefill"), ZERO_PLANNER_TIME),
     ("prefill", "measured on this CPU" + OVERLAP_WORDS, CostSettings(mode="prefill", overlap_sync=True), None),
     ("prefill", "set to 0" + OVERLAP_WORDS, CostSettings(mode="prefill", overlap_sync=True), ZERO_PLANNER_TIME),
+    ("train", "measured on this CPU" + TRAIN_OVERLAP_WORDS + PIPELINE_WORDS, TRAIN_PIPELINE, None),
+    ("train", "set to 0" + TRAIN_OVERLAP_WORDS + PIPELINE_WORDS, TRAIN_PIPELINE, ZERO_PLANNER_TIME),
+    ("prefill", "measured on this CPU" + OVERLAP_WORDS + PIPELINE_WORDS, PREFILL_PIPELINE, None),
+    ("prefill", "set to 0" + OVERLAP_WORDS + PIPELINE_WORDS, PREFILL_PIPELINE, ZERO_PLANNER_TIME),
 )
 TARGET_SPEEDUP = 1.5
 
@@ -245,7 +256,11 @@ def render_markdown(command, args, workloads, sections, summary, bundled_note, e
         "unchanged. `eplb` plans off the critical path. Rows marked \"overlapped\" run every policy's forward "
         "weight sync in the background behind the masters' GEMM (`ManagerConfig.overlap_sync`) and, in training, "
         "the gradient reduce behind the next layer's backward GEMMs (`ManagerConfig.overlap_grad_reduce`); the others "
-        "copy before the experts run and reduce after the backward. "
+        "copy before the experts run and reduce after the backward. Rows marked \"pipelined\" also send every copy "
+        f"in {PIPELINE_CHUNKS} chunks (blocks of intermediate rows) and run the replicas' gate and up projections "
+        "chunk by chunk as the chunks arrive, the down projection once the copy is complete "
+        "(`ManagerConfig.pipeline_replicas` with `num_chunks` = "
+        f"{PIPELINE_CHUNKS}). "
         f"Wall time of the whole run: {elapsed / 60:.1f} min.",
         "",
         bundled_note,

@@ -106,6 +106,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="forward weight sync and grad reduce in the background (ManagerConfig.overlap_sync and overlap_grad_reduce)",
     )
+    parser.add_argument(
+        "--pipeline-replicas",
+        action="store_true",
+        help="with --overlap: compute replicas chunk by chunk as their copy arrives (ManagerConfig.pipeline_replicas)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the batches")
     return parser.parse_args()
 
@@ -126,6 +131,7 @@ def main() -> None:
             buffer_layers=args.num_layers if args.buffer_layers else 0,
             overlap_sync=args.overlap,
             overlap_grad_reduce=args.overlap,
+            pipeline_replicas=args.pipeline_replicas,
         ),
     )
     torch.manual_seed(args.seed)  # dense parameters: the same on every rank and in every run

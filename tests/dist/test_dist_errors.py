@@ -19,6 +19,7 @@ from ultraep.runtime import ManagerConfig, MoELayer, RankAgreementError, Replica
         pytest.param({"timeout_s": 0}, r"timeout_s must be None or > 0 seconds, got 0", id="timeout"),
         pytest.param({"buffer_layers": -1}, r"buffer_layers must be an int >= 0 .*got -1", id="buffer_layers"),
         pytest.param({"buffer_layers": True}, r"buffer_layers must be an int >= 0 .*got True", id="buffer_layers_bool"),
+        pytest.param({"pipeline_replicas": True}, r"pipeline_replicas=True needs overlap_sync=True", id="pipeline_without_overlap"),
     ],
 )
 def test_manager_config_rejects_bad_values(settings, match):

@@ -118,7 +118,8 @@ def _reference_moe(x, router_weight, w_gate, w_up, w_down, topk):
     out = torch.zeros_like(x)
     for k in range(topk):
         gate, up, down = w_gate[ids[:, k]], w_up[ids[:, k]], w_down[ids[:, k]]
-        hidden = torch.nn.functional.silu(torch.bmm(x[:, None], gate)) * torch.bmm(x[:, None], up)
+        # gate, up, down: [num_tokens, ffn, hidden]
+        hidden = torch.nn.functional.silu(torch.bmm(x[:, None], gate.transpose(1, 2))) * torch.bmm(x[:, None], up.transpose(1, 2))
         out = out + probs[:, k, None] * torch.bmm(hidden, down)[:, 0]
     return out
 

@@ -124,9 +124,9 @@ def test_invalid_topk_ids_on_one_rank_raises_everywhere(tmp_path):
     assert messages[0].startswith("RankAgreementError: ranks [1] rejected their input for layer 0 microbatch 0")
 
 
-def _timeout_worker(rank: int, world_size: int, skip: str, linger_s: float) -> str:
+def _timeout_worker(rank: int, world_size: int, skip: str, linger_s: float, config: dict | None = None) -> str:
     """Rank 1 skips a phase and stays alive for ``linger_s`` seconds (0: exits at once, closing its connections)."""
-    manager = make_manager(world_size, redundant_slots_per_rank=1, timeout_s=1.0)
+    manager = make_manager(world_size, redundant_slots_per_rank=1, timeout_s=1.0, **(config or {}))
     layer = make_layers(manager, True, num_layers=1)[0]
     topk_ids = torch.tensor([[2, 3]] * 16)  # experts 2 and 3 live on rank 1; rank 0 gets a replica
     if rank == 1:
@@ -140,6 +140,8 @@ def _timeout_worker(rank: int, world_size: int, skip: str, linger_s: float) -> s
             routing = manager.route(0, 0, topk_ids, layer.master_weights())
             assert routing.plan.replica_expert_ids[0].tolist() != [-1]
             manager.replicate(routing)
+            if manager.replica_chunks > 1:
+                manager.wait_replicas(routing, chunk=0)
     except CommunicationError as err:
         return str(err)
     raise AssertionError("rank 0 did not time out")
@@ -167,3 +169,12 @@ def test_timeout_names_layer_and_ranks(tmp_path, skip, linger_s, expected):
     assert expected in results[0], results[0]
     if linger_s:
         assert "Timed out" in results[0] or "timed out" in results[0], results[0]
+
+
+def test_pipelined_sync_failure_reaches_a_chunk_wait(tmp_path):
+    results = run_ranks(
+        _timeout_worker, 2, tmp_path, "sync", 0.0, {"overlap_sync": True, "pipeline_replicas": True, "num_chunks": 2},
+        group_timeout_s=10.0,
+    )
+    expected = "weight sync (forward) of layer 0 microbatch 0, step 1 of 2 failed on rank 0 while exchanging data with ranks [1]: "
+    assert expected in results[0], results[0]

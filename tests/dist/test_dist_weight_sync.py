@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dist_harness import run_ranks
-from moe_cases import expert_parameters, make_inputs, make_layers, make_manager, run_layers
-from ultraep.comm import WeightSpec, execute_weight_sync, plan_weight_sync
+from moe_cases import FFN_HIDDEN_SIZE, assert_close_rel, expert_parameters, make_inputs, make_layers, make_manager, run_layers
+from ultraep.comm import WeightSpec, chunk_bounds, execute_weight_sync, plan_weight_sync
 from ultraep.layout import ExpertLayout
 
 SPEC = WeightSpec(((3, 5), (5, 3), (7,)))
@@ -232,3 +232,64 @@ def test_overlapped_sync_matches_blocking_sync(tmp_path, world_size, sync_mode):
     stats = run_ranks(_overlap_worker, world_size, tmp_path, sync_mode)
     assert all(s == stats[0] for s in stats)
     assert stats[0][0][0] > 0, "the skewed routing must create replicas"
+
+
+def _pipeline_worker(rank: int, world_size: int, sync_mode: str) -> dict:
+    blocking = make_manager(world_size, redundant_slots_per_rank=1, sync_mode=sync_mode)
+    pipelined = make_manager(
+        world_size, redundant_slots_per_rank=1, sync_mode=sync_mode, overlap_sync=True, pipeline_replicas=True,
+        num_chunks=3, record_timings=True,
+    )
+    assert (blocking.replica_chunks, pipelined.replica_chunks) == (1, 3)
+    results = {}
+    for name, manager in (("blocking", blocking), ("pipelined", pipelined)):
+        layers = make_layers(manager, True, num_layers=2)
+        x = make_inputs(rank, 32).requires_grad_(True)
+        out = run_layers(layers, x)
+        out.sum().backward()
+        assert manager.in_flight() == []
+        results[name] = {
+            "out": out.detach(),
+            "x_grad": x.grad,
+            "expert_grads": [w.grad.clone() for w in expert_parameters(layers)],
+            "stats": {i: (s.num_replicas, s.forward_sync_bytes, s.backward_sync_bytes) for i, s in manager.stats.items()},
+        }
+    # The same replicas and bytes; the chunked replica compute sums per-chunk outputs, so values agree to rounding.
+    assert results["pipelined"]["stats"] == results["blocking"]["stats"]
+    assert sorted(pipelined.timings["sync_wait"]) == [0, 1]
+    assert_close_rel(results["pipelined"]["out"], results["blocking"]["out"], "output")
+    assert_close_rel(results["pipelined"]["x_grad"], results["blocking"]["x_grad"], "input gradient")
+    for idx, (a, b) in enumerate(zip(results["pipelined"]["expert_grads"], results["blocking"]["expert_grads"], strict=True)):
+        assert_close_rel(a, b, f"master gradient {idx}")
+
+    # A chunk read right after its wait already holds its final rows: the wait does not return early.
+    layer = make_layers(pipelined, True, num_layers=1)[0]
+    pipelined.invalidate_cached_weights()
+    pipelined.replica_weights.fill_(float("nan"))
+    with torch.no_grad():
+        routing = pipelined.route(0, 7, torch.tensor([[0, 1]] * 16), layer.master_weights())
+        views = pipelined.replicate(routing)
+        seen = []
+        for chunk in range(pipelined.replica_chunks):
+            pipelined.wait_replicas(routing, chunk=chunk)
+            seen.append([v[:, slice(*chunk_bounds(FFN_HIDDEN_SIZE, chunk, 3))].clone() for v in views])
+        with pytest.raises(ValueError, match=r"chunk must be None or an int in \[0, 2\] \(replica_chunks\), got 3"):
+            pipelined.wait_replicas(routing, chunk=3)
+        pipelined.wait_replicas(routing)
+        filled = routing.plan.replica_expert_ids[rank].tolist() != [-1]
+        for chunk, rows in enumerate(seen):
+            for view, early in zip(views, rows, strict=True):
+                final = view[:, slice(*chunk_bounds(FFN_HIDDEN_SIZE, chunk, 3))]
+                if filled:
+                    assert torch.isfinite(early).all(), f"chunk {chunk} was read before it arrived"
+                    assert torch.equal(early, final)
+        pipelined.release(0, 7)
+    return {"stats": results["pipelined"]["stats"], "filled": filled}
+
+
+@pytest.mark.parametrize(("world_size", "sync_mode"), [(2, "direct"), (4, "relay")], ids=["two_ranks_direct", "four_ranks_relay"])
+def test_pipelined_replicas_match_blocking_sync(tmp_path, world_size, sync_mode):
+    results = run_ranks(_pipeline_worker, world_size, tmp_path, sync_mode)
+    assert all(r["stats"] == results[0]["stats"] for r in results)
+    assert results[0]["stats"][0][0] > 0, "the skewed routing must create replicas"
+    assert any(r["filled"] for r in results), "some rank must receive a replica in the chunk check"

@@ -12,6 +12,7 @@ from ultraep.comm import (
     SyncTransfer,
     WeightSpec,
     check_replica_placement,
+    chunk_bounds,
     execute_weight_sync,
     choose_num_relays,
     plan_grad_reduce,
@@ -39,11 +40,38 @@ def test_weight_spec_offsets_and_views():
     assert buffer[0, 64].item() == -1.0, "views must share memory with the buffer"
 
 
-def test_weight_spec_segments_split_at_tensor_boundaries():
-    spec = WeightSpec(((3,), (2, 2), (5,)))  # offsets 0, 3, 7; numel 12
-    assert spec.segments(0, 12) == [(0, 0, 3), (1, 0, 4), (2, 0, 5)]
-    assert spec.segments(2, 8) == [(0, 2, 3), (1, 0, 4), (2, 0, 1)]
-    assert spec.segments(5, 5) == []
+def test_chunk_segments_take_the_same_first_dim_rows_of_every_tensor():
+    spec = WeightSpec(((4, 3), (4, 3), (4, 3)))  # numel 12 each, row length 3
+    assert spec.chunk_segments(0, 1) == [(0, 0, 12), (1, 0, 12), (2, 0, 12)]
+    assert spec.chunk_segments(0, 2) == [(0, 0, 6), (1, 0, 6), (2, 0, 6)]
+    assert spec.chunk_segments(1, 2) == [(0, 6, 12), (1, 6, 12), (2, 6, 12)]
+    # 4 rows in 3 chunks: 1, 1 and 2 rows (chunk_bounds).
+    assert [spec.chunk_segments(c, 3)[0] for c in range(3)] == [(0, 0, 3), (0, 3, 6), (0, 6, 12)]
+    assert chunk_bounds(4, 2, 3) == (2, 4)
+
+
+def test_chunk_segments_cover_every_element_once():
+    spec = WeightSpec(((3,), (2, 2), (5, 1, 2)))
+    for num_chunks in range(1, 8):
+        covered = [torch.zeros(numel, dtype=torch.int64) for numel in spec.numels]
+        for chunk in range(num_chunks):
+            for weight_idx, begin, end in spec.chunk_segments(chunk, num_chunks):
+                assert begin < end
+                covered[weight_idx][begin:end] += 1
+        assert all(bool((c == 1).all()) for c in covered), f"num_chunks={num_chunks}"
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        pytest.param((0, 0), "num_chunks must be a positive int, got 0", id="zero_chunks"),
+        pytest.param((2, 2), r"chunk_idx must be in \[0, 1\], got 2", id="chunk_past_end"),
+        pytest.param((-1, 2), r"chunk_idx must be in \[0, 1\], got -1", id="negative_chunk"),
+    ],
+)
+def test_chunk_segments_reject_bad_chunks(args, match):
+    with pytest.raises(ValueError, match=match):
+        WeightSpec(((2, 2),)).chunk_segments(*args)
 
 
 @pytest.mark.parametrize(
@@ -174,6 +202,27 @@ def test_auto_relays_only_when_fan_out_exceeds_intake():
     assert balanced.num_steps == 1
 
 
+def test_pipeline_plan_sends_every_copy_in_chunks():
+    layout = ExpertLayout(2, 2, 1)
+    plan = plan_weight_sync(layout, [[-1], [0]], mode="direct", num_chunks=3, pipeline=True)
+    assert plan.transfers == tuple(SyncTransfer(c, 0, 0, 0, 1, 5, c) for c in range(3))
+    assert (plan.num_steps, plan.num_chunks) == (3, 3)
+    assert [plan.ready_step(c) for c in range(3)] == [0, 1, 2]
+    assert plan.elements_moved(10) == 10
+    assert plan.link_time() == 1.0
+    with pytest.raises(ValueError, match=r"chunk_idx must be in \[0, 2\], got 3"):
+        plan.ready_step(3)
+
+
+def test_relayed_chunks_are_ready_one_step_after_sending():
+    layout = ExpertLayout(8, 2, 2)
+    placement = [[-1, -1]] + [[0, -1]] * 7
+    plan = plan_weight_sync(layout, placement, mode="relay", num_chunks=4, pipeline=True)
+    assert plan == plan_weight_sync(layout, placement, mode="relay", num_chunks=4)
+    assert [plan.ready_step(c) for c in range(4)] == [1, 2, 3, 4]
+    assert plan.num_steps == 5
+
+
 def _check_schedule(layout: ExpertLayout, placement, needs_copy, plan) -> None:
     """Every slot that needs a copy gets each chunk exactly once, from a rank that already has that chunk."""
     held = {}  # (rank, chunk) -> expert held before the current step, for redundant slots
@@ -225,12 +274,20 @@ def placements(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=placements(), mode=st.sampled_from(["direct", "relay", "auto"]), num_chunks=st.integers(1, 5))
-def test_any_plan_delivers_every_chunk_once(case, mode, num_chunks):
+@given(
+    case=placements(), mode=st.sampled_from(["direct", "relay", "auto"]), num_chunks=st.integers(1, 5), pipeline=st.booleans()
+)
+def test_any_plan_delivers_every_chunk_once(case, mode, num_chunks, pipeline):
     layout, placement, needs_copy = case
-    plan = plan_weight_sync(layout, placement, needs_copy=needs_copy, mode=mode, num_chunks=num_chunks)
+    plan = plan_weight_sync(layout, placement, needs_copy=needs_copy, mode=mode, num_chunks=num_chunks, pipeline=pipeline)
     _check_schedule(layout, placement, needs_copy, plan)
-    assert plan == plan_weight_sync(layout, placement, needs_copy=needs_copy, mode=mode, num_chunks=num_chunks)
+    if plan.transfers:
+        # Chunk c has reached every receiving slot by the end of ready_step(c).
+        for chunk in range(plan.num_chunks):
+            assert max(t.step for t in plan.transfers if t.chunk_idx == chunk) == plan.ready_step(chunk)
+    assert plan == plan_weight_sync(
+        layout, placement, needs_copy=needs_copy, mode=mode, num_chunks=num_chunks, pipeline=pipeline
+    )
     direct = plan_weight_sync(layout, placement, needs_copy=needs_copy, mode="direct")
     assert max(plan.copies_sent_per_rank(), default=0) <= max(direct.copies_sent_per_rank(), default=0)
 
@@ -240,6 +297,7 @@ def test_any_plan_delivers_every_chunk_once(case, mode, num_chunks):
     [
         pytest.param([[-1], [0]], {"mode": "tree"}, ValueError, "mode must be one of", id="bad_mode"),
         pytest.param([[-1], [0]], {"num_chunks": 0}, ValueError, "num_chunks must be a positive int", id="zero_chunks"),
+        pytest.param([[-1], [0]], {"pipeline": 1}, TypeError, "pipeline must be a bool, got int", id="pipeline_not_bool"),
         pytest.param([[-1]], {}, ValueError, r"shape \[num_ranks, redundant_slots_per_rank\] = \[2, 1\]", id="short"),
         pytest.param([[-1], [4]], {}, ValueError, r"replica_expert_ids\[1\]\[0\] = 4 is outside \[-1, 3\]", id="bad_id"),
         pytest.param([[0], [-1]], {}, ValueError, "replica on the expert's master rank 0", id="on_master"),

@@ -417,6 +417,8 @@ def test_simulate_header_names_training_only_flags_in_prefill(tmp_path, capsys):
     assert "forward weight sync in the background" in header
     assert "--overlap-grad-reduce ignored (no backward in prefill)" in header
     assert "optimizer step" not in header
+    assert run_simulate(_args(tmp_path, mode="prefill", overlap_sync=True, pipeline_replicas=True, sync_chunks=8)) == 0
+    assert "replicas computed chunk by chunk (8 chunks)" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_short_trace_resamples_and_fills(tmp_path):
@@ -445,6 +447,8 @@ def test_token_trace_rank_count_follows_the_experts(tmp_path):
         pytest.param({"quota_slots": "0"}, "must be >= 1", id="zero_slots"),
         pytest.param({"quota_buffers": "shared,global"}, "--quota-buffers must list shared and/or layer", id="bad_buffers"),
         pytest.param({"gemm_efficiency": 1.5}, r"Efficiency.gemm must be in \(0, 1\]", id="efficiency_above_one"),
+        pytest.param({"pipeline_replicas": True}, "--pipeline-replicas needs --overlap-sync", id="pipeline_without_overlap"),
+        pytest.param({"sync_chunks": 0}, "--sync-chunks must be >= 1, got 0", id="zero_sync_chunks"),
         pytest.param({"synthetic": None, "trace": ["/nonexistent/trace.npz"]}, "does not exist", id="missing_trace"),
     ],
 )
@@ -470,7 +474,7 @@ def test_simulate_command_rejects_bad_input(tmp_path, capsys, overrides, message
         pytest.param(lambda: CostSettings(mode="decode"), ValueError, "mode must be one of", id="settings_mode"),
         pytest.param(lambda: CostSettings(sync_scheme="tree"), ValueError, "sync_scheme must be one of", id="settings_sync"),
         pytest.param(lambda: CostSettings(efficiency=0.5), TypeError, "efficiency must be an Efficiency", id="settings_efficiency"),
-        pytest.param(lambda: CostSettings(relay_chunks=0), ValueError, "relay_chunks must be a positive int", id="settings_chunks"),
+        pytest.param(lambda: CostSettings(sync_chunks=0), ValueError, "sync_chunks must be a positive int", id="settings_chunks"),
         pytest.param(lambda: PolicySpec("x", "quota", -1), ValueError, "redundant_slots_per_rank must be an int >= 0", id="policy_slots"),
         pytest.param(lambda: PolicySpec("x", "quota", 1, replica_lifetime="forever"), ValueError, "replica_lifetime must be one of", id="policy_lifetime"),
         pytest.param(lambda: LpRerouteConfig(window=0), ValueError, "EplbConfig.window must be in", id="lp_window"),
@@ -585,6 +589,34 @@ def test_overlapped_sync_hides_behind_master_gemm(mode, total):
     ).total_s.tolist()
     with pytest.raises(TypeError, match="overlap_sync must be a bool"):
         CostSettings(overlap_sync=1)
+
+
+@pytest.mark.parametrize(
+    ("sync_chunks", "expert_phase"),
+    [
+        # Rank 1: master 5 s, replica 5 s (gate and up 10/3 s, down 5/3 s), copy 15 s in n chunks. The
+        # gate and up projections keep pace with the chunks. After the copy ends, the last chunk's gate
+        # and up (10/(3n) s) and the down projection (5/3 s) remain.
+        # Expert phase: max(5 + 5, 15/n + 5, 15 + 10/(3n) + 5/3); n = 1 gives max(5, 15) + 5 = 20.
+        pytest.param(1, 20.0, id="one_chunk"),
+        pytest.param(2, 15.0 + 5.0 / 3.0 + 5.0 / 3.0, id="two_chunks"),
+        pytest.param(5, 15.0 + 2.0 / 3.0 + 5.0 / 3.0, id="five_chunks"),
+    ],
+)
+def test_pipelined_replicas_compute_chunks_as_they_arrive(sync_chunks, expert_phase):
+    settings = dataclasses.replace(tiny_settings("prefill"), overlap_sync=True, pipeline_replicas=True, sync_chunks=sync_chunks)
+    costs = layer_costs(
+        BALANCED_QUOTA, BALANCED_REPLICAS, SOURCE, TWO_RANK_LAYOUT, TINY_MODEL, TINY_HARDWARE, settings, planner_time_s=2.0
+    )
+    # Rank 1 sets the layer time: dispatch 4 + expert phase + combine 4, against 4 + 10 + 4 = 18 without
+    # the sync, so expert_phase - 10 of the sync is exposed (rank 0 takes 17 s).
+    assert costs.forward_s.tolist() == [18.0]
+    assert costs.sync_s.tolist() == pytest.approx([expert_phase - 10.0])
+    assert costs.total_s.tolist() == pytest.approx([2.0 + 18.0 + expert_phase - 10.0])
+    with pytest.raises(ValueError, match="pipeline_replicas=True needs overlap_sync=True"):
+        CostSettings(pipeline_replicas=True)
+    with pytest.raises(TypeError, match="pipeline_replicas must be a bool"):
+        CostSettings(overlap_sync=True, pipeline_replicas=1)
 
 
 def test_overlapped_grad_reduce_hides_behind_backward():

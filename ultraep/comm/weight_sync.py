@@ -8,13 +8,17 @@ Two parts, kept apart so the first can be tested on one process:
   receivers is copied along a :class:`~ultraep.comm.relay.RelayTree`: the master sends chunk ``c`` to
   the relays in step ``c`` and each relay forwards chunk ``c`` in step ``c + 1``, so forwarding
   overlaps with receiving. ``auto`` relays only the experts whose master rank would otherwise send
-  more copies than the busiest receiver takes in.
+  more copies than the busiest receiver takes in. With ``pipeline=True`` every copy, relayed or not,
+  goes chunk by chunk, so a receiver can compute with the first chunks while later ones arrive.
 - :func:`execute_weight_sync` runs one plan with ``torch.distributed`` point-to-point operations, one
   ``batch_isend_irecv`` per step, on any backend that supports them (gloo on CPU, NCCL on GPUs).
 
 One expert's weights are several tensors (for a SwiGLU expert: gate, up and down projections).
 :class:`WeightSpec` packs them one after another into a flat row, so each redundant slot is one row
-of a ``[redundant_slots_per_rank, numel]`` buffer.
+of a ``[redundant_slots_per_rank, numel]`` buffer. Chunk ``c`` of ``n`` is the same block of rows
+(first dimension, :func:`chunk_bounds`) of every weight tensor. For a SwiGLU expert whose three
+weights all have the intermediate dimension first, chunk ``c`` is a slice of the intermediate
+dimension, and the expert's output is the sum of what each chunk computes on its own.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import dataclasses
 import datetime
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,6 +43,7 @@ __all__ = [
     "SyncTransfer",
     "WeightSpec",
     "check_replica_placement",
+    "chunk_bounds",
     "communication_errors",
     "exchange",
     "execute_weight_sync",
@@ -54,6 +59,15 @@ SYNC_MODES = ("direct", "relay", "auto")
 
 class CommunicationError(RuntimeError):
     """A point-to-point transfer or collective failed or timed out; the message names the step and peer ranks."""
+
+
+def chunk_bounds(length: int, chunk_idx: int, num_chunks: int) -> tuple[int, int]:
+    """Return rows ``[start, end)`` of chunk ``chunk_idx`` when ``length`` rows are split into ``num_chunks``.
+
+    Chunks differ in size by at most one row and may be empty when ``length < num_chunks``. Both ends
+    of a weight sync and :class:`~ultraep.runtime.MoELayer`'s chunked replica compute use this split.
+    """
+    return chunk_idx * length // num_chunks, (chunk_idx + 1) * length // num_chunks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,18 +136,24 @@ class WeightSpec:
             views.append(buffer[:, offset : offset + numel].unflatten(1, shape))  # [num_rows, *shape]
         return tuple(views)
 
-    def segments(self, start: int, end: int) -> list[tuple[int, int, int]]:
-        """Split the flat range ``[start, end)`` at weight tensor boundaries.
+    def chunk_segments(self, chunk_idx: int, num_chunks: int) -> list[tuple[int, int, int]]:
+        """Return the pieces of chunk ``chunk_idx`` of ``num_chunks``: rows :func:`chunk_bounds` of every weight tensor.
 
         Returns (weight_idx, begin, end) triples with ``begin``/``end`` counted inside weight tensor
-        ``weight_idx`` (flattened); empty pieces are left out. Both ends of a transfer use this split,
-        so their messages match one to one.
+        ``weight_idx`` (flattened, so a block of first-dimension rows is one contiguous range); empty
+        pieces are left out. Both ends of a transfer use this split, so their messages match one to one,
+        and the chunks of one row cover it exactly once.
         """
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+            raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+        if not 0 <= chunk_idx < num_chunks:
+            raise ValueError(f"chunk_idx must be in [0, {num_chunks - 1}], got {chunk_idx!r}")
         pieces = []
-        for weight_idx, (offset, numel) in enumerate(zip(self.offsets, self.numels, strict=True)):
-            begin, stop = max(start, offset), min(end, offset + numel)
-            if begin < stop:
-                pieces.append((weight_idx, begin - offset, stop - offset))
+        for weight_idx, (shape, numel) in enumerate(zip(self.shapes, self.numels, strict=True)):
+            row_numel = numel // shape[0]
+            first, last = chunk_bounds(shape[0], chunk_idx, num_chunks)
+            if first < last:
+                pieces.append((weight_idx, first * row_numel, last * row_numel))
         return pieces
 
     def check_master_weights(self, master_weights: Sequence[torch.Tensor], experts_per_rank: int) -> None:
@@ -186,7 +206,7 @@ class SyncTransfer:
     dst_slot_id: int
     """Physical slot id of the redundant slot written on ``dst_rank``."""
     chunk_idx: int
-    """Chunk of the flat weight row, ``0 .. num_chunks-1``; see :meth:`SyncPlan.chunk_range`."""
+    """Chunk of the weight row, ``0 .. num_chunks-1``; see :meth:`WeightSpec.chunk_segments`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +226,8 @@ class SyncPlan:
     num_steps: int
     """Steps of the schedule (0 when nothing moves)."""
     num_chunks: int
-    """Chunks each flat weight row is split into; 1 unless some expert is relayed."""
+    """Chunks each copy is split into (:meth:`WeightSpec.chunk_segments`); 1 unless some expert is
+    relayed or the plan was made with ``pipeline=True``."""
     relay_expert_ids: tuple[int, ...]
     """Logical experts copied through relays, ascending."""
     num_ranks: int
@@ -217,17 +238,21 @@ class SyncPlan:
         """Redundant slots that receive weights."""
         return len({t.dst_slot_id for t in self.transfers})
 
-    def chunk_range(self, chunk_idx: int, numel: int) -> tuple[int, int]:
-        """Return the flat range ``[start, end)`` of chunk ``chunk_idx`` in a row of ``numel`` elements."""
-        return chunk_idx * numel // self.num_chunks, (chunk_idx + 1) * numel // self.num_chunks
-
     def elements_moved(self, numel: int) -> int:
-        """Return the elements all transfers move together, for flat weight rows of ``numel`` elements."""
-        total = 0
-        for transfer in self.transfers:
-            start, end = self.chunk_range(transfer.chunk_idx, numel)
-            total += end - start
-        return total
+        """Return the elements all transfers move together, for flat weight rows of ``numel`` elements.
+
+        Every receiving slot gets every chunk of its row once, so this is ``num_copies * numel``.
+        """
+        return self.num_copies * numel
+
+    def ready_step(self, chunk_idx: int) -> int:
+        """Return the step after which chunk ``chunk_idx`` is in every receiving slot.
+
+        A direct copy sends chunk ``c`` in step ``c``; a relay forwards it in step ``c + 1``.
+        """
+        if not 0 <= chunk_idx < self.num_chunks:
+            raise ValueError(f"chunk_idx must be in [0, {self.num_chunks - 1}], got {chunk_idx!r}")
+        return chunk_idx + 1 if self.relay_expert_ids else chunk_idx
 
     def copies_sent_per_rank(self) -> list[float]:
         """Return per rank the expert copies it sends (chunks / num_chunks)."""
@@ -320,6 +345,7 @@ def plan_weight_sync(
     needs_copy=None,
     mode: str = "direct",
     num_chunks: int = 4,
+    pipeline: bool = False,
 ) -> SyncPlan:
     """List the transfers that fill redundant slots with their planned experts' weights. Pure, no communication.
 
@@ -331,8 +357,10 @@ def plan_weight_sync(
       Slots that must receive weights; ``False`` for a slot that already contains the expert's current
       weights or whose replica has quota 0. ``None`` means every non-empty slot.
     mode: ``"direct"``, ``"relay"`` or ``"auto"`` (see the module docstring).
-    num_chunks: chunks per flat weight row when some expert is relayed (>= 1); a plan without relays
-      always uses one chunk and one step.
+    num_chunks: chunks per copy when some expert is relayed or ``pipeline`` is set (>= 1).
+    pipeline: send every copy in ``num_chunks`` chunks, chunk ``c`` in step ``c``, so receivers can
+      use a chunk before the next arrives (:meth:`SyncPlan.ready_step`). Without it a plan without
+      relays uses one chunk and one step.
 
     Every rank that calls this with the same arguments gets the same plan.
     """
@@ -340,6 +368,8 @@ def plan_weight_sync(
         raise ValueError(f"mode must be one of {SYNC_MODES}, got {mode!r}")
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+    if not isinstance(pipeline, bool):
+        raise TypeError(f"pipeline must be a bool, got {type(pipeline).__name__}")
     table = check_replica_placement(layout, replica_expert_ids)
     width = layout.redundant_slots_per_rank
     if needs_copy is None:
@@ -379,7 +409,7 @@ def plan_weight_sync(
 
     # Step 3: transfers. Relayed experts: master -> relay chunk c in step c, relay -> child chunk c
     # in step c + 1. Direct copies use the same chunk steps, so they spread over the schedule.
-    chunks = num_chunks if trees else 1
+    chunks = num_chunks if trees or pipeline else 1
     transfers = []
     for expert, slots in receivers.items():
         master = layout.master_rank(expert)
@@ -395,7 +425,13 @@ def plan_weight_sync(
                 for dst_rank, dst_slot in group:
                     transfers.append(SyncTransfer(chunk + 1, expert, relay_rank, relay_slot, dst_rank, dst_slot, chunk))
     transfers.sort(key=lambda t: (t.step, t.src_rank, t.dst_rank, t.dst_slot_id, t.chunk_idx))
-    num_steps = 0 if not transfers else (chunks + 1 if trees else 1)
+    # A relay forwards the last chunk one step after receiving it.
+    if not transfers:
+        num_steps = 0
+    elif trees:
+        num_steps = chunks + 1
+    else:
+        num_steps = chunks
     return SyncPlan(tuple(transfers), num_steps, chunks, tuple(sorted(trees)), layout.num_ranks)
 
 
@@ -473,6 +509,7 @@ def execute_weight_sync(
     group: dist.ProcessGroup | None = None,
     timeout: datetime.timedelta | None = None,
     description: str = "weight sync",
+    on_step: Callable[[int], None] | None = None,
 ) -> int:
     """Run ``sync_plan`` on this rank: send from master slots and relays, receive into redundant slots.
 
@@ -484,6 +521,9 @@ def execute_weight_sync(
       ``master_weights``. Row ``j`` is redundant slot ``j`` of this rank; received rows are written in place.
     timeout: per step; ``None`` uses the process group's timeout.
     description: names the layer and microbatch in errors.
+    on_step: called with the step index once this rank's transfers of that step have finished (also
+      for steps in which it has none), in step order; with :meth:`SyncPlan.ready_step` it tells when a
+      chunk can be read.
     Returns the bytes this rank sent.
 
     Collective: every rank in ``group`` must call this with the same plan. With 2 ranks, 2 experts per
@@ -510,8 +550,7 @@ def execute_weight_sync(
         for transfer in sync_plan.transfers:
             if transfer.step != step:
                 continue
-            start, end = sync_plan.chunk_range(transfer.chunk_idx, spec.numel)
-            for weight_idx, begin, stop in spec.segments(start, end):
+            for weight_idx, begin, stop in spec.chunk_segments(transfer.chunk_idx, sync_plan.num_chunks):
                 tag += 1
                 if transfer.src_rank == rank:
                     source = _flat_source(transfer.src_slot_id, layout, master_weights, replica_views, weight_idx)
@@ -525,13 +564,14 @@ def execute_weight_sync(
                     tensor = flat_rows[row, offset + begin : offset + stop]
                     ops.append(dist.P2POp(dist.irecv, tensor, group=group, tag=tag, group_peer=transfer.src_rank))
                     peers.append(transfer.src_rank)
-        if not ops:
-            continue
-        exchange(
-            ops,
-            timeout=timeout,
-            description=f"{description}, step {step + 1} of {sync_plan.num_steps}",
-            rank=rank,
-            peer_ranks=peers,
-        )
+        if ops:
+            exchange(
+                ops,
+                timeout=timeout,
+                description=f"{description}, step {step + 1} of {sync_plan.num_steps}",
+                rank=rank,
+                peer_ranks=peers,
+            )
+        if on_step is not None:
+            on_step(step)
     return bytes_sent

@@ -25,6 +25,7 @@ import datetime
 import functools
 import hashlib
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from ultraep.comm import (
     SYNC_MODES,
     CommunicationError,
+    SyncPlan,
     WeightSpec,
     execute_weight_sync,
     plan_grad_reduce,
@@ -104,6 +106,14 @@ class ManagerConfig:
 
     NOTE: tested with gloo on CPU only. With NCCL the copies are queued on the sync thread's CUDA
     stream, and nothing here yet makes the compute stream wait for that stream."""
+    pipeline_replicas: bool = False
+    """With ``overlap_sync``: send every forward copy in ``num_chunks`` chunks (the same block of
+    first-dimension rows of each weight tensor), one chunk per step, and let the replicas compute chunk
+    by chunk as the chunks arrive (:meth:`ReplicaManager.wait_replicas` with ``chunk``), so a replica's
+    compute overlaps its own copy. :class:`~ultraep.runtime.MoELayer` runs a replica's gate and up
+    projections chunk by chunk (a chunk is a block of intermediate rows) and its down projection once
+    the copy is complete. The chunked GEMMs may round differently from whole ones, so outputs match
+    the unchunked path to float rounding; tested with gloo on CPU, like ``overlap_sync``."""
     overlap_grad_reduce: bool = False
     """Run grad reduce on the background thread after the layer's backward, so it overlaps the backward
     of the layers below. The reduced gradients are added to the master weights' ``.grad`` when the
@@ -124,6 +134,11 @@ class ManagerConfig:
             raise ValueError(f"ManagerConfig.num_chunks must be a positive int, got {self.num_chunks!r}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"ManagerConfig.timeout_s must be None or > 0 seconds, got {self.timeout_s!r}")
+        if self.pipeline_replicas and not self.overlap_sync:
+            raise ValueError(
+                "ManagerConfig.pipeline_replicas=True needs overlap_sync=True: chunks can only be used while later "
+                "ones arrive when the sync runs in the background"
+            )
         if isinstance(self.buffer_layers, bool) or not isinstance(self.buffer_layers, int) or self.buffer_layers < 0:
             raise ValueError(
                 f"ManagerConfig.buffer_layers must be an int >= 0 (0 = one buffer set shared by all layers, "
@@ -201,6 +216,42 @@ class _InFlight:
     expects_reduce: bool  # Replicate.backward will run grad reduce and release the state
 
 
+class _StepProgress:
+    """Steps of a background weight sync finished so far on this rank; waiters block on a condition."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._steps_done = 0
+        self._stopped = False
+
+    def step_done(self, step: int) -> None:
+        with self._condition:
+            self._steps_done = step + 1
+            self._condition.notify_all()
+
+    def stop(self) -> None:
+        """Mark the sync as over (finished or failed), so no waiter blocks on steps that will not come."""
+        with self._condition:
+            self._stopped = True
+            self._condition.notify_all()
+
+    def wait(self, steps: int) -> bool:
+        """Block until ``steps`` steps are done (True) or the sync stopped short of them (False)."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._steps_done >= steps or self._stopped)
+            return self._steps_done >= steps
+
+
+@dataclasses.dataclass
+class _PendingSync:
+    """The forward weight sync running on the background thread."""
+
+    key: tuple[int, int]
+    future: concurrent.futures.Future
+    sync_plan: SyncPlan
+    progress: _StepProgress
+
+
 @dataclasses.dataclass
 class _LayerVersion:
     """This rank's bookkeeping behind the weight version of one layer's master weights."""
@@ -266,7 +317,7 @@ class ReplicaManager:
 
         layout: the EP group's layout; ``num_ranks`` must equal the size of ``group``.
         weight_shapes: shape of each weight tensor of one expert, in the order layers pass their master
-          weights (for SwiGLU: ``[(hidden, ffn), (hidden, ffn), (ffn, hidden)]``); shared by all layers.
+          weights (for SwiGLU: three ``(ffn, hidden)`` shapes, see ``swiglu_weight_shapes``); shared by all layers.
         planner: the balancing planner; ``None`` means :class:`~ultraep.planners.QuotaPlanner` defaults.
         group: the EP process group; ``None`` is the default group, which must be initialized.
         sync_group: with ``config.overlap_sync`` or ``config.overlap_grad_reduce``, a second process group
@@ -316,8 +367,8 @@ class ReplicaManager:
         # in the same order.
         self._held: list[list[list[tuple[int, int, int] | None]]] = self._empty_held()
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
-        # The forward sync running in the background: (layer_id, microbatch_id), its future.
-        self._pending_sync: tuple[tuple[int, int], concurrent.futures.Future] | None = None
+        # The forward sync running in the background.
+        self._pending_sync: _PendingSync | None = None
         self._sync_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.sync_group: dist.ProcessGroup | None = None
         # Reduces started in the background: (layer_id, microbatch_id), future, master weights.
@@ -473,20 +524,42 @@ class ReplicaManager:
             self._sync(routing.key, phase="forward", background=self.config.overlap_sync)
         return self.spec.row_views(self.slot_weights(routing.layer_id))
 
-    def wait_replicas(self, routing: Routing) -> None:
-        """Block until the forward weight sync started by :meth:`replicate` for ``routing`` has finished.
+    @property
+    def replica_chunks(self) -> int:
+        """Chunks a replica's weights arrive in: ``config.num_chunks`` with ``pipeline_replicas``, else 1."""
+        return self.config.num_chunks if self.config.pipeline_replicas else 1
 
+    def wait_replicas(self, routing: Routing, chunk: int | None = None) -> None:
+        """Block until the forward weight sync started by :meth:`replicate` for ``routing`` has delivered.
+
+        chunk: ``None`` waits for the whole sync. An int in ``[0, replica_chunks)`` waits only until
+          chunk ``chunk`` of every replica on this rank has arrived: rows
+          ``chunk_bounds(shape[0], chunk, replica_chunks)`` of each weight tensor
+          (:func:`~ultraep.comm.chunk_bounds`); later chunks may still be in flight.
         Returns at once when no sync runs in the background (``overlap_sync`` off, or already done).
         Raises the sync's :class:`~ultraep.comm.CommunicationError` if it failed. Local: the copies
         themselves are collective and were started on every rank by :meth:`replicate`.
         """
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < self.replica_chunks):
+            raise ValueError(
+                f"chunk must be None or an int in [0, {self.replica_chunks - 1}] (replica_chunks), got {chunk!r}"
+            )
         pending = self._pending_sync
-        if pending is not None and pending[0] != routing.key:
+        if pending is not None and pending.key != routing.key:
             raise RuntimeError(
                 f"wait_replicas for layer {routing.layer_id} microbatch {routing.microbatch_id}, but the sync in "
-                f"flight is for layer {pending[0][0]} microbatch {pending[0][1]}; call it after that layer's replicate()"
+                f"flight is for layer {pending.key[0]} microbatch {pending.key[1]}; call it after that layer's replicate()"
             )
-        self._finish_pending_sync()
+        if pending is None or chunk is None or chunk == self.replica_chunks - 1:
+            self._finish_pending_sync()
+            return
+        plan = pending.sync_plan
+        if plan.num_steps == 0:
+            return
+        start = self._clock()
+        if not pending.progress.wait(plan.ready_step(chunk) + 1):
+            self._finish_pending_sync()  # the sync stopped early: raise its error
+        self._record("sync_wait", routing.layer_id, start)
 
     def slot_weights(self, layer_id: int) -> torch.Tensor:
         """Return the [redundant_slots_per_rank, numel] buffer of ``layer_id``'s replicas on this rank."""
@@ -538,11 +611,11 @@ class ReplicaManager:
         """Wait for the background forward sync, if any; every other phase runs after it."""
         if self._pending_sync is None:
             return
-        key, future = self._pending_sync
+        pending = self._pending_sync
         self._pending_sync = None
         start = self._clock()
-        future.result()
-        self._record("sync_wait", key[0], start)
+        pending.future.result()
+        self._record("sync_wait", pending.key[0], start)
 
     # ------------------------------------------------------------------------------------------
     # Phases run from the autograd functions.
@@ -577,20 +650,34 @@ class ReplicaManager:
 
         # Step 2: plan the transfers, then run them here or on the sync thread.
         sync_plan = plan_weight_sync(
-            layout, replica_ids, needs_copy=needs_copy, mode=self.config.sync_mode, num_chunks=self.config.num_chunks
+            layout,
+            replica_ids,
+            needs_copy=needs_copy,
+            mode=self.config.sync_mode,
+            num_chunks=self.config.num_chunks,
+            pipeline=background and self.config.pipeline_replicas,
         )
         group = self.sync_group if background else self.group
-        run = functools.partial(self._run_sync, key, phase, group, state.master_weights, sync_plan, targets, held, start)
+        progress = _StepProgress() if background else None
+        run = functools.partial(self._run_sync, key, phase, group, state.master_weights, sync_plan, targets, held, start, progress)
         if background:
-            self._pending_sync = (key, self._sync_executor.submit(run))
+            self._pending_sync = _PendingSync(key, self._sync_executor.submit(run), sync_plan, progress)
         else:
             run()
 
-    def _run_sync(self, key, phase, group, master_weights, sync_plan, targets, held, start) -> None:
+    def _run_sync(self, key, phase, group, master_weights, sync_plan, targets, held, start, progress=None) -> None:
         """Run one sync plan over ``group`` and record what the slots now contain.
 
         On failure nothing in the slots can be trusted, so every cached record is dropped.
+        progress: receives every finished step and a stop at the end, for chunk waiters.
         """
+        try:
+            self._execute_sync(key, phase, group, master_weights, sync_plan, targets, held, start, progress)
+        finally:
+            if progress is not None:
+                progress.stop()
+
+    def _execute_sync(self, key, phase, group, master_weights, sync_plan, targets, held, start, progress) -> None:
         try:
             execute_weight_sync(
                 sync_plan,
@@ -602,6 +689,7 @@ class ReplicaManager:
                 group=group,
                 timeout=self.timeout,
                 description=f"weight sync ({phase}) of layer {key[0]} microbatch {key[1]}",
+                on_step=None if progress is None else progress.step_done,
             )
         except CommunicationError:
             self._forget_cached_weights()

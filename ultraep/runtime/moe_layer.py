@@ -30,15 +30,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ultraep.comm import communication_errors, wait_all
+from ultraep.comm import chunk_bounds, communication_errors, wait_all
 from ultraep.runtime.manager import ReplicaManager
 
 __all__ = ["MoELayer", "all_to_all", "expert_init_generator", "swiglu_weight_shapes"]
 
 
 def swiglu_weight_shapes(hidden_size: int, ffn_hidden_size: int) -> tuple[tuple[int, int], ...]:
-    """Return the per-expert weight shapes of a SwiGLU expert: gate ``(hidden, ffn)``, up ``(hidden, ffn)``, down ``(ffn, hidden)``."""
-    return ((hidden_size, ffn_hidden_size), (hidden_size, ffn_hidden_size), (ffn_hidden_size, hidden_size))
+    """Return the per-expert weight shapes of a SwiGLU expert: gate, up and down, each ``(ffn, hidden)``.
+
+    The intermediate dimension comes first in all three, so a block of first-dimension rows (one
+    weight sync chunk) is a slice of the intermediate dimension, which a replica can compute alone.
+    """
+    return ((ffn_hidden_size, hidden_size),) * 3
 
 
 def expert_init_generator(seed: int, layer_id: int, expert_id: int) -> torch.Generator:
@@ -101,7 +105,8 @@ def all_to_all(
 
 
 def _swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    """x: [rows, hidden]; w_gate, w_up, w_down: [ffn, hidden] (or a block of ffn rows). Returns [rows, hidden]."""
+    return (F.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down
 
 
 class MoELayer(nn.Module):
@@ -111,9 +116,9 @@ class MoELayer(nn.Module):
 
     - ``router_weight`` [num_experts, hidden_size]: the same on every rank (replicated, like any
       data-parallel parameter; all-reduce its gradient over the EP group);
-    - ``w_gate``, ``w_up`` [experts_per_rank, hidden_size, ffn_hidden_size] and ``w_down``
-      [experts_per_rank, ffn_hidden_size, hidden_size]: this rank's master experts, logical experts
-      ``rank * experts_per_rank ..``. Their gradients are complete after backward: replica gradients
+    - ``w_gate``, ``w_up`` and ``w_down``, each [experts_per_rank, ffn_hidden_size, hidden_size]:
+      this rank's master experts, logical experts ``rank * experts_per_rank ..``; the output of an
+      expert is ``(silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down``. Their gradients are complete after backward: replica gradients
       are already reduced into them.
     """
 
@@ -154,8 +159,8 @@ class MoELayer(nn.Module):
         self.balance = balance
         kwargs = {"dtype": manager.dtype, "device": manager.device}
         self.router_weight = nn.Parameter(torch.empty(layout.num_experts, hidden_size, **kwargs))
-        self.w_gate = nn.Parameter(torch.empty(layout.experts_per_rank, hidden_size, ffn_hidden_size, **kwargs))
-        self.w_up = nn.Parameter(torch.empty(layout.experts_per_rank, hidden_size, ffn_hidden_size, **kwargs))
+        self.w_gate = nn.Parameter(torch.empty(layout.experts_per_rank, ffn_hidden_size, hidden_size, **kwargs))
+        self.w_up = nn.Parameter(torch.empty(layout.experts_per_rank, ffn_hidden_size, hidden_size, **kwargs))
         self.w_down = nn.Parameter(torch.empty(layout.experts_per_rank, ffn_hidden_size, hidden_size, **kwargs))
         self.reset_parameters(seed)
 
@@ -212,24 +217,19 @@ class MoELayer(nn.Module):
             group=manager.group, timeout=manager.timeout, description=f"dispatch all-to-all of {where}",
         )  # [num_received, hidden_size], grouped by source rank, then slot
 
-        # Step 4: experts, one local slot at a time: masters first, then, once the sync is done, redundant slots.
+        # Step 4: experts, one local slot at a time: masters first, then the redundant slots once their
+        # weights have arrived (chunk by chunk with ManagerConfig.pipeline_replicas).
         spr = layout.slots_per_rank
         local_slot = torch.repeat_interleave(
             torch.arange(spr).repeat(layout.num_ranks), routing.recv_slot_counts.reshape(-1)
         ).to(x.device)  # [num_received]
         by_slot = torch.argsort(local_slot, stable=True)
         slot_counts = routing.recv_slot_counts.sum(dim=0).tolist()  # [slots_per_rank]
-        outputs = []
-        for local_idx, rows in enumerate(torch.split(recv_x[by_slot], slot_counts)):
-            if local_idx < layout.experts_per_rank:
-                weights = (self.w_gate[local_idx], self.w_up[local_idx], self.w_down[local_idx])
-            else:
-                if local_idx == layout.experts_per_rank:
-                    manager.wait_replicas(routing)
-                weights = tuple(w[local_idx - layout.experts_per_rank] for w in replica_weights)
-            # Empty slots run too (0 rows): every replica weight view must reach the output so grad
-            # reduce runs, and every rank builds the same autograd graph, so collectives stay in order.
-            outputs.append(_swiglu(rows, *weights))
+        slot_rows = torch.split(recv_x[by_slot], slot_counts)
+        outputs = [
+            _swiglu(slot_rows[idx], self.w_gate[idx], self.w_up[idx], self.w_down[idx]) for idx in range(layout.experts_per_rank)
+        ]
+        outputs.extend(self._replica_outputs(routing, replica_weights, slot_rows[layout.experts_per_rank :]))
         expert_out = torch.cat(outputs)[torch.argsort(by_slot)]  # [num_received, hidden_size], arrival order
         expert_out = manager.resync_on_backward(routing, expert_out)
 
@@ -241,3 +241,29 @@ class MoELayer(nn.Module):
         per_assignment = back[torch.argsort(order)].view(num_tokens, topk, self.hidden_size)
         out = (probs.unsqueeze(-1) * per_assignment).sum(dim=1)  # [num_tokens, hidden_size]
         return out.view(hidden_states.shape)
+
+    def _replica_outputs(
+        self, routing, replica_weights: tuple[torch.Tensor, ...], slot_rows: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Run every redundant slot on its rows; returns one [rows, hidden_size] output per slot.
+
+        Empty slots run too (0 rows): every replica weight view must reach the output so grad reduce
+        runs, and every rank builds the same autograd graph, so collectives stay in order. With
+        ``replica_chunks`` = n > 1 each slot computes the gate and up projections of intermediate rows
+        ``chunk_bounds(ffn, c, n)`` as soon as chunk ``c`` has arrived, and the down projection once
+        the last chunk is there, as one GEMM over the whole intermediate dimension.
+        """
+        manager = self.manager
+        num_chunks = manager.replica_chunks
+        w_gate, w_up, w_down = replica_weights  # each [redundant_slots_per_rank, ffn, hidden]
+        if num_chunks == 1:
+            manager.wait_replicas(routing)
+            return [_swiglu(rows, w_gate[j], w_up[j], w_down[j]) for j, rows in enumerate(slot_rows)]
+        activations: list[list[torch.Tensor]] = [[] for _ in slot_rows]  # per slot, [rows, chunk rows] per chunk
+        for chunk in range(num_chunks):
+            manager.wait_replicas(routing, chunk=chunk)
+            first, last = chunk_bounds(self.ffn_hidden_size, chunk, num_chunks)
+            for j, rows in enumerate(slot_rows):
+                gate, up = w_gate[j, first:last], w_up[j, first:last]  # [chunk rows, hidden]
+                activations[j].append(F.silu(rows @ gate.t()) * (rows @ up.t()))
+        return [torch.cat(parts, dim=1) @ w_down[j] for j, parts in enumerate(activations)]

@@ -120,6 +120,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the forward weight sync in the background behind the masters' GEMM, as ManagerConfig.overlap_sync does",
     )
     parser.add_argument(
+        "--pipeline-replicas",
+        action="store_true",
+        help="with --overlap-sync: send each copy in --sync-chunks chunks and compute replicas chunk by chunk as they "
+        "arrive, as ManagerConfig.pipeline_replicas does",
+    )
+    parser.add_argument(
+        "--sync-chunks", type=int, default=4, help="chunks per expert copy for relays and --pipeline-replicas (default 4)"
+    )
+    parser.add_argument(
         "--overlap-grad-reduce",
         action="store_true",
         help="run the gradient reduce in the background behind the next layer's backward GEMMs, as "
@@ -167,8 +176,14 @@ def _run(args: argparse.Namespace) -> int:
     efficiency = Efficiency(
         gemm=args.gemm_efficiency, hbm=args.hbm_efficiency, nvlink=args.nvlink_efficiency, network=args.network_efficiency
     )
+    if args.pipeline_replicas and not args.overlap_sync:
+        raise ValueError("--pipeline-replicas needs --overlap-sync: replicas compute early chunks only while the sync runs in the background")
+    if args.sync_chunks < 1:
+        raise ValueError(f"--sync-chunks must be >= 1, got {args.sync_chunks}")
     settings = CostSettings(
         mode=args.mode,
+        sync_chunks=args.sync_chunks,
+        pipeline_replicas=args.pipeline_replicas,
         efficiency=efficiency,
         sync_scheme=args.sync_scheme,
         microbatches_per_step=args.microbatches_per_step,
@@ -206,7 +221,8 @@ def _run(args: argparse.Namespace) -> int:
         f"ultraep simulate: {hardware.display_name}, EP{args.ranks} requested, mode {args.mode}; efficiency "
         f"gemm {efficiency.gemm}, hbm {efficiency.hbm}, nvlink {efficiency.nvlink}, network {efficiency.network}; "
         f"weight sync {settings.sync_scheme}; "
-        f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}; "
+        f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}"
+        f"{f', replicas computed chunk by chunk ({settings.sync_chunks} chunks)' if settings.pipeline_replicas else ''}; "
         + training_words
         + f"{args.threads} CPU thread(s)."
     )

@@ -40,11 +40,11 @@ Formulas:
    ``"direct"`` the master sends every copy itself, so a hot expert with ``n`` replicas loads its
    master's outbound link with ``n * W``. With ``"relay"`` the master of an expert with ``n`` copies
    sends to ``k`` relays (``k`` minimises ``max(k, ceil((n - k) / k))``, about ``sqrt(n)``) and each
-   relay forwards to its share of the rest, chunk by chunk (``relay_chunks`` chunks per copy).
+   relay forwards to its share of the rest, chunk by chunk (``sync_chunks`` chunks per copy).
    ``"auto"`` relays only the experts whose master rank would send more copies than the busiest
    receiver takes in. Per rank,
    ``S_r = max(max(out_nv, in_nv) / B_nv, max(out_net, in_net) / B_net)``, and the sync time is
-   ``max_r S_r``, plus one chunk ``W / relay_chunks`` over the slowest link class used when some copy
+   ``max_r S_r``, plus one chunk ``W / sync_chunks`` over the slowest link class used when some copy
    goes through a relay (the relay forwards chunk ``c`` while chunk ``c + 1`` arrives).
 4. Gradient reduce (training): the same trees carry each replica's weight gradient
    (``grad_bytes_per_param`` per parameter) back to its master, so it is the sync formula with
@@ -55,6 +55,13 @@ Formulas:
    ``planner + max_r (D_r + max(Gm_r, sync) + Gr_r + C_r)``, where ``Gm_r`` and ``Gr_r`` are the
    GEMM times of rank ``r``'s masters and replicas: the replicas start once every copy has arrived
    and the masters' GEMM has run. A rank without replica work waits for no copy. With
+   ``pipeline_replicas`` as well (``ManagerConfig.pipeline_replicas``), every copy arrives in
+   ``n = sync_chunks`` chunks, chunk ``c`` by ``fill + (c + 1) (sync - fill) / n`` where ``fill`` is
+   the relay hop of formula 3. A chunk holds the same intermediate rows of the gate, up and down
+   weights, so the replicas' gate and up projections (2/3 of ``Gr_r``) run chunk by chunk as the
+   chunks arrive, and the down projection (1/3) runs once the whole copy is there:
+   ``max(Gm_r + Gr_r, first + Gr_r, sync + Gr_r * (2 / (3 n) + 1 / 3))`` replaces
+   ``max(Gm_r, sync) + Gr_r``, with ``first = fill + (sync - fill) / n`` the first chunk's arrival. With
    ``overlap_grad_reduce`` the gradient reduce runs behind the backward GEMMs of the layer below, and
    only ``max(0, grad_reduce - min_r 2 G_r)`` stays on the critical path. Only the GEMMs count as
    cover because the backward all-to-all uses the same links. This layer's GEMMs stand in for the
@@ -114,6 +121,8 @@ __all__ = [
 ]
 
 MODES = ("train", "prefill")
+# The down projection's share of a SwiGLU expert's FLOPs (one of its three equal GEMMs).
+_DOWN_SHARE = 1 / 3
 SYNC_SCHEMES = ("direct", "relay", "auto")
 REPLICA_LIFETIMES = ("microbatch", "layer", "persistent")
 
@@ -138,8 +147,9 @@ class CostSettings:
     """Weight sync mode, as in the runtime: ``"direct"`` (the master sends every copy), ``"relay"``
     (experts with several copies go through relays) or ``"auto"`` (relay only where a master rank
     sends more copies than the busiest receiver takes in)."""
-    relay_chunks: int = 4
-    """Chunks per expert copy when relaying; one chunk time is added for the relay hop."""
+    sync_chunks: int = 4
+    """Chunks per expert copy (``ManagerConfig.num_chunks``): relays forward chunk by chunk, which adds
+    one chunk time for the relay hop, and with ``pipeline_replicas`` replicas compute chunk by chunk."""
     microbatches_per_step: int = 1
     """Microbatches per optimizer step; persistent replicas refresh and reduce once per step."""
     overlap_grad_reduce: bool = False
@@ -148,6 +158,9 @@ class CostSettings:
     overlap_sync: bool = False
     """Run the forward weight sync in the background, behind the masters' GEMM (formula 5), as the
     runtime does with ``ManagerConfig.overlap_sync``."""
+    pipeline_replicas: bool = False
+    """With ``overlap_sync``: every copy arrives in ``sync_chunks`` chunks and a replica computes each
+    chunk once it has arrived, as the runtime does with ``ManagerConfig.pipeline_replicas`` (formula 5)."""
     hide_backward_replica_traffic: bool = False
     """Leave the backward re-sync (or refresh) and the gradient reduce off the critical path, as if they
     overlapped perfectly with other layers' backward work. An optimistic bound; their bytes still count."""
@@ -161,6 +174,13 @@ class CostSettings:
             raise TypeError(f"CostSettings.overlap_grad_reduce must be a bool, got {type(self.overlap_grad_reduce).__name__}")
         if not isinstance(self.overlap_sync, bool):
             raise TypeError(f"CostSettings.overlap_sync must be a bool, got {type(self.overlap_sync).__name__}")
+        if not isinstance(self.pipeline_replicas, bool):
+            raise TypeError(f"CostSettings.pipeline_replicas must be a bool, got {type(self.pipeline_replicas).__name__}")
+        if self.pipeline_replicas and not self.overlap_sync:
+            raise ValueError(
+                "CostSettings.pipeline_replicas=True needs overlap_sync=True: replicas can compute early chunks only "
+                "while the sync runs in the background"
+            )
         if not isinstance(self.hide_backward_replica_traffic, bool):
             raise TypeError(
                 "CostSettings.hide_backward_replica_traffic must be a bool, got "
@@ -173,7 +193,7 @@ class CostSettings:
             "dispatch_bytes_per_value",
             "combine_bytes_per_value",
             "grad_bytes_per_param",
-            "relay_chunks",
+            "sync_chunks",
             "microbatches_per_step",
         ):
             value = getattr(self, name)
@@ -368,11 +388,17 @@ def sync_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSett
         torch.maximum(traffic.out_nvlink, traffic.in_nvlink) / nvlink,
         torch.maximum(traffic.out_network, traffic.in_network) / network,
     )  # [num_samples, num_ranks]
-    chunk_bytes = traffic.bytes_per_copy / settings.relay_chunks
+    return per_rank.max(dim=1).values + relay_fill_time(traffic, hardware, settings)
+
+
+def relay_fill_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSettings) -> torch.Tensor:
+    """Return [num_samples] float64 seconds: the one chunk a relay hop adds to ``sync_time`` (0 without relays)."""
+    nvlink = hardware.nvlink_bytes_per_s * settings.efficiency.nvlink
+    network = hardware.network_bytes_per_s * settings.efficiency.network
+    chunk_bytes = traffic.bytes_per_copy / settings.sync_chunks
     uses_network = traffic.out_network.sum(dim=1) > 0
     chunk_time = torch.where(uses_network, chunk_bytes / network, chunk_bytes / nvlink)
-    fill = (traffic.depth - 1).clamp(min=0).to(torch.float64) * chunk_time
-    return per_rank.max(dim=1).values + fill
+    return (traffic.depth - 1).clamp(min=0).to(torch.float64) * chunk_time
 
 
 def layer_costs(
@@ -438,25 +464,30 @@ def layer_costs(
         grad_copy_bytes = grad_traffic.num_copies.to(torch.float64) * grad_bytes
     else:
         grad_reduce, grad_copy_bytes = zeros, zeros
+    # fill: the relay hop's share of the forward sync, which delays the first chunk of a relayed copy.
     if replica_lifetime == "microbatch":
         sync, sync_bytes = all_sync, all_copy_bytes
+        fill = relay_fill_time(all_traffic, hardware, settings)
         resync = all_sync if training else zeros
         resync_bytes = all_copy_bytes if training else zeros
     elif replica_lifetime == "layer":
         moved_traffic = replica_sync_traffic(replica_expert_ids, synced & filled, layout, weight_bytes, hardware.domain_size, settings)
         moved_sync = sync_time(moved_traffic, hardware, settings)
         moved_bytes = moved_traffic.num_copies.to(torch.float64) * weight_bytes
+        moved_fill = relay_fill_time(moved_traffic, hardware, settings)
         if training:
             per_step = float(settings.microbatches_per_step)
             sync = all_sync / per_step + moved_sync * (per_step - 1) / per_step
             sync_bytes = all_copy_bytes / per_step + moved_bytes * (per_step - 1) / per_step
+            fill = relay_fill_time(all_traffic, hardware, settings) / per_step + moved_fill * (per_step - 1) / per_step
         else:
-            sync, sync_bytes = moved_sync, moved_bytes
+            sync, sync_bytes, fill = moved_sync, moved_bytes, moved_fill
         resync, resync_bytes = zeros, zeros
     else:
         moved_traffic = replica_sync_traffic(replica_expert_ids, synced & (replica_expert_ids >= 0), layout, weight_bytes, hardware.domain_size, settings)
         sync = sync_time(moved_traffic, hardware, settings)
         sync_bytes = moved_traffic.num_copies.to(torch.float64) * weight_bytes
+        fill = relay_fill_time(moved_traffic, hardware, settings)
         per_step = float(settings.microbatches_per_step)
         resync = all_sync / per_step if training else zeros
         resync_bytes = all_copy_bytes / per_step if training else zeros
@@ -468,10 +499,22 @@ def layer_costs(
     if settings.overlap_sync:
         master_gemm = instance_gemm[:, :, : layout.experts_per_rank].sum(dim=2)
         replica_gemm = instance_gemm[:, :, layout.experts_per_rank :].sum(dim=2)
-        # A rank without replica work does not wait for the copies.
-        expert_phase = torch.where(
-            replica_gemm > 0, torch.maximum(master_gemm, sync[:, None]) + replica_gemm, master_gemm + replica_gemm
-        )
+        if settings.pipeline_replicas:
+            # Chunk c of every copy has arrived at fill + (c + 1) (sync - fill) / n. After the masters,
+            # the replicas' gate and up projections run chunk by chunk as the chunks arrive. The last
+            # chunk's share and the down projection run once the whole copy is there.
+            n = settings.sync_chunks
+            first_chunk = (fill + (sync - fill) / n)[:, None]
+            tail = replica_gemm * ((1 - _DOWN_SHARE) / n + _DOWN_SHARE)
+            replicas_done = torch.maximum(
+                torch.maximum(master_gemm + replica_gemm, first_chunk + replica_gemm), sync[:, None] + tail
+            )
+            expert_phase = torch.where(replica_gemm > 0, replicas_done, master_gemm + replica_gemm)
+        else:
+            # A rank without replica work does not wait for the copies.
+            expert_phase = torch.where(
+                replica_gemm > 0, torch.maximum(master_gemm, sync[:, None]) + replica_gemm, master_gemm + replica_gemm
+            )
         overlapped = dispatch + expert_phase + combine
         sync = overlapped.max(dim=1).values - forward
     if training and settings.overlap_grad_reduce:
