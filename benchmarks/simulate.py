@@ -257,10 +257,9 @@ def render_markdown(command, args, workloads, sections, summary, bundled_note, e
         "weight sync in the background behind the masters' GEMM (`ManagerConfig.overlap_sync`) and, in training, "
         "the gradient reduce behind the next layer's backward GEMMs (`ManagerConfig.overlap_grad_reduce`); the others "
         "copy before the experts run and reduce after the backward. Rows marked \"pipelined\" also send every copy "
-        f"in {PIPELINE_CHUNKS} chunks (blocks of intermediate rows) and run the replicas' gate and up projections "
-        "chunk by chunk as the chunks arrive, the down projection once the copy is complete "
-        "(`ManagerConfig.pipeline_replicas` with `num_chunks` = "
-        f"{PIPELINE_CHUNKS}). "
+        f"in {PIPELINE_CHUNKS} chunks (blocks of intermediate rows). The replicas' gate and up projections run "
+        "chunk by chunk as the chunks arrive, and the down projection once the copy is complete "
+        f"(`ManagerConfig.pipeline_replicas` with `num_chunks` = {PIPELINE_CHUNKS}). "
         f"Wall time of the whole run: {elapsed / 60:.1f} min.",
         "",
         bundled_note,

@@ -40,7 +40,7 @@ def test_weight_spec_offsets_and_views():
     assert buffer[0, 64].item() == -1.0, "views must share memory with the buffer"
 
 
-def test_chunk_segments_take_the_same_first_dim_rows_of_every_tensor():
+def test_chunk_segments_split_first_dim_rows():
     spec = WeightSpec(((4, 3), (4, 3), (4, 3)))  # numel 12 each, row length 3
     assert spec.chunk_segments(0, 1) == [(0, 0, 12), (1, 0, 12), (2, 0, 12)]
     assert spec.chunk_segments(0, 2) == [(0, 0, 6), (1, 0, 6), (2, 0, 6)]

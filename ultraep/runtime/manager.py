@@ -107,8 +107,8 @@ class ManagerConfig:
     NOTE: tested with gloo on CPU only. With NCCL the copies are queued on the sync thread's CUDA
     stream, and nothing here yet makes the compute stream wait for that stream."""
     pipeline_replicas: bool = False
-    """With ``overlap_sync``: send every forward copy in ``num_chunks`` chunks (the same block of
-    first-dimension rows of each weight tensor), one chunk per step, and let the replicas compute chunk
+    """With ``overlap_sync``: send every forward copy in ``num_chunks`` chunks, one chunk per step. A
+    chunk is the same block of first-dimension rows of each weight tensor. Replicas then compute chunk
     by chunk as the chunks arrive (:meth:`ReplicaManager.wait_replicas` with ``chunk``), so a replica's
     compute overlaps its own copy. :class:`~ultraep.runtime.MoELayer` runs a replica's gate and up
     projections chunk by chunk (a chunk is a block of intermediate rows) and its down projection once
