@@ -109,10 +109,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--pipeline-replicas",
         action="store_true",
-        help="with --overlap: compute replicas chunk by chunk as their copy arrives (ManagerConfig.pipeline_replicas)",
+        help="with --overlap: compute replicas chunk by chunk as their copy arrives, in 4 chunks "
+        "(ManagerConfig.pipeline_replicas, num_chunks=4)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the batches")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.pipeline_replicas and not args.overlap:
+        parser.error("--pipeline-replicas needs --overlap: replicas compute early chunks only while the sync runs in the background")
+    return args
 
 
 def main() -> None:
@@ -143,6 +147,8 @@ def main() -> None:
 
     if rank == 0:
         mode = "masters only (--no-balance)" if args.no_balance else f"balanced, sync_mode={args.sync_mode}"
+        for flag, used in (("buffer layers", args.buffer_layers), ("overlap", args.overlap), ("pipelined replicas", args.pipeline_replicas)):
+            mode += f", {flag}" if used else ""
         print(f"{world_size} ranks (gloo), {layout}, {args.num_layers} MoE layers, top-2, {mode}")
         print(f"training text: {DATA_FILE.name}, {data.numel()} bytes; {args.batch_size}x{args.seq_len} tokens per rank and step")
 

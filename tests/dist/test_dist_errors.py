@@ -27,6 +27,12 @@ def test_manager_config_rejects_bad_values(settings, match):
         ManagerConfig(**settings)
 
 
+@pytest.mark.parametrize("name", ["overlap_sync", "overlap_grad_reduce", "pipeline_replicas"])
+def test_manager_config_rejects_non_bool_switches(name):
+    with pytest.raises(TypeError, match=f"ManagerConfig.{name} must be a bool, got 'yes'"):
+        ManagerConfig(**{name: "yes"})
+
+
 def test_manager_requires_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         ReplicaManager(ExpertLayout(2, 2, 1), swiglu_weight_shapes(4, 8))

@@ -65,13 +65,34 @@ def test_chunk_segments_cover_every_element_once():
     ("args", "match"),
     [
         pytest.param((0, 0), "num_chunks must be a positive int, got 0", id="zero_chunks"),
-        pytest.param((2, 2), r"chunk_idx must be in \[0, 1\], got 2", id="chunk_past_end"),
-        pytest.param((-1, 2), r"chunk_idx must be in \[0, 1\], got -1", id="negative_chunk"),
+        pytest.param((2, 2), r"chunk_idx must be an int in \[0, 1\], got 2", id="chunk_past_end"),
+        pytest.param((-1, 2), r"chunk_idx must be an int in \[0, 1\], got -1", id="negative_chunk"),
     ],
 )
 def test_chunk_segments_reject_bad_chunks(args, match):
     with pytest.raises(ValueError, match=match):
         WeightSpec(((2, 2),)).chunk_segments(*args)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        pytest.param((10, 0, 0), "num_chunks must be a positive int, got 0", id="zero_chunks"),
+        pytest.param((10, 3, 3), r"chunk_idx must be an int in \[0, 2\], got 3", id="chunk_past_end"),
+        pytest.param((10, -1, 3), r"chunk_idx must be an int in \[0, 2\], got -1", id="negative_chunk"),
+        pytest.param((-1, 0, 3), "length must be an int >= 0, got -1", id="negative_length"),
+    ],
+)
+def test_chunk_bounds_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        chunk_bounds(*args)
+
+
+def test_weight_spec_docstring_example_chunks_intermediate_rows():
+    spec = WeightSpec(((8, 4), (8, 4), (8, 4)))  # gate, up, down of hidden 4, ffn 8
+    assert spec.chunk_segments(1, 2) == [(0, 16, 32), (1, 16, 32), (2, 16, 32)]
+    assert chunk_bounds(10, 2, 3) == (6, 10)
+    assert chunk_bounds(0, 1, 2) == (0, 0)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ One expert's weights are several tensors (for a SwiGLU expert: gate, up and down
 of a ``[redundant_slots_per_rank, numel]`` buffer. Chunk ``c`` of ``n`` is the same block of rows
 (first dimension, :func:`chunk_bounds`) of every weight tensor. For a SwiGLU expert whose three
 weights all have the intermediate dimension first, chunk ``c`` is a slice of the intermediate
-dimension, and the expert's output is the sum of what each chunk computes on its own.
+dimension, so its share of the gate and up projections can run before later chunks arrive.
 """
 
 from __future__ import annotations
@@ -64,9 +64,16 @@ class CommunicationError(RuntimeError):
 def chunk_bounds(length: int, chunk_idx: int, num_chunks: int) -> tuple[int, int]:
     """Return rows ``[start, end)`` of chunk ``chunk_idx`` when ``length`` rows are split into ``num_chunks``.
 
-    Chunks differ in size by at most one row and may be empty when ``length < num_chunks``. Both ends
-    of a weight sync and :class:`~ultraep.runtime.MoELayer`'s chunked replica compute use this split.
+    length >= 0, num_chunks >= 1, 0 <= chunk_idx < num_chunks. Chunks differ in size by at most one row
+    and may be empty when ``length < num_chunks``. Both ends of a weight sync and
+    :class:`~ultraep.runtime.MoELayer`'s chunked replica compute use this split.
     """
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+    if isinstance(chunk_idx, bool) or not isinstance(chunk_idx, int) or not 0 <= chunk_idx < num_chunks:
+        raise ValueError(f"chunk_idx must be an int in [0, {num_chunks - 1}], got {chunk_idx!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be an int >= 0, got {length!r}")
     return chunk_idx * length // num_chunks, (chunk_idx + 1) * length // num_chunks
 
 
@@ -78,12 +85,15 @@ def chunk_bounds(length: int, chunk_idx: int, num_chunks: int) -> tuple[int, int
 class WeightSpec:
     """Shapes of one expert's weight tensors, packed one after another into a flat row.
 
-    Example for a SwiGLU expert with ``hidden_size=4`` and ``ffn_hidden_size=8``::
+    Example for a SwiGLU expert with ``hidden_size=4`` and ``ffn_hidden_size=8``, each weight
+    ``(ffn, hidden)`` as ``swiglu_weight_shapes`` gives them, so a chunk of first-dimension rows is a
+    slice of the intermediate dimension::
 
-        spec = WeightSpec(((4, 8), (4, 8), (8, 4)))   # gate, up, down
+        spec = WeightSpec(((8, 4), (8, 4), (8, 4)))   # gate, up, down
         spec.numels  == (32, 32, 32)
         spec.offsets == (0, 32, 64)
         spec.numel   == 96
+        spec.chunk_segments(1, 2) == [(0, 16, 32), (1, 16, 32), (2, 16, 32)]   # rows 4..7 of each
     """
 
     shapes: tuple[tuple[int, ...], ...]
@@ -144,10 +154,6 @@ class WeightSpec:
         pieces are left out. Both ends of a transfer use this split, so their messages match one to one,
         and the chunks of one row cover it exactly once.
         """
-        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-            raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
-        if not 0 <= chunk_idx < num_chunks:
-            raise ValueError(f"chunk_idx must be in [0, {num_chunks - 1}], got {chunk_idx!r}")
         pieces = []
         for weight_idx, (shape, numel) in enumerate(zip(self.shapes, self.numels, strict=True)):
             row_numel = numel // shape[0]

@@ -78,7 +78,8 @@ class ManagerConfig:
     copies go through relay ranks) or ``"auto"`` (relay only where a master rank's fan-out exceeds
     the busiest receiver's intake)."""
     num_chunks: int = 4
-    """Chunks per expert copy when relaying; relays forward chunk ``c`` while chunk ``c + 1`` arrives."""
+    """Chunks per expert copy when relaying (relays forward chunk ``c`` while chunk ``c + 1`` arrives)
+    and, with ``pipeline_replicas``, for every forward copy."""
     check_plans: bool = True
     """After planning, all-gather a fingerprint of the plan and the load matrix (2 int64 per rank)
     and raise on every rank if any rank differs. One small collective per layer and microbatch;
@@ -134,6 +135,9 @@ class ManagerConfig:
             raise ValueError(f"ManagerConfig.num_chunks must be a positive int, got {self.num_chunks!r}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"ManagerConfig.timeout_s must be None or > 0 seconds, got {self.timeout_s!r}")
+        for name in ("overlap_sync", "overlap_grad_reduce", "pipeline_replicas"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ManagerConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.pipeline_replicas and not self.overlap_sync:
             raise ValueError(
                 "ManagerConfig.pipeline_replicas=True needs overlap_sync=True: chunks can only be used while later "
@@ -535,7 +539,9 @@ class ReplicaManager:
         chunk: ``None`` waits for the whole sync. An int in ``[0, replica_chunks)`` waits only until
           chunk ``chunk`` of every replica on this rank has arrived: rows
           ``chunk_bounds(shape[0], chunk, replica_chunks)`` of each weight tensor
-          (:func:`~ultraep.comm.chunk_bounds`); later chunks may still be in flight.
+          (:func:`~ultraep.comm.chunk_bounds`); later chunks may still be in flight. Chunks arrive in
+          order, so waiting for chunk ``c`` also covers chunks ``0..c``, and waiting for the last one
+          waits for the whole sync.
         Returns at once when no sync runs in the background (``overlap_sync`` off, or already done).
         Raises the sync's :class:`~ultraep.comm.CommunicationError` if it failed. Local: the copies
         themselves are collective and were started on every rank by :meth:`replicate`.

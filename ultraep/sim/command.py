@@ -123,7 +123,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--pipeline-replicas",
         action="store_true",
         help="with --overlap-sync: send each copy in --sync-chunks chunks and compute replicas chunk by chunk as they "
-        "arrive, as ManagerConfig.pipeline_replicas does",
+        "arrive, as ManagerConfig.pipeline_replicas does; applies to every policy's copies",
     )
     parser.add_argument(
         "--sync-chunks", type=int, default=4, help="chunks per expert copy for relays and --pipeline-replicas (default 4)"
