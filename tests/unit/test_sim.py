@@ -411,6 +411,16 @@ def test_simulate_command_writes_files(tmp_path, capsys):
     assert read_csv(tmp_path / "out.csv") == runs
 
 
+def test_quota_setting_reaches_every_quota_policy(tmp_path, capsys):
+    args = _args(tmp_path, quota_setting=["min_replica_quota=1000000", "prefer_local=false"])
+    assert run_simulate(args) == 0
+    assert "quota settings min_replica_quota=1000000, prefer_local=false" in capsys.readouterr().out.splitlines()[0]
+    runs = read_json(tmp_path / "out.json")
+    # No replica reaches a quota of 1,000,000 assignments, so every quota policy plans masters only.
+    quota_rows = [row for row in runs[0].rows if row.policy.startswith("quota")]
+    assert quota_rows and all(row.replicas_per_layer == 0.0 for row in quota_rows)
+
+
 def test_simulate_header_names_training_only_flags_in_prefill(tmp_path, capsys):
     assert run_simulate(_args(tmp_path, mode="prefill", overlap_grad_reduce=True, overlap_sync=True)) == 0
     header = capsys.readouterr().out.splitlines()[0]
@@ -448,6 +458,11 @@ def test_token_trace_rank_count_follows_the_experts(tmp_path):
         pytest.param({"quota_buffers": "shared,global"}, "--quota-buffers must list shared and/or layer", id="bad_buffers"),
         pytest.param({"gemm_efficiency": 1.5}, r"Efficiency.gemm must be in \(0, 1\]", id="efficiency_above_one"),
         pytest.param({"pipeline_replicas": True}, "--pipeline-replicas needs --overlap-sync", id="pipeline_without_overlap"),
+        pytest.param({"quota_setting": ["min_quota=5"]}, "--quota-setting takes NAME=VALUE with NAME one of", id="unknown_quota_setting"),
+        pytest.param({"quota_setting": ["min_replica_quota"]}, "--quota-setting takes NAME=VALUE", id="quota_setting_without_value"),
+        pytest.param({"quota_setting": ["min_replica_quota=1.5"]}, "--quota-setting min_replica_quota takes int, got '1.5'", id="quota_setting_not_int"),
+        pytest.param({"quota_setting": ["prefer_local=maybe"]}, "--quota-setting prefer_local takes true or false, got 'maybe'", id="quota_setting_not_bool"),
+        pytest.param({"quota_setting": ["min_replica_quota=0"]}, "min_replica_quota must be >= 1, got 0", id="quota_setting_out_of_range"),
         pytest.param({"sync_chunks": 0}, "--sync-chunks must be >= 1, got 0", id="zero_sync_chunks"),
         pytest.param({"synthetic": None, "trace": ["/nonexistent/trace.npz"]}, "does not exist", id="missing_trace"),
     ],

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ultraep.planners.quota import QuotaConfig
 from ultraep.sim.cost import MODES, SYNC_SCHEMES, CostSettings
 from ultraep.sim.hardware import HARDWARE, Efficiency, get_hardware
 from ultraep.sim.models import MODELS, get_model
@@ -101,6 +102,13 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         default="shared,layer",
         help="quota's redundant-slot buffers, comma-separated: shared (one set for all layers) and/or layer "
         "(one set per layer, kept between microbatches) (default shared,layer)",
+    )
+    parser.add_argument(
+        "--quota-setting",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a QuotaConfig setting for every quota policy, e.g. min_replica_quota=1000 (in the trace's assignments); "
+        "repeat for several. Names: " + ", ".join(f.name for f in dataclasses.fields(QuotaConfig)),
     )
     parser.add_argument("--eplb-window", type=int, default=DEFAULT_EPLB_WINDOW, help="microbatches of history per placement (default 4)")
     parser.add_argument("--eplb-interval", type=int, default=DEFAULT_EPLB_INTERVAL, help="microbatches between placements (default 4)")
@@ -197,6 +205,7 @@ def _run(args: argparse.Namespace) -> int:
         eplb_window=args.eplb_window,
         eplb_interval=args.eplb_interval,
         quota_buffers=_parse_buffers(args.quota_buffers),
+        quota_settings=_parse_quota_settings(args.quota_setting or []),
     )
     planner_time_s = _parse_planner_times(args.planner_time_us or [])
     progress = False if args.no_progress else None
@@ -221,7 +230,8 @@ def _run(args: argparse.Namespace) -> int:
         f"ultraep simulate: {hardware.display_name}, EP{args.ranks} requested, mode {args.mode}; efficiency "
         f"gemm {efficiency.gemm}, hbm {efficiency.hbm}, nvlink {efficiency.nvlink}, network {efficiency.network}; "
         f"weight sync {settings.sync_scheme}; "
-        f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}"
+        + (f"quota settings {', '.join(args.quota_setting)}; " if args.quota_setting else "")
+        + f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}"
         f"{f', replicas computed chunk by chunk ({settings.sync_chunks} chunks)' if settings.pipeline_replicas else ''}; "
         + training_words
         + f"{args.threads} CPU thread(s)."
@@ -386,6 +396,39 @@ def _parse_planner_times(items: list[str]) -> dict[str, float]:
             raise ValueError(f"--planner-time-us takes POLICY=MICROSECONDS with a value >= 0, e.g. quota=30; got {item!r}")
         times[name] = microseconds * 1e-6
     return times
+
+
+def _parse_quota_settings(items: list[str]) -> tuple[tuple[str, object], ...]:
+    """Parse ``NAME=VALUE`` items into QuotaConfig settings, typed by the field's default."""
+    fields = {f.name: f for f in dataclasses.fields(QuotaConfig)}
+    settings = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or name not in fields:
+            raise ValueError(
+                f"--quota-setting takes NAME=VALUE with NAME one of {sorted(fields)}, e.g. min_replica_quota=1000; got {item!r}"
+            )
+        default = fields[name].default
+        if isinstance(default, bool):
+            kind, parse = "true or false", _parse_bool
+        elif isinstance(default, float):
+            kind, parse = "float", float
+        else:  # int fields, and num_rounds whose default is None
+            kind, parse = "int", int
+        try:
+            value = parse(text)
+        except ValueError as error:
+            raise ValueError(f"--quota-setting {name} takes {kind}, got {text!r}") from error
+        settings[name] = value
+    QuotaConfig(**settings)  # raises with the rule for out-of-range values
+    return tuple(sorted(settings.items()))
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 def _join(values) -> str:

@@ -123,8 +123,11 @@ def default_policies(
     eplb_window: int = DEFAULT_EPLB_WINDOW,
     eplb_interval: int = DEFAULT_EPLB_INTERVAL,
     quota_buffers: Sequence[str] = QUOTA_BUFFERS,
+    quota_settings: tuple[tuple[str, object], ...] = (),
 ) -> tuple[PolicySpec, ...]:
     """Return ``none``, then ``eplb`` and ``lp_reroute`` per baseline slot count, then ``quota`` per slot count.
+
+    quota_settings: ``QuotaConfig`` settings as ``(name, value)`` pairs for every ``quota`` policy.
 
     quota_buffers: ``"shared"`` adds ``quota s=N``, with one redundant-slot buffer set for all layers
     (the runtime's default). ``"layer"`` adds ``quota s=N layer-buffers``, with one set per layer
@@ -142,9 +145,9 @@ def default_policies(
     for buffers in (b for b in QUOTA_BUFFERS if b in quota_buffers):
         for slots in quota_slots:
             if buffers == "shared":
-                policies.append(PolicySpec(f"quota s={slots}", "quota", slots))
+                policies.append(PolicySpec(f"quota s={slots}", "quota", slots, tuple(quota_settings)))
             else:
-                policies.append(PolicySpec(f"quota s={slots} layer-buffers", "quota", slots, (), "layer"))
+                policies.append(PolicySpec(f"quota s={slots} layer-buffers", "quota", slots, tuple(quota_settings), "layer"))
     return tuple(policies)
 
 
