@@ -293,3 +293,31 @@ def test_pipelined_replicas_match_blocking_sync(tmp_path, world_size, sync_mode)
     assert all(r["stats"] == results[0]["stats"] for r in results)
     assert results[0]["stats"][0][0] > 0, "the skewed routing must create replicas"
     assert any(r["filled"] for r in results), "some rank must receive a replica in the chunk check"
+
+
+def _pipeline_cached_worker(rank: int, world_size: int) -> dict:
+    """Pipelined inference with per-layer buffers: the repeat forward finds every replica in place."""
+    blocking = make_manager(world_size, redundant_slots_per_rank=1, buffer_layers=2)
+    pipelined = make_manager(
+        world_size, redundant_slots_per_rank=1, buffer_layers=2, overlap_sync=True, pipeline_replicas=True, num_chunks=3
+    )
+    outputs, moved = {}, {}
+    with torch.no_grad():
+        for name, manager in (("blocking", blocking), ("pipelined", pipelined)):
+            layers = make_layers(manager, True, num_layers=2)
+            first = run_layers(layers, make_inputs(rank, 32))
+            first_bytes = {i: s.forward_sync_bytes for i, s in manager.stats.items()}
+            again = run_layers(layers, make_inputs(rank, 32))
+            moved[name] = (first_bytes, {i: s.forward_sync_bytes for i, s in manager.stats.items()})
+            assert torch.equal(first, again), f"{name}: a forward without copies must give the same output"
+            outputs[name] = again
+    assert_close_rel(outputs["pipelined"], outputs["blocking"], "output")
+    assert moved["pipelined"] == moved["blocking"]
+    return moved["pipelined"]
+
+
+def test_pipelined_replicas_reuse_cached_slots(tmp_path):
+    results = run_ranks(_pipeline_cached_worker, 2, tmp_path)
+    first, again = results[0]
+    assert all(first[layer] > 0 for layer in (0, 1)), "the skewed routing must copy replicas in the first forward"
+    assert again == {0: 0, 1: 0}
