@@ -321,3 +321,45 @@ def test_pipelined_replicas_reuse_cached_slots(tmp_path):
     first, again = results[0]
     assert all(first[layer] > 0 for layer in (0, 1)), "the skewed routing must copy replicas in the first forward"
     assert again == {0: 0, 1: 0}
+
+
+def _slot_cache_worker(rank: int, world_size: int, reuse: bool) -> dict:
+    """Two alternating microbatches put replicas of different experts on rank 1; two slots hold both."""
+    manager = make_manager(world_size, experts_per_rank=2, redundant_slots_per_rank=2, buffer_layers=1, reuse_cached_weights=reuse)
+    layer = make_layers(manager, True, num_layers=1)[0]
+    hot_expert_0 = torch.zeros(32, 1, dtype=torch.int64)  # every token to expert 0 (rank 0)
+    hot_expert_1 = torch.ones(32, 1, dtype=torch.int64)  # every token to expert 1 (rank 0)
+    rows, moved, first_seen = [], [], {}
+    manager.replica_weights.fill_(float("nan"))
+    with torch.no_grad():
+        for microbatch_id, topk_ids in enumerate((hot_expert_0, hot_expert_1, hot_expert_0, hot_expert_1)):
+            routing = manager.route(0, microbatch_id, topk_ids, layer.master_weights())
+            views = manager.replicate(routing)
+            rows.append(routing.plan.replica_expert_ids[1].tolist())
+            moved.append(manager.stats[0].forward_sync_bytes)
+            if rank == 1:
+                # The slot holds the expert's weights, whether copied now or kept from before.
+                expert = int(topk_ids[0, 0])
+                weights = [view[rows[-1].index(expert)].clone() for view in views]
+                assert all(torch.isfinite(w).all() for w in weights)
+                for now, before in zip(weights, first_seen.setdefault(expert, weights), strict=True):
+                    assert torch.equal(now, before)
+            manager.release(0, microbatch_id)
+    return {"rows": rows, "moved": moved}
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no_reuse"])
+def test_replicas_return_to_the_slots_that_hold_them(tmp_path, reuse):
+    results = run_ranks(_slot_cache_worker, 2, tmp_path, reuse)
+    rows, moved = results[0]["rows"], results[0]["moved"]
+    assert all(r == results[0] for r in results)
+    copy_bytes = moved[0]
+    assert copy_bytes > 0
+    if reuse:
+        # Expert 0 takes slot 0, expert 1 the unused slot 1, and both stay: the repeats copy nothing.
+        assert rows == [[0, -1], [-1, 1], [0, -1], [-1, 1]]
+        assert moved == [copy_bytes, copy_bytes, 0, 0]
+    else:
+        # Without the cache every replica takes slot 0 and every microbatch copies.
+        assert rows == [[0, -1], [1, -1], [0, -1], [1, -1]]
+        assert moved == [copy_bytes] * 4

@@ -50,6 +50,7 @@ from ultraep.plan import Plan
 from ultraep.planners import Planner, QuotaPlanner, masters_only_plan
 from ultraep.reroute import count_local_load, reroute, source_quota
 from ultraep.runtime.replicate import Replicate, ResyncOnBackward
+from ultraep.runtime.slot_cache import cached_slot_order
 
 __all__ = ["LayerStats", "ManagerConfig", "RankAgreementError", "ReplicaManager", "Routing"]
 
@@ -88,7 +89,9 @@ class ManagerConfig:
     """Check ``topk_ids`` values (range) on the host before counting."""
     reuse_cached_weights: bool = True
     """Skip copying into a redundant slot that already contains the same layer's expert at the same
-    weight version. A layer's version changes when its master weights get an in-place update
+    weight version. With two or more redundant slots per rank, a rank's planned replicas are also
+    placed in the slots that hold their weights, and new ones in the least recently used free slots
+    (:func:`~ultraep.runtime.slot_cache.cached_slot_order`); that changes no rank load. A layer's version changes when its master weights get an in-place update
     visible to autograd, when they accumulate a gradient, or on :meth:`ReplicaManager.invalidate_cached_weights`."""
     timeout_s: float | None = None
     """Seconds to wait for one step of weight sync, grad reduce or the all-gathers before raising
@@ -370,6 +373,9 @@ class ReplicaManager:
         # `set`, or None. The same table on every rank, because every rank applies the same sync plans
         # in the same order.
         self._held: list[list[list[tuple[int, int, int] | None]]] = self._empty_held()
+        # last_use[set][rank][j]: the route call that last placed a replica in that slot (-1 = never).
+        self._slot_last_use: list[list[list[int]]] = self._empty_last_use()
+        self._route_calls = 0
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
         # The forward sync running in the background.
         self._pending_sync: _PendingSync | None = None
@@ -460,7 +466,7 @@ class ReplicaManager:
         extra = (
             self._config_word,
             _digest64(layer_id, microbatch_id, bool(balance)),
-            _digest64(self._held),
+            _digest64(self._held, self._slot_last_use),
             version,
             _STATUS_OK if local_error is None else _STATUS_REJECTED,
         )
@@ -479,6 +485,9 @@ class ReplicaManager:
             start = self._clock()
             self._check_plan_agreement(plan, loads, key)
             self._record("plan_check", layer_id, start)
+        self._route_calls += 1
+        if self.config.reuse_cached_weights and layout.redundant_slots_per_rank > 1:
+            plan = self._place_in_cached_slots(plan, layer_id, versions)
 
         # Step 4: reroute and split sizes.
         start = self._clock()
@@ -810,6 +819,42 @@ class ReplicaManager:
 
     def _buffer_set(self, layer_id: int) -> int:
         return layer_id if self.config.buffer_layers else 0
+
+    def _place_in_cached_slots(self, plan: Plan, layer_id: int, versions: Sequence[int]) -> Plan:
+        """Permute each rank's redundant slots so replicas land where their weights already are.
+
+        The same tables on every rank give the same plan everywhere; rank loads do not change.
+        """
+        layout = self.layout
+        buffer_set = self._buffer_set(layer_id)
+        held, last_use = self._held[buffer_set], self._slot_last_use[buffer_set]
+        masters = layout.experts_per_rank
+        quota = plan.quota.view(layout.num_ranks, layout.slots_per_rank).cpu()
+        replica_ids = plan.replica_expert_ids.cpu().tolist()
+        replica_quota = quota[:, masters:].tolist()
+        new_ids, new_quota = [], quota.clone()
+        for rank in range(layout.num_ranks):
+            row, row_quota = replica_ids[rank], replica_quota[rank]
+            wanted = [
+                (layer_id, expert, versions[layout.master_rank(expert)]) if expert >= 0 and q > 0 else None
+                for expert, q in zip(row, row_quota, strict=True)
+            ]
+            order, _ = cached_slot_order(wanted, held[rank], last_use[rank])
+            new_ids.append([row[j] for j in order])
+            for k, j in enumerate(order):
+                new_quota[rank, masters + k] = row_quota[j]
+                if wanted[j] is not None:
+                    last_use[rank][k] = self._route_calls
+        device = plan.quota.device
+        return Plan(
+            layout,
+            torch.tensor(new_ids, dtype=torch.int64, device=device).view_as(plan.replica_expert_ids),
+            new_quota.reshape(-1).to(device),
+        )
+
+    def _empty_last_use(self) -> list[list[list[int]]]:
+        slots = self.layout.redundant_slots_per_rank
+        return [[[-1] * slots for _ in range(self.layout.num_ranks)] for _ in range(self.num_buffer_sets)]
 
     def _empty_held(self) -> list[list[list[tuple[int, int, int] | None]]]:
         slots = self.layout.redundant_slots_per_rank

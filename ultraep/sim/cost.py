@@ -80,7 +80,8 @@ Formulas:
    those two costs are spread over ``microbatches_per_step``.
    Replicas planned every microbatch into per-layer buffers (``quota`` with
    ``ManagerConfig.buffer_layers``; the ``"layer"`` lifetime) keep each layer's slots between
-   microbatches. The forward copies only the slots whose expert changed, except in the first
+   microbatches, and a rank's replicas go to the slots that already hold their expert (the runtime's
+   slot cache). The forward copies only the slots whose expert changed, except in the first
    microbatch of an optimizer step, which copies every replica because the weights changed. The
    backward needs no re-sync. Gradients are reduced every microbatch because the placement changes.
    Per microbatch that is ``sync = sync_all / m + sync_changed * (m - 1) / m`` in training with

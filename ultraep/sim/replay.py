@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ultraep.layout import ExpertLayout
 from ultraep.planners.base import Planner
 from ultraep.planners.registry import make_planner
+from ultraep.runtime.slot_cache import cached_slot_order
 from ultraep.sim.cost import REPLICA_LIFETIMES, CostSettings, ideal_layer_costs, layer_costs
 from ultraep.sim.hardware import HardwareConfig
 from ultraep.sim.models import ModelConfig
@@ -383,7 +384,10 @@ class PolicyPlans:
     """[num_microbatches, num_layers, num_ranks, redundant_slots_per_rank] int64, CPU; -1 = empty."""
     synced: torch.Tensor
     """[num_microbatches, num_layers, num_ranks, redundant_slots_per_rank] bool, CPU. Slots whose
-    expert differs from the previous microbatch of the same layer (every filled slot in microbatch 0)."""
+    expert differs from the previous microbatch of the same layer (every filled slot in microbatch 0).
+    For the ``"layer"`` lifetime each rank's slots are first permuted as the runtime does
+    (:func:`~ultraep.runtime.slot_cache.cached_slot_order`), and a slot is synced when it did not hold
+    its replica's expert already."""
     planner_wall_s: torch.Tensor
     """[num_microbatches, num_layers] float64, CPU. Wall time of each planner call on this host."""
 
@@ -418,11 +422,52 @@ def plan_policies(
                     quota[microbatch_idx, layer_idx] = plan.quota.cpu()
                     replicas[microbatch_idx, layer_idx] = plan.replica_expert_ids.cpu()
                 bar.update(num_layers)
-            previous = torch.cat([torch.full_like(replicas[:1], -1), replicas[:-1]], dim=0)
-            synced = (replicas >= 0) & (replicas != previous)
+            if spec.replica_lifetime == "layer":
+                quota, replicas, synced = _place_in_cached_slots(quota, replicas, layout)
+            else:
+                previous = torch.cat([torch.full_like(replicas[:1], -1), replicas[:-1]], dim=0)
+                synced = (replicas >= 0) & (replicas != previous)
             results.append(PolicyPlans(spec, layout, quota, replicas, synced, wall))
             logger.debug("planned %s: median %.3f ms per call", spec.label, float(wall.median()) * 1e3)
     return results
+
+
+def _place_in_cached_slots(
+    quota: torch.Tensor, replicas: torch.Tensor, layout: ExpertLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Permute each rank's redundant slots as the runtime does with per-layer buffers, and mark the copies.
+
+    quota: [num_microbatches, num_layers, num_slots] int64; replicas: [num_microbatches, num_layers,
+    num_ranks, redundant_slots_per_rank] int64, -1 = empty. Each layer keeps what its slots hold across
+    microbatches (:func:`~ultraep.runtime.slot_cache.cached_slot_order`); a replica with quota 0 needs
+    no weights. Returns the permuted quota and replicas and ``synced`` [num_microbatches, num_layers,
+    num_ranks, redundant_slots_per_rank] bool: the slots that receive a copy.
+    """
+    num_microbatches, num_layers, num_ranks, width = replicas.shape
+    masters = layout.experts_per_rank
+    quota_view = quota.view(num_microbatches, num_layers, num_ranks, layout.slots_per_rank)
+    replica_quota = quota_view[..., masters:].tolist()
+    replica_ids = replicas.tolist()
+    out_quota = quota_view.clone()
+    out_replicas = torch.empty_like(replicas)
+    synced = torch.zeros(replicas.shape, dtype=torch.bool)
+    for layer in range(num_layers):
+        held: list[list[int | None]] = [[None] * width for _ in range(num_ranks)]
+        last_use = [[-1] * width for _ in range(num_ranks)]
+        for microbatch in range(num_microbatches):
+            for rank in range(num_ranks):
+                row = replica_ids[microbatch][layer][rank]
+                row_quota = replica_quota[microbatch][layer][rank]
+                wanted = [expert if expert >= 0 and q > 0 else None for expert, q in zip(row, row_quota, strict=True)]
+                order, copied = cached_slot_order(wanted, held[rank], last_use[rank])
+                for k, j in enumerate(order):
+                    out_replicas[microbatch, layer, rank, k] = row[j]
+                    out_quota[microbatch, layer, rank, masters + k] = row_quota[j]
+                    if wanted[j] is not None:
+                        held[rank][k] = wanted[j]
+                        last_use[rank][k] = microbatch
+                    synced[microbatch, layer, rank, k] = copied[k]
+    return out_quota.view_as(quota), out_replicas, synced
 
 
 # Results.

@@ -1,0 +1,60 @@
+"""Placement of a rank's replicas in the redundant slots that already hold their weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ultraep.layout import ExpertLayout
+from ultraep.runtime.slot_cache import cached_slot_order
+from ultraep.sim.replay import _place_in_cached_slots
+
+
+def test_held_weights_keep_their_slot_and_new_ones_take_the_oldest_free_slot():
+    # Slot 1 holds "b" (wanted again); "c" is new and goes to the free slot used least recently (slot 2).
+    order, copied = cached_slot_order(["c", "b", None], held=["a", "b", "d"], last_use=[5, 3, 1])
+    assert order == [2, 1, 0]
+    assert copied == [False, False, True]
+
+
+def test_entries_without_weights_fill_the_remaining_slots_in_order():
+    order, copied = cached_slot_order([None, None, "x"], held=[None, None, None], last_use=[-1, -1, -1])
+    assert order == [2, 0, 1]  # "x" takes slot 0 (ties go to the lower slot)
+    assert copied == [True, False, False]
+
+
+def test_an_expert_held_twice_is_reused_once():
+    order, copied = cached_slot_order(["a", "a"], held=["a", "a"], last_use=[0, 0])
+    assert order == [0, 1]
+    assert copied == [False, False]
+
+
+def test_rejects_rows_of_different_lengths():
+    with pytest.raises(ValueError, match="one entry per redundant slot, got lengths 2, 1 and 2"):
+        cached_slot_order(["a", None], held=["a"], last_use=[0, 0])
+
+
+def test_simulator_copies_only_what_the_slots_do_not_hold():
+    # 3 ranks, 1 master and 2 redundant slots each (9 physical slots). Rank 2 replicates expert 0, then
+    # expert 1, then expert 0 again, each time planned into its first redundant slot.
+    layout = ExpertLayout(num_ranks=3, experts_per_rank=1, redundant_slots_per_rank=2)
+    replicas = torch.tensor(
+        [
+            [[-1, -1], [-1, -1], [0, -1]],
+            [[-1, -1], [-1, -1], [1, -1]],
+            [[-1, -1], [-1, -1], [0, -1]],
+        ]
+    ).unsqueeze(1)  # [microbatch, layer, rank, slot]
+    quota = torch.tensor(
+        [
+            [6, 0, 0, 4, 0, 0, 4, 2, 0],
+            [4, 0, 0, 6, 0, 0, 4, 2, 0],
+            [6, 0, 0, 4, 0, 0, 4, 2, 0],
+        ]
+    ).unsqueeze(1)  # [microbatch, layer, slot]
+    new_quota, new_replicas, synced = _place_in_cached_slots(quota, replicas, layout)
+    # Expert 1 goes to the unused slot, so expert 0 is still in slot 0 when it comes back.
+    assert new_replicas[:, 0, 2].tolist() == [[0, -1], [-1, 1], [0, -1]]
+    assert new_quota[:, 0, 6:].tolist() == [[4, 2, 0], [4, 0, 2], [4, 2, 0]]
+    assert synced[:, 0, 2].tolist() == [[True, False], [False, True], [False, False]]
+    assert not synced[:, 0, :2].any()
