@@ -1,4 +1,4 @@
-"""Placement of a rank's replicas in the redundant slots that already hold their weights."""
+"""Placement of a rank's replicas in the redundant slots that already contain their weights."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from ultraep.runtime.slot_cache import cached_slot_order
 from ultraep.sim.replay import _place_in_cached_slots
 
 
-def test_held_weights_keep_their_slot_and_new_ones_take_the_oldest_free_slot():
-    # Slot 1 holds "b" (wanted again); "c" is new and goes to the free slot used least recently (slot 2).
+def test_cached_slot_order_reuses_and_evicts_oldest():
+    # Slot 1 contains "b" (wanted again); "c" is new and goes to the free slot used least recently (slot 2).
     order, copied = cached_slot_order(["c", "b", None], held=["a", "b", "d"], last_use=[5, 3, 1])
     assert order == [2, 1, 0]
     assert copied == [False, False, True]
 
 
-def test_entries_without_weights_fill_the_remaining_slots_in_order():
+def test_cached_slot_order_fills_rest_in_order():
     order, copied = cached_slot_order([None, None, "x"], held=[None, None, None], last_use=[-1, -1, -1])
     assert order == [2, 0, 1]  # "x" takes slot 0 (ties go to the lower slot)
     assert copied == [True, False, False]

@@ -1,10 +1,10 @@
-"""Place a rank's planned replicas in the redundant slots that already hold their weights.
+"""Place a rank's planned replicas in the redundant slots that already contain their weights.
 
 The planner decides which logical expert each rank replicates, and fills a rank's redundant slots in
 order. Which of the rank's slots a replica lands in does not change any rank load, so the runtime
 may permute them. With per-layer buffers a slot keeps its weights until a copy overwrites it, so a
 rank's slots act as a small cache of the experts it replicated recently. Putting each replica in the
-slot that already holds its expert's current weights, and a new replica in the least recently used
+slot that already contains its expert's current weights, and a new replica in the least recently used
 free slot, skips copies that slot order alone would repeat. Every rank runs this on the same tables
 and gets the same placement.
 """
@@ -24,13 +24,13 @@ def cached_slot_order(
     wanted: per planned entry ``j`` (in the plan's slot order), the key of the weights it needs (for
       example ``(layer_id, expert_id, version)``), or ``None`` for an entry that needs none (an empty
       slot or a replica with quota 0).
-    held: per slot ``k``, the key of the weights it holds now, or ``None``.
+    held: per slot ``k``, the key of the weights it contains now, or ``None``.
     last_use: per slot ``k``, when it last served a replica (larger is later; -1 = never).
     All three have length ``redundant_slots_per_rank``.
 
     Returns ``(order, copied)``: ``order[k]`` is the planned entry placed in slot ``k`` (a permutation
     of ``range(len(wanted))``), and ``copied[k]`` is True when slot ``k`` must receive a copy. Entries
-    whose key a slot holds go to that slot. The other entries that need weights go to the free slots
+    whose key a slot contains go to that slot. The other entries that need weights go to the free slots
     used least recently (ties to the lower slot), and entries that need none fill the remaining slots
     in order.
     """
@@ -43,7 +43,7 @@ def cached_slot_order(
     order: list[int | None] = [None] * width
     copied = [False] * width
     placed = [False] * width
-    # Step 1: entries whose weights a slot already holds.
+    # Step 1: entries whose weights a slot already contains.
     for j, key in enumerate(wanted):
         if key is None:
             continue
