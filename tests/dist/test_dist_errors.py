@@ -20,6 +20,10 @@ from ultraep.runtime import ManagerConfig, MoELayer, RankAgreementError, Replica
         pytest.param({"buffer_layers": -1}, r"buffer_layers must be an int >= 0 .*got -1", id="buffer_layers"),
         pytest.param({"buffer_layers": True}, r"buffer_layers must be an int >= 0 .*got True", id="buffer_layers_bool"),
         pytest.param({"pipeline_replicas": True}, r"pipeline_replicas=True needs overlap_sync=True", id="pipeline_without_overlap"),
+        pytest.param(
+            {"pipeline_replicas": True, "overlap_sync": True, "num_chunks": 1},
+            r"pipeline_replicas=True needs num_chunks >= 2 to split the copies, got num_chunks=1", id="pipeline_one_chunk",
+        ),
     ],
 )
 def test_manager_config_rejects_bad_values(settings, match):

@@ -257,6 +257,8 @@ def _pipeline_worker(rank: int, world_size: int, sync_mode: str) -> dict:
     # The same replicas and bytes; the chunked replica compute sums per-chunk outputs, so values agree to rounding.
     assert results["pipelined"]["stats"] == results["blocking"]["stats"]
     assert sorted(pipelined.timings["sync_wait"]) == [0, 1]
+    # The chunk waits of one forward add up to one entry per layer.
+    assert [len(pipelined.timings["sync_wait"][layer]) for layer in (0, 1)] == [1, 1]
     assert_close_rel(results["pipelined"]["out"], results["blocking"]["out"], "output")
     assert_close_rel(results["pipelined"]["x_grad"], results["blocking"]["x_grad"], "input gradient")
     for idx, (a, b) in enumerate(zip(results["pipelined"]["expert_grads"], results["blocking"]["expert_grads"], strict=True)):
@@ -297,9 +299,9 @@ def test_pipelined_replicas_match_blocking_sync(tmp_path, world_size, sync_mode)
 
 def _pipeline_cached_worker(rank: int, world_size: int) -> dict:
     """Pipelined inference with per-layer buffers: the repeat forward finds every replica in place."""
-    blocking = make_manager(world_size, redundant_slots_per_rank=1, buffer_layers=2)
+    blocking = make_manager(world_size, redundant_slots_per_rank=2, buffer_layers=2)
     pipelined = make_manager(
-        world_size, redundant_slots_per_rank=1, buffer_layers=2, overlap_sync=True, pipeline_replicas=True, num_chunks=3
+        world_size, redundant_slots_per_rank=2, buffer_layers=2, overlap_sync=True, pipeline_replicas=True, num_chunks=3
     )
     outputs, moved = {}, {}
     with torch.no_grad():

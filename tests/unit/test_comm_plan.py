@@ -101,6 +101,7 @@ def test_weight_spec_docstring_example_chunks_intermediate_rows():
         pytest.param((), ValueError, "non-empty sequence", id="empty"),
         pytest.param(((2, 0),), ValueError, r"shapes\[0\] must hold positive ints", id="zero_dim"),
         pytest.param((3,), TypeError, r"shapes\[0\] must be a sequence of ints", id="bare_int"),
+        pytest.param(((4, 3), ()), ValueError, r"shapes\[1\] is empty \(a 0-d tensor\)", id="zero_dims"),
     ],
 )
 def test_weight_spec_rejects_bad_shapes(shapes, error, match):
@@ -318,7 +319,7 @@ def test_any_plan_delivers_every_chunk_once(case, mode, num_chunks, pipeline):
     [
         pytest.param([[-1], [0]], {"mode": "tree"}, ValueError, "mode must be one of", id="bad_mode"),
         pytest.param([[-1], [0]], {"num_chunks": 0}, ValueError, "num_chunks must be a positive int", id="zero_chunks"),
-        pytest.param([[-1], [0]], {"pipeline": 1}, TypeError, "pipeline must be a bool, got int", id="pipeline_not_bool"),
+        pytest.param([[-1], [0]], {"pipeline": 1}, TypeError, "pipeline must be a bool, got 1 \\(int\\)", id="pipeline_not_bool"),
         pytest.param([[-1]], {}, ValueError, r"shape \[num_ranks, redundant_slots_per_rank\] = \[2, 1\]", id="short"),
         pytest.param([[-1], [4]], {}, ValueError, r"replica_expert_ids\[1\]\[0\] = 4 is outside \[-1, 3\]", id="bad_id"),
         pytest.param([[0], [-1]], {}, ValueError, "replica on the expert's master rank 0", id="on_master"),

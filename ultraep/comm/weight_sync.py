@@ -107,6 +107,8 @@ class WeightSpec:
             if isinstance(shape, int) or not isinstance(shape, Sequence):
                 raise TypeError(f"WeightSpec.shapes[{idx}] must be a sequence of ints, got {shape!r}")
             dims = tuple(shape)
+            if not dims:
+                raise ValueError(f"WeightSpec.shapes[{idx}] is empty (a 0-d tensor); give each weight at least one dim, e.g. (1,)")
             if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
                 raise ValueError(f"WeightSpec.shapes[{idx}] must hold positive ints, got {shape!r}")
             normalized.append(dims)
@@ -375,7 +377,7 @@ def plan_weight_sync(
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
     if not isinstance(pipeline, bool):
-        raise TypeError(f"pipeline must be a bool, got {type(pipeline).__name__}")
+        raise TypeError(f"pipeline must be a bool, got {pipeline!r} ({type(pipeline).__name__})")
     table = check_replica_placement(layout, replica_expert_ids)
     width = layout.redundant_slots_per_rank
     if needs_copy is None:

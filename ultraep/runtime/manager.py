@@ -101,7 +101,8 @@ class ManagerConfig:
     backward re-syncs a layer's replicas because later layers overwrote them. N > 0: one set per layer
     for layer ids 0..N-1 (N times the memory): the backward re-sync finds the replicas in place and
     copies nothing, and with ``reuse_cached_weights`` a slot that contains the same expert at the same
-    weight version in the next microbatch (inference, gradient accumulation) is not copied again."""
+    weight version in the next microbatch (inference) is not copied again. A backward that accumulates
+    into the masters' gradients changes the version, so training microbatches copy again."""
     overlap_sync: bool = False
     """Run the forward weight sync on a background thread over a second process group, so it overlaps
     the dispatch all-to-all and the master experts' compute. Code that reads replica weights calls
@@ -129,7 +130,9 @@ class ManagerConfig:
     record_timings: bool = False
     """Record host wall time of each phase per layer in ``ReplicaManager.timings[phase][layer_id]``
     (phases ``count``, ``gather``, ``plan``, ``plan_check``, ``reroute``, ``sync_forward``,
-    ``sync_backward``, ``reduce``). Synchronizes CUDA around each phase, so only for profiling."""
+    ``sync_backward``, ``reduce``; with the background thread also ``sync_wait``, one entry per layer
+    and microbatch that adds up its chunk waits, and ``reduce_wait``). Synchronizes CUDA around each
+    phase, so only for profiling."""
 
     def __post_init__(self) -> None:
         if self.sync_mode not in SYNC_MODES:
@@ -141,6 +144,10 @@ class ManagerConfig:
         for name in ("overlap_sync", "overlap_grad_reduce", "pipeline_replicas"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ManagerConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.pipeline_replicas and self.num_chunks < 2:
+            raise ValueError(
+                f"ManagerConfig.pipeline_replicas=True needs num_chunks >= 2 to split the copies, got num_chunks={self.num_chunks}"
+            )
         if self.pipeline_replicas and not self.overlap_sync:
             raise ValueError(
                 "ManagerConfig.pipeline_replicas=True needs overlap_sync=True: chunks can only be used while later "
@@ -257,6 +264,7 @@ class _PendingSync:
     future: concurrent.futures.Future
     sync_plan: SyncPlan
     progress: _StepProgress
+    waited_s: float = 0.0  # time spent in chunk waits so far
 
 
 @dataclasses.dataclass
@@ -466,7 +474,10 @@ class ReplicaManager:
         extra = (
             self._config_word,
             _digest64(layer_id, microbatch_id, bool(balance)),
-            _digest64(self._held, self._slot_last_use),
+            # Only this layer's buffer set decides its copies and slot placement.
+            _digest64(self._held[self._buffer_set(layer_id)], self._slot_last_use[self._buffer_set(layer_id)])
+            if local_error is None
+            else 0,
             version,
             _STATUS_OK if local_error is None else _STATUS_REJECTED,
         )
@@ -557,7 +568,8 @@ class ReplicaManager:
         """
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < self.replica_chunks):
             raise ValueError(
-                f"chunk must be None or an int in [0, {self.replica_chunks - 1}] (replica_chunks), got {chunk!r}"
+                f"chunk must be None or an int in [0, {self.replica_chunks - 1}] (replica_chunks), got {chunk!r}; "
+                "chunked waits need ManagerConfig.pipeline_replicas=True and num_chunks > 1"
             )
         pending = self._pending_sync
         if pending is not None and pending.key != routing.key:
@@ -574,7 +586,8 @@ class ReplicaManager:
         start = self._clock()
         if not pending.progress.wait(plan.ready_step(chunk) + 1):
             self._finish_pending_sync()  # the sync stopped early: raise its error
-        self._record("sync_wait", routing.layer_id, start)
+            return
+        pending.waited_s += self._clock() - start  # recorded with the final wait
 
     def slot_weights(self, layer_id: int) -> torch.Tensor:
         """Return the [redundant_slots_per_rank, numel] buffer of ``layer_id``'s replicas on this rank."""
@@ -628,7 +641,7 @@ class ReplicaManager:
             return
         pending = self._pending_sync
         self._pending_sync = None
-        start = self._clock()
+        start = self._clock() - pending.waited_s  # the chunk waits count toward this wait
         pending.future.result()
         self._record("sync_wait", pending.key[0], start)
 

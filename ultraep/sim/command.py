@@ -421,7 +421,10 @@ def _parse_quota_settings(items: list[str]) -> tuple[tuple[str, object], ...]:
         except ValueError as error:
             raise ValueError(f"--quota-setting {name} takes {kind}, got {text!r}") from error
         settings[name] = value
-    QuotaConfig(**settings)  # raises with the rule for out-of-range values
+    try:
+        QuotaConfig(**settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--quota-setting: {error}") from error
     return tuple(sorted(settings.items()))
 
 

@@ -80,12 +80,12 @@ Formulas:
    those two costs are spread over ``microbatches_per_step``.
    Replicas planned every microbatch into per-layer buffers (``quota`` with
    ``ManagerConfig.buffer_layers``; the ``"layer"`` lifetime) keep each layer's slots between
-   microbatches, and a rank's replicas go to the slots that already hold their expert (the runtime's
-   slot cache). The forward copies only the slots whose expert changed, except in the first
-   microbatch of an optimizer step, which copies every replica because the weights changed. The
-   backward needs no re-sync. Gradients are reduced every microbatch because the placement changes.
-   Per microbatch that is ``sync = sync_all / m + sync_changed * (m - 1) / m`` in training with
-   ``m = microbatches_per_step`` and ``sync_changed`` in prefill. The buffers cost
+   microbatches, and a rank's replicas go to the slots that already contain their expert (the
+   runtime's slot cache). In prefill the forward copies only the slots whose expert changed
+   (``sync_changed``). In training every forward copies every replica (``sync_all``): each backward
+   accumulates into the masters' gradients, which changes the runtime's weight version, even within
+   one optimizer step. The backward needs no re-sync. Gradients are reduced every microbatch because
+   the placement changes. The buffers cost
    ``redundant_slots_per_rank`` expert copies per layer and rank, the memory of the persistent policies.
 6. Ideal: every rank sends and receives the mean of ``A_r`` and holds its ``experts_per_rank`` masters
    with ``mean / experts_per_rank`` assignments each. No planner, sync, re-sync or gradient reduce.
@@ -477,10 +477,10 @@ def layer_costs(
         moved_bytes = moved_traffic.num_copies.to(torch.float64) * weight_bytes
         moved_fill = relay_fill_time(moved_traffic, hardware, settings)
         if training:
-            per_step = float(settings.microbatches_per_step)
-            sync = all_sync / per_step + moved_sync * (per_step - 1) / per_step
-            sync_bytes = all_copy_bytes / per_step + moved_bytes * (per_step - 1) / per_step
-            fill = relay_fill_time(all_traffic, hardware, settings) / per_step + moved_fill * (per_step - 1) / per_step
+            # Each backward accumulates into the masters' gradients, which changes the runtime's weight
+            # version, so every training forward copies every replica.
+            sync, sync_bytes = all_sync, all_copy_bytes
+            fill = relay_fill_time(all_traffic, hardware, settings)
         else:
             sync, sync_bytes, fill = moved_sync, moved_bytes, moved_fill
         resync, resync_bytes = zeros, zeros

@@ -448,9 +448,8 @@ def _place_in_cached_slots(
     quota_view = quota.view(num_microbatches, num_layers, num_ranks, layout.slots_per_rank)
     replica_quota = quota_view[..., masters:].tolist()
     replica_ids = replicas.tolist()
-    out_quota = quota_view.clone()
-    out_replicas = torch.empty_like(replicas)
-    synced = torch.zeros(replicas.shape, dtype=torch.bool)
+    # Permuted in place on the nested lists, converted back to tensors once.
+    new_ids, new_quota, synced = replicas.tolist(), quota_view[..., masters:].tolist(), replicas.ge(0).tolist()
     for layer in range(num_layers):
         held: list[list[int | None]] = [[None] * width for _ in range(num_ranks)]
         last_use = [[-1] * width for _ in range(num_ranks)]
@@ -460,14 +459,17 @@ def _place_in_cached_slots(
                 row_quota = replica_quota[microbatch][layer][rank]
                 wanted = [expert if expert >= 0 and q > 0 else None for expert, q in zip(row, row_quota, strict=True)]
                 order, copied = cached_slot_order(wanted, held[rank], last_use[rank])
+                new_ids[microbatch][layer][rank] = [row[j] for j in order]
+                new_quota[microbatch][layer][rank] = [row_quota[j] for j in order]
+                synced[microbatch][layer][rank] = copied
                 for k, j in enumerate(order):
-                    out_replicas[microbatch, layer, rank, k] = row[j]
-                    out_quota[microbatch, layer, rank, masters + k] = row_quota[j]
                     if wanted[j] is not None:
                         held[rank][k] = wanted[j]
                         last_use[rank][k] = microbatch
-                    synced[microbatch, layer, rank, k] = copied[k]
-    return out_quota.view_as(quota), out_replicas, synced
+    out_quota = quota_view.clone()
+    out_quota[..., masters:] = torch.tensor(new_quota, dtype=quota.dtype).view(out_quota[..., masters:].shape)
+    out_replicas = torch.tensor(new_ids, dtype=replicas.dtype).view(replicas.shape)
+    return out_quota.view_as(quota), out_replicas, torch.tensor(synced, dtype=torch.bool).view(replicas.shape)
 
 
 # Results.
