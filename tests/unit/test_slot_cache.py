@@ -11,30 +11,31 @@ from ultraep.sim.replay import _place_in_cached_slots
 
 
 def test_cached_slot_order_reuses_and_evicts_oldest():
-    # Slot 1 contains "b" (wanted again); "c" is new and goes to the free slot used least recently (slot 2).
-    order, copied = cached_slot_order(["c", "b", None], held=["a", "b", "d"], last_use=[5, 3, 1])
+    # Slot 1 contains "b", which is requested again. "c" is new, so it goes to the least recently
+    # used free slot (slot 2).
+    order, copied = cached_slot_order(["c", "b", None], contents=["a", "b", "d"], last_use=[5, 3, 1])
     assert order == [2, 1, 0]
     assert copied == [False, False, True]
 
 
 def test_cached_slot_order_fills_rest_in_order():
-    order, copied = cached_slot_order([None, None, "x"], held=[None, None, None], last_use=[-1, -1, -1])
+    order, copied = cached_slot_order([None, None, "x"], contents=[None, None, None], last_use=[-1, -1, -1])
     assert order == [2, 0, 1]  # "x" takes slot 0 (ties go to the lower slot)
     assert copied == [True, False, False]
 
 
-def test_an_expert_held_twice_is_reused_once():
-    order, copied = cached_slot_order(["a", "a"], held=["a", "a"], last_use=[0, 0])
+def test_cached_slot_order_duplicate_contents():
+    order, copied = cached_slot_order(["a", "a"], contents=["a", "a"], last_use=[0, 0])
     assert order == [0, 1]
     assert copied == [False, False]
 
 
-def test_rejects_rows_of_different_lengths():
-    with pytest.raises(ValueError, match="one entry per redundant slot, got lengths 2, 1 and 2"):
-        cached_slot_order(["a", None], held=["a"], last_use=[0, 0])
+def test_cached_slot_order_rejects_lengths():
+    with pytest.raises(ValueError, match="requested, contents and last_use must have one entry per redundant slot, got lengths 2, 1 and 2"):
+        cached_slot_order(["a", None], contents=["a"], last_use=[0, 0])
 
 
-def test_simulator_copies_only_what_the_slots_do_not_hold():
+def test_simulator_slot_cache_copies():
     # 3 ranks, 1 master and 2 redundant slots each (9 physical slots). Rank 2 replicates expert 0, then
     # expert 1, then expert 0 again, each time planned into its first redundant slot.
     layout = ExpertLayout(num_ranks=3, experts_per_rank=1, redundant_slots_per_rank=2)

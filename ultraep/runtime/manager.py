@@ -90,9 +90,10 @@ class ManagerConfig:
     reuse_cached_weights: bool = True
     """Skip copying into a redundant slot that already contains the same layer's expert at the same
     weight version. With two or more redundant slots per rank, a rank's planned replicas are also
-    placed in the slots that hold their weights, and new ones in the least recently used free slots
-    (:func:`~ultraep.runtime.slot_cache.cached_slot_order`); that changes no rank load. A layer's version changes when its master weights get an in-place update
-    visible to autograd, when they accumulate a gradient, or on :meth:`ReplicaManager.invalidate_cached_weights`."""
+    placed in the slots that contain their weights, and new ones in the least recently used free
+    slots (:func:`~ultraep.runtime.slot_cache.cached_slot_order`). That changes no rank load. A
+    layer's version changes when its master weights get an in-place update visible to autograd, when
+    they accumulate a gradient, or on :meth:`ReplicaManager.invalidate_cached_weights`."""
     timeout_s: float | None = None
     """Seconds to wait for one step of weight sync, grad reduce or the all-gathers before raising
     :class:`~ultraep.comm.CommunicationError`; ``None`` uses the process group's timeout."""
@@ -382,7 +383,7 @@ class ReplicaManager:
         # in the same order.
         self._held: list[list[list[tuple[int, int, int] | None]]] = self._empty_held()
         # last_use[set][rank][j]: the route call that last placed a replica in that slot (-1 = never).
-        self._slot_last_use: list[list[list[int]]] = self._empty_last_use()
+        self._slot_last_use: list[list[list[int]]] = self._empty_slot_table(-1)
         self._route_calls = 0
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
         # The forward sync running in the background.
@@ -471,13 +472,16 @@ class ReplicaManager:
         start = self._clock()
         payload = torch.empty(layout.num_experts + _NUM_EXTRA_WORDS, dtype=torch.int64, device=self.device)
         payload[: layout.num_experts] = local_load.to(device=self.device, dtype=torch.int64)
+        # Only this layer's buffer set decides its copies and slot placement. A rejected call may have
+        # an invalid layer_id, and its status word already makes every rank raise.
+        cache_word = 0
+        if local_error is None:
+            buffer_set = self._buffer_set(layer_id)
+            cache_word = _digest64(self._held[buffer_set], self._slot_last_use[buffer_set])
         extra = (
             self._config_word,
             _digest64(layer_id, microbatch_id, bool(balance)),
-            # Only this layer's buffer set decides its copies and slot placement.
-            _digest64(self._held[self._buffer_set(layer_id)], self._slot_last_use[self._buffer_set(layer_id)])
-            if local_error is None
-            else 0,
+            cache_word,
             version,
             _STATUS_OK if local_error is None else _STATUS_REJECTED,
         )
@@ -557,11 +561,11 @@ class ReplicaManager:
         """Block until the forward weight sync started by :meth:`replicate` for ``routing`` has delivered.
 
         chunk: ``None`` waits for the whole sync. An int in ``[0, replica_chunks)`` waits only until
-          chunk ``chunk`` of every replica on this rank has arrived: rows
+          chunk ``chunk`` of every replica on this rank has arrived. That chunk is rows
           ``chunk_bounds(shape[0], chunk, replica_chunks)`` of each weight tensor
-          (:func:`~ultraep.comm.chunk_bounds`); later chunks may still be in flight. Chunks arrive in
-          order, so waiting for chunk ``c`` also covers chunks ``0..c``, and waiting for the last one
-          waits for the whole sync.
+          (:func:`~ultraep.comm.chunk_bounds`), and later chunks may still be in flight. Chunks arrive
+          in order, so waiting for chunk ``c`` also covers chunks ``0..c``, and waiting for the last
+          one waits for the whole sync.
         Returns at once when no sync runs in the background (``overlap_sync`` off, or already done).
         Raises the sync's :class:`~ultraep.comm.CommunicationError` if it failed. Local: the copies
         themselves are collective and were started on every rank by :meth:`replicate`.
@@ -660,19 +664,16 @@ class ReplicaManager:
         layout = self.layout
         plan = state.routing.plan
         replica_ids = plan.replica_expert_ids.cpu().tolist()
-        replica_quota = plan.quota.cpu().view(layout.num_ranks, layout.slots_per_rank)[:, layout.experts_per_rank :].tolist()
         held = self._held[self._buffer_set(key[0])]
 
         # Step 1: which slots need a copy. A replica with quota 0 processes nothing and needs none.
         needs_copy, targets = [], {}
-        for rank, row in enumerate(replica_ids):
+        for rank, row_targets in enumerate(self._slot_targets(plan, key[0], state.versions)):
             flags = []
-            for idx, expert in enumerate(row):
-                wanted = expert >= 0 and replica_quota[rank][idx] > 0
-                target = (key[0], expert, state.versions[layout.master_rank(expert)]) if wanted else None
+            for idx, target in enumerate(row_targets):
                 cached = self.config.reuse_cached_weights and held[rank][idx] == target
-                flags.append(wanted and not cached)
-                if wanted and not cached:
+                flags.append(target is not None and not cached)
+                if target is not None and not cached:
                     targets[(rank, idx)] = target
             needs_copy.append(flags)
 
@@ -844,19 +845,13 @@ class ReplicaManager:
         masters = layout.experts_per_rank
         quota = plan.quota.view(layout.num_ranks, layout.slots_per_rank).cpu()
         replica_ids = plan.replica_expert_ids.cpu().tolist()
-        replica_quota = quota[:, masters:].tolist()
         new_ids, new_quota = [], quota.clone()
-        for rank in range(layout.num_ranks):
-            row, row_quota = replica_ids[rank], replica_quota[rank]
-            wanted = [
-                (layer_id, expert, versions[layout.master_rank(expert)]) if expert >= 0 and q > 0 else None
-                for expert, q in zip(row, row_quota, strict=True)
-            ]
-            order, _ = cached_slot_order(wanted, held[rank], last_use[rank])
-            new_ids.append([row[j] for j in order])
+        for rank, row_targets in enumerate(self._slot_targets(plan, layer_id, versions)):
+            order, _ = cached_slot_order(row_targets, held[rank], last_use[rank])
+            new_ids.append([replica_ids[rank][j] for j in order])
+            new_quota[rank, masters:] = quota[rank, masters:][order]
             for k, j in enumerate(order):
-                new_quota[rank, masters + k] = row_quota[j]
-                if wanted[j] is not None:
+                if row_targets[j] is not None:
                     last_use[rank][k] = self._route_calls
         device = plan.quota.device
         return Plan(
@@ -865,13 +860,29 @@ class ReplicaManager:
             new_quota.reshape(-1).to(device),
         )
 
-    def _empty_last_use(self) -> list[list[list[int]]]:
+    def _slot_targets(self, plan: Plan, layer_id: int, versions: Sequence[int]) -> list[list[tuple[int, int, int] | None]]:
+        """Return per rank and redundant slot the (layer, expert, version) its replica needs, or None.
+
+        None marks an empty slot or a replica with quota 0, which processes nothing and needs no weights.
+        """
+        layout = self.layout
+        replica_ids = plan.replica_expert_ids.cpu().tolist()
+        quota = plan.quota.cpu().view(layout.num_ranks, layout.slots_per_rank)[:, layout.experts_per_rank :].tolist()
+        return [
+            [
+                (layer_id, expert, versions[layout.master_rank(expert)]) if expert >= 0 and q > 0 else None
+                for expert, q in zip(row, row_quota, strict=True)
+            ]
+            for row, row_quota in zip(replica_ids, quota, strict=True)
+        ]
+
+    def _empty_slot_table(self, fill):
+        """Return a [num_buffer_sets][num_ranks][redundant_slots_per_rank] nested list filled with ``fill``."""
         slots = self.layout.redundant_slots_per_rank
-        return [[[-1] * slots for _ in range(self.layout.num_ranks)] for _ in range(self.num_buffer_sets)]
+        return [[[fill] * slots for _ in range(self.layout.num_ranks)] for _ in range(self.num_buffer_sets)]
 
     def _empty_held(self) -> list[list[list[tuple[int, int, int] | None]]]:
-        slots = self.layout.redundant_slots_per_rank
-        return [[[None] * slots for _ in range(self.layout.num_ranks)] for _ in range(self.num_buffer_sets)]
+        return self._empty_slot_table(None)
 
     def _state(self, key: tuple[int, int], what: str) -> _InFlight:
         state = self._in_flight.get(key)

@@ -105,7 +105,8 @@ def all_to_all(
 
 
 def _swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """x: [rows, hidden]; w_gate, w_up, w_down: [ffn, hidden] (or a block of ffn rows). Returns [rows, hidden]."""
+    """Apply one SwiGLU expert. x: [rows, hidden]; w_gate, w_up, w_down: [ffn, hidden] or a block of
+    ffn rows. Returns [rows, hidden]."""
     return (F.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down
 
 
@@ -117,9 +118,9 @@ class MoELayer(nn.Module):
     - ``router_weight`` [num_experts, hidden_size]: the same on every rank (replicated, like any
       data-parallel parameter; all-reduce its gradient over the EP group);
     - ``w_gate``, ``w_up`` and ``w_down``, each [experts_per_rank, ffn_hidden_size, hidden_size]:
-      this rank's master experts, logical experts ``rank * experts_per_rank ..``; the output of an
-      expert is ``(silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down``. Their gradients are complete after backward: replica gradients
-      are already reduced into them.
+      this rank's master experts, logical experts ``rank * experts_per_rank ..``. The output of an
+      expert is ``(silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down``. Their gradients are complete after
+      backward, because replica gradients are already reduced into them.
     """
 
     def __init__(
@@ -245,7 +246,7 @@ class MoELayer(nn.Module):
     def _replica_outputs(
         self, routing, replica_weights: tuple[torch.Tensor, ...], slot_rows: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Run every redundant slot on its rows; returns one [rows, hidden_size] output per slot.
+        """Run every redundant slot on its rows and return one [rows, hidden_size] output per slot.
 
         Empty slots run too (0 rows): every replica weight view must reach the output so grad reduce
         runs, and every rank builds the same autograd graph, so collectives stay in order. With

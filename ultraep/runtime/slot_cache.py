@@ -17,42 +17,42 @@ __all__ = ["cached_slot_order"]
 
 
 def cached_slot_order(
-    wanted: Sequence[Hashable | None], held: Sequence[Hashable | None], last_use: Sequence[int]
+    requested: Sequence[Hashable | None], contents: Sequence[Hashable | None], last_use: Sequence[int]
 ) -> tuple[list[int], list[bool]]:
     """Choose a slot for each of one rank's planned redundant-slot entries.
 
-    wanted: per planned entry ``j`` (in the plan's slot order), the key of the weights it needs (for
+    requested: per planned entry ``j`` (in the plan's slot order), the key of the weights it needs (for
       example ``(layer_id, expert_id, version)``), or ``None`` for an entry that needs none (an empty
       slot or a replica with quota 0).
-    held: per slot ``k``, the key of the weights it contains now, or ``None``.
+    contents: per slot ``k``, the key of the weights it contains now, or ``None``.
     last_use: per slot ``k``, when it last served a replica (larger is later; -1 = never).
     All three have length ``redundant_slots_per_rank``.
 
     Returns ``(order, copied)``: ``order[k]`` is the planned entry placed in slot ``k`` (a permutation
-    of ``range(len(wanted))``), and ``copied[k]`` is True when slot ``k`` must receive a copy. Entries
+    of ``range(len(requested))``), and ``copied[k]`` is True when slot ``k`` must receive a copy. Entries
     whose key a slot contains go to that slot. The other entries that need weights go to the free slots
     used least recently (ties to the lower slot), and entries that need none fill the remaining slots
     in order.
     """
-    if not len(wanted) == len(held) == len(last_use):
+    if not len(requested) == len(contents) == len(last_use):
         raise ValueError(
-            f"wanted, held and last_use must have one entry per redundant slot, got lengths "
-            f"{len(wanted)}, {len(held)} and {len(last_use)}"
+            f"requested, contents and last_use must have one entry per redundant slot, got lengths "
+            f"{len(requested)}, {len(contents)} and {len(last_use)}"
         )
-    width = len(wanted)
+    width = len(requested)
     order: list[int | None] = [None] * width
     copied = [False] * width
     placed = [False] * width
     # Step 1: entries whose weights a slot already contains.
-    for j, key in enumerate(wanted):
+    for j, key in enumerate(requested):
         if key is None:
             continue
         for k in range(width):
-            if order[k] is None and held[k] == key:
+            if order[k] is None and contents[k] == key:
                 order[k], placed[j] = j, True
                 break
     # Step 2: the other entries that need weights, into the least recently used free slots.
-    for j, key in enumerate(wanted):
+    for j, key in enumerate(requested):
         if key is None or placed[j]:
             continue
         k = min((k for k in range(width) if order[k] is None), key=lambda k: (last_use[k], k))

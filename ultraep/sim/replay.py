@@ -128,11 +128,10 @@ def default_policies(
 ) -> tuple[PolicySpec, ...]:
     """Return ``none``, then ``eplb`` and ``lp_reroute`` per baseline slot count, then ``quota`` per slot count.
 
-    quota_settings: ``QuotaConfig`` settings as ``(name, value)`` pairs for every ``quota`` policy.
-
     quota_buffers: ``"shared"`` adds ``quota s=N``, with one redundant-slot buffer set for all layers
     (the runtime's default). ``"layer"`` adds ``quota s=N layer-buffers``, with one set per layer
     (``ManagerConfig.buffer_layers``), which is the memory the persistent policies use.
+    quota_settings: ``QuotaConfig`` settings as ``(name, value)`` pairs for every ``quota`` policy.
     """
     unknown = sorted(set(quota_buffers) - set(QUOTA_BUFFERS))
     if unknown or not quota_buffers:
@@ -451,20 +450,20 @@ def _place_in_cached_slots(
     # Permuted in place on the nested lists, converted back to tensors once.
     new_ids, new_quota, synced = replicas.tolist(), quota_view[..., masters:].tolist(), replicas.ge(0).tolist()
     for layer in range(num_layers):
-        held: list[list[int | None]] = [[None] * width for _ in range(num_ranks)]
+        contents: list[list[int | None]] = [[None] * width for _ in range(num_ranks)]
         last_use = [[-1] * width for _ in range(num_ranks)]
         for microbatch in range(num_microbatches):
             for rank in range(num_ranks):
                 row = replica_ids[microbatch][layer][rank]
                 row_quota = replica_quota[microbatch][layer][rank]
-                wanted = [expert if expert >= 0 and q > 0 else None for expert, q in zip(row, row_quota, strict=True)]
-                order, copied = cached_slot_order(wanted, held[rank], last_use[rank])
+                requested = [expert if expert >= 0 and q > 0 else None for expert, q in zip(row, row_quota, strict=True)]
+                order, copied = cached_slot_order(requested, contents[rank], last_use[rank])
                 new_ids[microbatch][layer][rank] = [row[j] for j in order]
                 new_quota[microbatch][layer][rank] = [row_quota[j] for j in order]
                 synced[microbatch][layer][rank] = copied
                 for k, j in enumerate(order):
-                    if wanted[j] is not None:
-                        held[rank][k] = wanted[j]
+                    if requested[j] is not None:
+                        contents[rank][k] = requested[j]
                         last_use[rank][k] = microbatch
     out_quota = quota_view.clone()
     out_quota[..., masters:] = torch.tensor(new_quota, dtype=quota.dtype).view(out_quota[..., masters:].shape)
