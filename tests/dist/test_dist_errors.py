@@ -99,3 +99,18 @@ def test_diverged_slot_record_raises_everywhere(tmp_path):
     for message in messages:
         assert "record of which expert each redundant slot holds differs" in message
         assert "invalidate_cached_weights()" in message
+
+
+def test_manager_warns_when_the_planner_assumes_another_weight_sync(caplog):
+    from ultraep.planners import QuotaPlanner
+    from ultraep.runtime.manager import _warn_on_copy_model_mismatch
+
+    pipelined = ManagerConfig(overlap_sync=True, pipeline_replicas=True, num_chunks=8)
+    with caplog.at_level("WARNING", logger="ultraep.runtime.manager"):
+        _warn_on_copy_model_mismatch(QuotaPlanner(copy_cost=100), pipelined)
+    assert "build the planner with QuotaConfig(copy_overlap=True, copy_chunks=8)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ultraep.runtime.manager"):
+        _warn_on_copy_model_mismatch(QuotaPlanner(copy_cost=100, copy_overlap=True, copy_chunks=8), pipelined)
+        _warn_on_copy_model_mismatch(QuotaPlanner(), pipelined)  # copies counted as free: nothing to match
+    assert caplog.text == ""

@@ -102,6 +102,17 @@ PLAN_CASES = [
     ),
     PlanCase("ep8_e64_s2_large_min_quota", 8, 8, 2, "zipf", seed=8, config=QuotaConfig(min_replica_quota=400)),
     PlanCase("ep4_e16_s1_four_candidates_per_program", 4, 4, 1, "zipf", seed=9, candidates_per_program=4),
+    PlanCase("ep16_e64_s2_copy_cost_blocking", 16, 4, 2, "zipf", seed=10, config=QuotaConfig(copy_cost=4096)),
+    PlanCase("ep16_e64_s2_copy_cost_overlap", 16, 4, 2, "zipf", seed=10, config=QuotaConfig(copy_cost=1228, copy_overlap=True)),
+    PlanCase(
+        "ep64_e256_s2_copy_cost_8_chunks",
+        64, 4, 2, "zipf", seed=11,
+        config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8),
+    ),
+    PlanCase(
+        "ep8_e64_s1_copy_cost_8_chunks_4_per_program",
+        8, 8, 1, "zipf", seed=12, config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8), candidates_per_program=4,
+    ),
 ]
 
 REROUTE_CASES = [

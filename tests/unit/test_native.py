@@ -23,6 +23,9 @@ CONFIGS = [
     QuotaConfig(balance_target=1.05, min_replica_quota=3, min_replica_fraction=0.01),
     QuotaConfig(num_rounds=1),
     QuotaConfig(num_rounds=9, min_replica_fraction=0.0),
+    QuotaConfig(copy_cost=40),
+    QuotaConfig(copy_cost=150, copy_overlap=True),
+    QuotaConfig(copy_cost=600, copy_overlap=True, copy_chunks=8, balance_target=1.0),
 ]
 
 

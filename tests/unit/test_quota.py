@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from ultraep.evaluate import master_imbalance
 from ultraep.layout import ExpertLayout
 from ultraep.plan import check_plan
-from ultraep.planners.quota import QuotaConfig, QuotaPlanner
+from ultraep.planners.quota import MAX_COPY_COST, QuotaConfig, QuotaPlanner
 
 
 @st.composite
@@ -223,3 +223,120 @@ def test_planner_rejects_bad_loads():
         planner(torch.ones(2, 3, dtype=torch.int64), layout)
     with pytest.raises(TypeError, match="either config or settings"):
         QuotaPlanner(QuotaConfig(), balance_target=1.0)
+
+
+# Copy cost: candidates compared with the weight sync counted.
+
+TWO_RANK_LOADS = torch.tensor([[100, 0], [0, 0]])  # expert 0 on rank 0 carries everything
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize(
+    "copy_cost, copy_overlap, copy_chunks, replicated",
+    [
+        # The best replica plan splits 50 / 50; the masters-only plan's peak is 100.
+        (0, False, 1, True),
+        (49, False, 1, True),  # blocking: 50 + 49 < 100
+        (50, False, 1, False),  # 50 + 50 ties the masters-only plan, which has fewer replicas
+        (60, True, 1, False),  # overlapped, one chunk: max(50, 60 + 50) > 100
+        (60, True, 8, True),  # 8 chunks: max(50, 60 // 8 + 50, 60 + 50 * 10 // 24) = 80 < 100
+        (79, True, 8, True),  # 79 + 20 = 99
+        (80, True, 8, False),  # 80 + 20 = 100 ties
+    ],
+)
+def test_copy_cost_decides_replication_as_computed_by_hand(backend, copy_cost, copy_overlap, copy_chunks, replicated):
+    config = QuotaConfig(copy_cost=copy_cost, copy_overlap=copy_overlap, copy_chunks=copy_chunks)
+    plan = QuotaPlanner(config, backend=backend)(TWO_RANK_LOADS, ExpertLayout(2, 1, 1))
+    expected = [50, 0, 0, 50] if replicated else [100, 0, 0, 0]
+    assert plan.quota.tolist() == expected
+    assert plan.replica_expert_ids.tolist() == ([[-1], [0]] if replicated else [[-1], [-1]])
+
+
+def test_copy_cost_zero_keeps_the_plan_unchanged():
+    gen = torch.Generator().manual_seed(3)
+    loads = (torch.rand(16, 64, generator=gen) ** 4 * 1000).round().to(torch.int64)
+    layout = ExpertLayout(16, 4, 2)
+    for overlap in (False, True):
+        plain = QuotaPlanner(QuotaConfig(), backend="torch")(loads, layout)
+        costed = QuotaPlanner(QuotaConfig(copy_cost=0, copy_overlap=overlap, copy_chunks=8), backend="torch")(loads, layout)
+        assert torch.equal(plain.quota, costed.quota) and torch.equal(plain.replica_expert_ids, costed.replica_expert_ids)
+
+
+def _costed_peak_of(plan, layout, config):
+    """The costed peak of one plan, recomputed in plain Python from the model in the quota module."""
+    from ultraep.planners.quota import relay_sender_copies
+
+    quota = plan.quota.view(layout.num_ranks, layout.slots_per_rank).tolist()
+    replicas = plan.replica_expert_ids.tolist()
+    load = [sum(row) for row in quota]
+    master = [sum(row[: layout.experts_per_rank]) for row in quota]
+    copies_in = [sum(e >= 0 for e in row) for row in replicas]
+    fan = [0] * layout.num_experts
+    for row in replicas:
+        for e in row:
+            if e >= 0:
+                fan[e] += 1
+    sender = relay_sender_copies(torch.tensor(fan)).tolist()
+    copies_out = [sum(sender[r * layout.experts_per_rank : (r + 1) * layout.experts_per_rank]) for r in range(layout.num_ranks)]
+    sync = config.copy_cost * max(max(a, b) for a, b in zip(copies_in, copies_out))
+    if not config.copy_overlap:
+        return max(load) + sync
+    n = config.copy_chunks
+    times = []
+    for r in range(layout.num_ranks):
+        replica = load[r] - master[r]
+        busy = max(load[r], sync // n + replica, sync + replica * (n + 2) // (3 * n))
+        times.append(busy if copies_in[r] else load[r])
+    return max(times)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    case=layouts_and_loads(),
+    cost_fraction=st.sampled_from([0.01, 0.1, 0.5, 2.0]),
+    overlap=st.booleans(),
+    chunks=st.sampled_from([1, 2, 8]),
+)
+def test_copy_cost_plan_is_never_slower_than_masters_only(case, cost_fraction, overlap, chunks):
+    layout, loads = case
+    total = int(loads.sum())
+    cost = min(MAX_COPY_COST, max(1, int(cost_fraction * total / layout.num_ranks)))
+    config = QuotaConfig(copy_cost=cost, copy_overlap=overlap, copy_chunks=chunks)
+    plan = QuotaPlanner(config, backend="torch")(loads, layout)
+    check_plan(plan, loads)
+    masters_only = int(loads.sum(dim=0).view(layout.num_ranks, layout.experts_per_rank).sum(dim=1).max()) if total else 0
+    assert _costed_peak_of(plan, layout, config) <= masters_only
+
+
+def test_relay_sender_copies_matches_the_smallest_tree():
+    from ultraep.planners.quota import relay_sender_copies
+
+    copies = torch.arange(0, 400)
+    brute = [0] + [min(max(k, -(-(n - k) // k)) for k in range(1, n + 1)) for n in range(1, 400)]
+    assert relay_sender_copies(copies).tolist() == brute
+
+
+def test_copy_cost_in_assignments_for_a_swiglu_expert():
+    from ultraep.planners.quota import copy_cost_in_assignments
+
+    hidden, ffn = 4096, 14336
+    size = 6 * hidden * ffn  # bytes of bf16 gate, up and down == forward FLOPs of one assignment
+    # 1.75 PFLOP/s over 720 GB/s: one copy takes as long as 2431 assignments' GEMM.
+    assert copy_cost_in_assignments(size, size, 720e9, 1.75e15) == 2431
+    with pytest.raises(ValueError, match="link_bytes_per_s must be a positive finite number, got 0"):
+        copy_cost_in_assignments(size, size, 0, 1.75e15)
+
+
+@pytest.mark.parametrize(
+    "settings_, error, message",
+    [
+        ({"copy_cost": -1}, ValueError, "copy_cost must be in"),
+        ({"copy_cost": 2**24 + 1}, ValueError, "copy_cost must be in"),
+        ({"copy_cost": True}, TypeError, "copy_cost must be an int, got True"),
+        ({"copy_chunks": 0}, ValueError, "copy_chunks must be in"),
+        ({"copy_overlap": 1}, TypeError, "copy_overlap must be a bool, got 1"),
+    ],
+)
+def test_copy_settings_are_validated(settings_, error, message):
+    with pytest.raises(error, match=message):
+        QuotaConfig(**settings_)

@@ -115,7 +115,7 @@ def _library() -> ctypes.CDLL | Exception:
             return error
     function = library.ultraep_quota_plan
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 2
+    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 9 + [ctypes.c_void_p] * 2
     return library
 
 
@@ -159,7 +159,7 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
         return masters_only_plan(loads, layout)
     num_ranks, experts_per_rank, slots = layout.num_ranks, layout.experts_per_rank, layout.redundant_slots_per_rank
     mean_steps, gap_steps, anchors, scale, fraction_q, target_q = _settings(config)
-    num_rounds = config.num_rounds if config.num_rounds is not None else slots + 3
+    num_rounds = quota_module.default_num_rounds(config, slots)
     slot_expert = torch.empty((num_ranks, slots), dtype=torch.int64)
     quota = torch.empty(layout.num_slots, dtype=torch.int64)
     status = library.ultraep_quota_plan(
@@ -179,6 +179,9 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
         target_q,
         int(config.prefer_local),
         num_rounds,
+        config.copy_cost,
+        int(config.copy_overlap),
+        config.copy_chunks,
         slot_expert.data_ptr(),
         quota.data_ptr(),
     )

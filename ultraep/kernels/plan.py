@@ -3,8 +3,9 @@
 Reference: :func:`ultraep.planners.quota.plan_reference` (``_match_rounds``, ``_select_candidate``,
 ``_local_assignments``). The kernel gives the same plan bit for bit.
 
-The reference tries every (receiver anchor, threshold) pair as a candidate. Each program of the
-launch runs a tile of ``T_P2`` thresholds of one anchor side by side, as the reference batches them:
+The reference tries every (receiver order, receiver anchor, threshold) triple as a candidate. Each
+program of the launch runs a tile of ``T_P2`` thresholds of one receiver family (order and anchor)
+side by side, as the reference batches them:
 its tensors are ``[T_P2, ...]`` with every dim padded to a power of two. Padded ranks carry no load
 and no spare, padded master slots carry quota 0, and padded candidates are never chosen. Each
 program writes its candidates' scores and state to scratch and takes a ticket from an atomic
@@ -32,12 +33,23 @@ from triton.runtime.interpreter import InterpretedFunction
 from ultraep.layout import ExpertLayout
 from ultraep.plan import Plan
 from ultraep.planners.base import masters_only_plan
-from ultraep.planners.quota import _ANCHORS, _FRACTION_SCALE, _GAP_STEPS, _MEAN_STEPS, QuotaConfig, _to_fixed_point
+from ultraep.planners.quota import (
+    _ANCHORS,
+    _FRACTION_SCALE,
+    _COSTED_PEAK_LIMIT,
+    _GAP_STEPS,
+    _MEAN_STEPS,
+    _RECEIVER_ORDERS,
+    QuotaConfig,
+    _to_fixed_point,
+    default_num_rounds,
+)
 
 __all__ = ["plan_quota_triton"]
 
 # Sentinel above any load, quota or count the kernel compares (all stay below 2**62).
 _BIG = tl.constexpr(2**62)
+COSTED_PEAK_LIMIT = tl.constexpr(_COSTED_PEAK_LIMIT)
 
 
 @triton.jit
@@ -105,16 +117,20 @@ def _quota_plan_kernel(
     fraction_q,  # QuotaConfig.min_replica_fraction in units of 1 / FRACTION_SCALE
     target_q,  # QuotaConfig.balance_target in units of 1 / FRACTION_SCALE
     num_rounds,  # matching rounds per threshold
+    copy_cost,  # QuotaConfig.copy_cost (> 0 only with COPY_AWARE)
+    copy_overlap,  # QuotaConfig.copy_overlap as 0 or 1
+    copy_chunks,  # QuotaConfig.copy_chunks
     NUM_RANKS: tl.constexpr,
     EXPERTS_PER_RANK: tl.constexpr,
     SLOTS: tl.constexpr,  # redundant slots per rank (>= 1)
     STEPS: tl.constexpr,  # threshold ladder: mean steps, then gap steps, in units of 1 / FRACTION_SCALE
     NUM_MEAN_STEPS: tl.constexpr,
     ANCHORS: tl.constexpr,  # receiver anchors in quarters of the receiver's interval
+    RECEIVER_ORDERS: tl.constexpr,  # receiver orders tried with each anchor
     FRACTION_SCALE: tl.constexpr,
     PREFER_LOCAL: tl.constexpr,
-    T_P2: tl.constexpr,  # candidates per program: a tile of consecutive thresholds of one anchor
-    P_P2: tl.constexpr,  # programs (anchors x threshold tiles), padded to a power of two
+    T_P2: tl.constexpr,  # candidates per program: a tile of consecutive thresholds of one receiver family
+    P_P2: tl.constexpr,  # programs (receiver families x threshold tiles), padded to a power of two
     R_P2: tl.constexpr,  # ranks, padded
     M_P2: tl.constexpr,  # master slots per rank, padded
     S_P2: tl.constexpr,  # redundant slots per rank, padded
@@ -123,12 +139,15 @@ def _quota_plan_kernel(
     LOG_Q: tl.constexpr,  # log2(R_P2 * M_P2)
     SRC_BLOCK: tl.constexpr,  # source ranks summed per step while reading the load matrix
     INTERPRETED: tl.constexpr,  # running under TRITON_INTERPRET=1 (selects the sort; same results)
+    COPY_AWARE: tl.constexpr,  # copy_cost > 0: candidates are compared with the weight sync counted
+    MAX_RELAY_FAN: tl.constexpr,  # bound on relay_sender_copies of one expert's copies (< NUM_RANKS)
 ):
     NUM_EXPERTS: tl.constexpr = NUM_RANKS * EXPERTS_PER_RANK
     NUM_THRESHOLDS: tl.constexpr = len(STEPS)
     NUM_ANCHORS: tl.constexpr = len(ANCHORS)
-    NUM_TILES: tl.constexpr = (NUM_THRESHOLDS + T_P2 - 1) // T_P2  # threshold tiles per anchor
-    NUM_PROGRAMS: tl.constexpr = NUM_ANCHORS * NUM_TILES
+    NUM_TILES: tl.constexpr = (NUM_THRESHOLDS + T_P2 - 1) // T_P2  # threshold tiles per receiver family
+    # A receiver family is (order, anchor): order 0 takes receivers most spare first, order 1 least first.
+    NUM_PROGRAMS: tl.constexpr = RECEIVER_ORDERS * NUM_ANCHORS * NUM_TILES
     Q_P2: tl.constexpr = R_P2 * M_P2  # length of the donor piece line (R_P2 donors x M_P2 masters)
     SLOTS_PER_RANK: tl.constexpr = EXPERTS_PER_RANK + SLOTS
 
@@ -165,9 +184,11 @@ def _quota_plan_kernel(
     thresholds = tl.minimum(ceil_mean + tl.where(candidates < NUM_MEAN_STEPS, mean_part, gap_part), max_load)
     threshold_col = thresholds[:, None]  # [T_P2, 1]
     min_quota = tl.maximum((total * fraction_q) // (NUM_RANKS * FRACTION_SCALE), min_replica_quota)
+    family = pid // NUM_TILES
     anchor = 0
     for i in tl.static_range(NUM_ANCHORS):
-        anchor = tl.where(pid // NUM_TILES == i, ANCHORS[i], anchor)
+        anchor = tl.where(family % NUM_ANCHORS == i, ANCHORS[i], anchor)
+    least_spare_first = family >= NUM_ANCHORS
 
     # Drain order: each donor drains its masters by descending load, lower local index first on
     # ties. Sorting the unique key load * m + (m - 1 - j) yields both the load and j.
@@ -184,6 +205,7 @@ def _quota_plan_kernel(
     slot_pos = tl.full([T_P2, R_P2, S_P2], -1, tl.int32)
     slot_quota = tl.zeros([T_P2, R_P2, S_P2], tl.int64)
     slots_used = tl.zeros([T_P2, R_P2], tl.int32)
+    fan = tl.zeros([T_P2, R_P2, M_P2], tl.int64)  # replicas of the master at each drain position
     rank_tiebreak = (R_P2 - 1 - ranks)[None, :]  # lower rank first on equal keys
 
     # Rounds stop early once none of this program's candidates moved anything. The state is then
@@ -204,9 +226,10 @@ def _quota_plan_kernel(
         # Step 3: receivers, most spare first. Each takes the piece under its anchor point, which
         # lies a fixed number of quarters into its interval on the receiver line.
         spare = tl.where(rank_ok[None, :] & (slots_used < SLOTS), tl.maximum(threshold_col - rank_load, 0), 0)
-        recv_key = _sort_rows(spare * R_P2 + rank_tiebreak, LOG_R, True, INTERPRETED)
+        order_key = tl.where(least_spare_first & (spare > 0), total + 1 - spare, spare)
+        recv_key = _sort_rows(order_key * R_P2 + rank_tiebreak, LOG_R, True, INTERPRETED)
         recv_rank = (R_P2 - 1 - recv_key % R_P2).to(tl.int32)  # [T_P2, R_P2]: rank at receiver line index
-        recv_spare = recv_key // R_P2
+        recv_spare = tl.gather(spare, recv_rank, 1)
         anchor_point = tl.cumsum(recv_spare, axis=1) - recv_spare + (recv_spare * anchor) // 4
         segment = _count_not_above(piece_end, anchor_point, Q_P2, LOG_Q)  # [T_P2, R_P2]: first piece ending past it
         active = (recv_spare > 0) & (segment < Q_P2)
@@ -261,6 +284,13 @@ def _quota_plan_kernel(
         drained = tl.reshape(tl.gather(taken_through, line_pos, 1) - taken_before, [T_P2, R_P2, M_P2])
         master_quota -= drained
         rank_load -= tl.sum(drained, axis=2)
+        if COPY_AWARE:
+            # New replicas per piece, counted the way the amounts are: receivers of pieces <= q made
+            # new_through[q] of them.
+            new_end = tl.cumsum(new_slot.to(tl.int64), axis=1)
+            new_through = tl.where(served > 0, tl.gather(new_end, tl.maximum(served - 1, 0), 1), 0)
+            new_before = tl.where(line_pos > 0, tl.gather(new_through, tl.maximum(line_pos - 1, 0), 1), 0)
+            fan += tl.reshape(tl.gather(new_through, line_pos, 1) - new_before, [T_P2, R_P2, M_P2])
         round_idx += 1
 
     # Logical expert of each redundant slot, per candidate.
@@ -270,6 +300,20 @@ def _quota_plan_kernel(
 
     # Step 6: publish this program's candidates: what the choice needs, and the state to copy out.
     peak = tl.max(rank_load, axis=1)  # [T_P2]
+    if COPY_AWARE:
+        # The peak with the weight sync counted, as _costed_peak in quota.py.
+        copies_in = tl.sum((slot_pos >= 0).to(tl.int64), axis=2)  # [T_P2, R_P2]
+        sender_copies = tl.zeros([T_P2, R_P2, M_P2], tl.int64) + (fan > 0).to(tl.int64)
+        for f in tl.static_range(1, MAX_RELAY_FAN):
+            sender_copies += (f * (f + 1) < fan).to(tl.int64)
+        copies_out = tl.sum(sender_copies, axis=2)
+        sync = tl.max(tl.maximum(copies_in, copies_out), axis=1) * copy_cost  # [T_P2]
+        replica_load = rank_load - tl.sum(master_quota, axis=2)
+        first_chunk = sync[:, None] // copy_chunks + replica_load
+        last_chunk = sync[:, None] + replica_load * (copy_chunks + 2) // (3 * copy_chunks)
+        busy = tl.maximum(rank_load, tl.maximum(first_chunk, last_chunk))
+        overlapped_peak = tl.max(tl.where(copies_in > 0, busy, rank_load), axis=1)
+        peak = tl.minimum(tl.where(copy_overlap != 0, overlapped_peak, peak + sync), COSTED_PEAK_LIMIT)
     num_replicas = tl.sum(tl.sum((slot_pos >= 0).to(tl.int64), axis=2), axis=1)
     local = tl.zeros([T_P2], tl.int64)
     if PREFER_LOCAL:
@@ -300,7 +344,7 @@ def _quota_plan_kernel(
         # Step 7: choose as the reference does. Plans at or below the balance target, or tied with the
         # lowest peak rank load, qualify. Among them the fewest replicas win, then the most local
         # assignments, then the lowest peak, then the first candidate. Scratch rows run in
-        # (anchor, threshold) order, like the reference's candidate index.
+        # (family, threshold) order, like the reference's candidate index.
         all_rows = tl.arange(0, P_P2 * T_P2)  # [P_P2 * T_P2]
         row_program = all_rows // T_P2
         row_threshold = (row_program % NUM_TILES) * T_P2 + all_rows % T_P2
@@ -332,6 +376,14 @@ def _quota_plan_kernel(
         tl.store(quota_out_ptr + slot_base + EXPERTS_PER_RANK + slot_idx_range[None, :], best_slot_quota, mask=slot_ok)
         replica_dst = replica_out_ptr + ranks[:, None] * SLOTS + slot_idx_range[None, :]
         tl.store(replica_dst, best_slot_expert.to(tl.int64), mask=slot_ok)
+
+
+def _relay_fan_bound(num_ranks: int) -> int:
+    """Return f with f * (f + 1) >= num_ranks: no expert has num_ranks copies, so its relay senders send fewer."""
+    fan = 1
+    while fan * (fan + 1) < num_ranks:
+        fan += 1
+    return fan
 
 
 def _pow2(value: int, minimum: int = 1) -> int:
@@ -370,7 +422,7 @@ def _launch_config(
         raise ValueError(f"candidates_per_program must be a power of two >= 1, got {candidates_per_program}")
     else:
         t_p2 = min(all_thresholds, candidates_per_program)
-    num_programs = len(_ANCHORS) * triton.cdiv(len(steps), t_p2)
+    num_programs = _RECEIVER_ORDERS * len(_ANCHORS) * triton.cdiv(len(steps), t_p2)
 
     constexprs = {
         "NUM_RANKS": layout.num_ranks,
@@ -379,6 +431,7 @@ def _launch_config(
         "STEPS": steps,
         "NUM_MEAN_STEPS": len(_MEAN_STEPS),
         "ANCHORS": tuple(int(a) for a in _ANCHORS),
+        "RECEIVER_ORDERS": _RECEIVER_ORDERS,
         "FRACTION_SCALE": _FRACTION_SCALE,
         "PREFER_LOCAL": bool(config.prefer_local),
         "T_P2": t_p2,
@@ -391,6 +444,8 @@ def _launch_config(
         "LOG_Q": q_p2.bit_length() - 1,
         "SRC_BLOCK": min(r_p2, _pow2(max(1, 8192 // q_p2))),
         "INTERPRETED": interpreted,
+        "COPY_AWARE": config.copy_cost > 0,
+        "MAX_RELAY_FAN": _relay_fan_bound(layout.num_ranks),
     }
     # NOTE: about 32 tile entries per thread; a guess from ptxas register counts for sm_90, not from timings.
     num_warps = min(16, max(4, (t_p2 * q_p2) // 128))
@@ -413,7 +468,7 @@ def plan_quota_triton(
       tiles in registers, so very large groups (past 256 ranks x 8 master slots) may spill.
     config: quota planner settings.
     candidates_per_program: thresholds each program plans side by side (a power of two); ``None``
-      picks about 512 tile entries per program on a GPU and one program per anchor under the
+      picks about 512 tile entries per program on a GPU and one program per receiver family under the
       interpreter. The plan does not depend on it.
     Returns the same plan as ``plan_reference(loads, layout, config)``, bit for bit, with its
     tensors on ``loads.device``. One rank or no redundant slots take the masters-only plan (no kernel).
@@ -426,7 +481,7 @@ def plan_quota_triton(
     c = launch.constexprs
     device = loads.device
     loads = loads.to(torch.int64).contiguous()
-    num_rounds = config.num_rounds if config.num_rounds is not None else layout.redundant_slots_per_rank + 3
+    num_rounds = default_num_rounds(config, layout.redundant_slots_per_rank)
 
     replica_expert_ids = torch.empty((layout.num_ranks, layout.redundant_slots_per_rank), dtype=torch.int64, device=device)
     quota = torch.empty(layout.num_slots, dtype=torch.int64, device=device)
@@ -450,6 +505,9 @@ def plan_quota_triton(
         _to_fixed_point(config.min_replica_fraction),
         _to_fixed_point(config.balance_target),
         num_rounds,
+        config.copy_cost,
+        int(config.copy_overlap),
+        config.copy_chunks,
         **c,
         num_warps=launch.num_warps,
     )

@@ -23,6 +23,10 @@
 
 #define ERR_ARGS 1
 #define ERR_MEMORY 2
+/* Receiver orders per anchor (_RECEIVER_ORDERS in quota.py). */
+#define RECEIVER_ORDERS 2
+/* Costed peaks are clamped here, above any total load (_COSTED_PEAK_LIMIT in quota.py). */
+#define COSTED_PEAK_LIMIT ((int64_t)1 << 36)
 
 static int64_t mul_wrap(int64_t a, int64_t b) { return (int64_t)((uint64_t)a * (uint64_t)b); }
 
@@ -89,11 +93,56 @@ static int64_t order_by_value(const int64_t *value, int64_t n, int64_t *order, i
     return count;
 }
 
+/* Copies the busiest sender of a two-level relay tree sends for n copies: the least f >= 1 with
+ * f * (f + 1) >= n, 0 for n = 0 (relay_sender_copies in quota.py). */
+static int64_t relay_sender_copies(int64_t n) {
+    int64_t f = 0;
+    while (f * (f + 1) < n) ++f;
+    return f;
+}
+
+/* Returns the slowest rank of one candidate with the weight sync counted, in assignments ("Copy cost"
+ * in quota.py). slot_pos contains drain positions, so fan[] is indexed by drain position. Rank r's
+ * masters are positions r * P .. r * P + P - 1 in either order. fan: [R * P] scratch. */
+static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota, const int64_t *slot_pos, int64_t R,
+                           int64_t P, int64_t S, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
+                           int64_t *fan) {
+    memset(fan, 0, (size_t)(R * P) * sizeof(int64_t));
+    for (int64_t i = 0; i < R * S; ++i)
+        if (slot_pos[i] >= 0) fan[slot_pos[i]] += 1;
+    int64_t busiest = 0;
+    for (int64_t r = 0; r < R; ++r) {
+        int64_t in = 0, out = 0;
+        for (int64_t s = 0; s < S; ++s) in += slot_pos[r * S + s] >= 0;
+        for (int64_t p = 0; p < P; ++p) out += relay_sender_copies(fan[r * P + p]);
+        busiest = max64(busiest, max64(in, out));
+    }
+    const int64_t sync = busiest * copy_cost;
+    int64_t peak = INT64_MIN;
+    for (int64_t r = 0; r < R; ++r) {
+        int64_t t = rank_load[r];
+        if (copy_overlap) {
+            int64_t in = 0, masters = 0;
+            for (int64_t s = 0; s < S; ++s) in += slot_pos[r * S + s] >= 0;
+            for (int64_t p = 0; p < P; ++p) masters += master_quota[r * P + p];
+            if (in > 0) {
+                const int64_t replica_load = rank_load[r] - masters;
+                t = max64(t, floor_div(sync, copy_chunks) + replica_load);
+                t = max64(t, sync + floor_div(replica_load * (copy_chunks + 2), 3 * copy_chunks));
+            }
+        }
+        peak = max64(peak, t);
+    }
+    if (!copy_overlap) peak += sync;
+    return min64(peak, COSTED_PEAK_LIMIT);
+}
+
 /*
  * loads:            [num_ranks * num_experts] int64, row-major load matrix, entries >= 0.
  * mean_steps:       [num_mean_steps] fixed-point fractions of the mean rank load.
  * gap_steps:        [num_gap_steps] fixed-point fractions of the gap to the unbalanced maximum.
  * anchors:          [num_anchors] receiver anchor points in quarters.
+ * copy_cost, copy_overlap, copy_chunks: QuotaConfig's copy model; copy_cost 0 compares plain peaks.
  * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
  * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
  * Returns 0, or ERR_ARGS / ERR_MEMORY.
@@ -102,18 +151,20 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                        const int64_t *mean_steps, int64_t num_mean_steps, const int64_t *gap_steps,
                        int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors, int64_t fraction_scale,
                        int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
-                       int64_t num_rounds, int64_t *out_slot_expert, int64_t *out_quota) {
+                       int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
+                       int64_t *out_slot_expert, int64_t *out_quota) {
     if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 ||
-        num_mean_steps + num_gap_steps < 1 || fraction_scale < 1)
+        num_mean_steps + num_gap_steps < 1 || fraction_scale < 1 || copy_cost < 0 || copy_chunks < 1)
         return ERR_ARGS;
     const int64_t R = num_ranks, P = experts_per_rank, S = slots, E = R * P;
-    const int64_t T = num_mean_steps + num_gap_steps, C = T * num_anchors;
+    /* Candidate (o, a, t): receiver order o (most, then least spare first), anchor a, threshold t. */
+    const int64_t T = num_mean_steps + num_gap_steps, F = RECEIVER_ORDERS * num_anchors, C = T * F;
 
     /* One allocation for everything: per-candidate final states plus per-round scratch. */
     const int64_t state_words = R + E + 2 * R * S; /* rank_load, master_quota (drain order), slot_pos, slot_quota */
     const int64_t words = 2 * E /* expert_load, drain_expert */ + R /* master rank load */ + C /* thresholds */ +
-                          C * state_words + R /* slots_used */ + 9 * R /* round scratch */ + 2 * (R > P ? R : P) /* sort keys */ + 2 * E /* pieces */ +
-                          3 * E /* own, segment tables */ + 3 * C /* metrics */;
+                          C * state_words + R /* slots_used */ + 10 * R /* round scratch */ + 2 * (R > P ? R : P) /* sort keys */ + 2 * E /* pieces */ +
+                          3 * E /* own, segment tables */ + 3 * C /* metrics */ + E /* fan-out */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
     int64_t *cursor = mem;
@@ -128,6 +179,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(slots_used, R);
     TAKE(excess, R);
     TAKE(spare, R);
+    TAKE(order_key, R);
     TAKE(donor_order, R);
     TAKE(recv_rank, R);
     TAKE(keys, 2 * (R > P ? R : P));
@@ -144,6 +196,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(max_load, C);
     TAKE(num_replicas, C);
     TAKE(local, C);
+    TAKE(fan, E);
 #undef TAKE
 
     /* Step 1: expert and rank loads, thresholds, minimum replica quota. */
@@ -166,8 +219,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         thresholds[t] = min64(ceil_mean + floor_div(mul_wrap(total, mean_steps[t]), R * fraction_scale), top);
     for (int64_t t = 0; t < num_gap_steps; ++t)
         thresholds[num_mean_steps + t] = min64(ceil_mean + floor_div(mul_wrap(gap, gap_steps[t]), fraction_scale), top);
-    for (int64_t a = 1; a < num_anchors; ++a)
-        for (int64_t t = 0; t < T; ++t) thresholds[a * T + t] = thresholds[t];
+    for (int64_t f = 1; f < F; ++f)
+        for (int64_t t = 0; t < T; ++t) thresholds[f * T + t] = thresholds[t];
     const int64_t min_quota = max64(floor_div(mul_wrap(total, fraction_q), R * fraction_scale), min_replica_quota);
 
     for (int64_t r = 0; r < R; ++r) {
@@ -185,7 +238,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
 
     for (int64_t c = 0; c < C; ++c) {
         const int64_t threshold = thresholds[c];
-        const int64_t anchor = anchors[c / T];
+        const int64_t family = c / T, anchor = anchors[family % num_anchors];
+        const int least_spare_first = family >= num_anchors;
         int64_t *rank_load = states + c * state_words;
         int64_t *master_quota = rank_load + R;
         int64_t *slot_pos = master_quota + E;
@@ -193,7 +247,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         /* A candidate with the threshold and anchor of an earlier one ends in the same state. */
         int64_t same = -1;
         for (int64_t prev = 0; prev < c && same < 0; ++prev)
-            if (thresholds[prev] == threshold && anchors[prev / T] == anchor) same = prev;
+            if (thresholds[prev] == threshold && prev / T == family) same = prev;
         if (same >= 0) {
             memcpy(rank_load, states + same * state_words, (size_t)state_words * sizeof(int64_t));
             continue;
@@ -232,8 +286,11 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             /* Step 3: receivers, most spare first, each at its anchor point. Anchor points ascend,
              * so the active receivers are a prefix and one pass over the pieces finds them all.
              * The receivers after that prefix take nothing and change nothing. */
-            for (int64_t r = 0; r < R; ++r) spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
-            const int64_t num_receivers = order_by_value(spare, R, recv_rank, keys);
+            for (int64_t r = 0; r < R; ++r) {
+                spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
+                order_key[r] = least_spare_first && spare[r] > 0 ? total + 1 - spare[r] : spare[r];
+            }
+            const int64_t num_receivers = order_by_value(order_key, R, recv_rank, keys);
             int64_t offered_end = 0, num_active = 0, k = 0;
             for (int64_t i = 0; i < num_receivers; ++i) {
                 const int64_t recv_spare = spare[recv_rank[i]];
@@ -310,6 +367,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                 }
             }
         }
+        if (copy_cost > 0) m = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks, fan);
         max_load[c] = m;
         num_replicas[c] = n;
         local[c] = l;

@@ -6,24 +6,40 @@ assignments. One round of matching runs without loops over experts or ranks:
 
 1. Each donor drains its hottest masters first; the pieces of all donors, largest donor first, are
    laid end to end on a line of length ``sum(excess)``.
-2. The receivers, most spare first, are laid end to end on a second line. Each receiver takes the
-   piece under the middle of its interval, so it uses one redundant slot per round.
+2. The receivers, most spare first (or, in a second family of candidates, least spare first), are
+   laid end to end on a second line. Each receiver takes the piece under a fixed anchor point of its
+   interval (the middle, a quarter or three quarters in), so it uses one redundant slot per round.
 3. A receiver is filled up to ``C`` (capped by what the expert's master still holds), not just to the
    piece's size: a donor that gives more than its excess drops below ``C`` and becomes a receiver
    in the next round with its own redundant slot, while a receiver left half-filled would waste its
    only slot. Pieces below the minimum replica quota are not created.
 
 A few rounds repair the pieces that did not fit. The planner runs this for a fixed ladder of
-thresholds between the mean and the unbalanced maximum in one batch and keeps the best plan: the
+thresholds between the mean and the unbalanced maximum, with each of the six receiver orders and
+anchors, in one batch and keeps the best plan: the
 lowest max rank load and, among plans at or below the balance target, the fewest replicas, then the
 most assignments served on their own rank. Everything is int64 tensor arithmetic with unique sort
 keys, so the plan is identical on every device and run. On accelerators no value is read back to the
 host. On the CPU the rounds stop once a round moves nothing, which leaves the plan unchanged.
+
+Copy cost. Every replica costs a weight copy, and on small microbatches or large experts the copy
+can take longer than the load it moves. With ``QuotaConfig.copy_cost = c > 0`` (one copy's time in
+assignments of GEMM time) the choice between candidates compares each plan's slowest rank with the
+sync counted, in assignments: ``sync = c * max over ranks of max(copies received, copies sent)``,
+where a master sends the copies of its experts through two-level relay trees
+(:func:`relay_sender_copies`). Without ``copy_overlap`` every rank waits for the sync, so the peak is
+``max rank load + sync``. With it, a rank holding replicas takes
+``max(load, sync / n + replica load, sync + replica load * (n + 2) / (3 n))`` for ``n = copy_chunks``:
+the copies arrive during its masters' GEMM, chunk by chunk, and the down projection (a third of
+the replica work) waits for the last chunk. Ranks without replicas take their load. The
+masters-only plan is always a candidate, so by this measure the chosen plan is never slower than
+no balancing. The copy cost changes only this choice, not the matching.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -31,17 +47,31 @@ from ultraep.layout import ExpertLayout
 from ultraep.plan import Plan
 from ultraep.planners.base import Planner, masters_only_plan
 
-__all__ = ["QuotaConfig", "QuotaPlanner", "plan_reference"]
+__all__ = [
+    "MAX_COPY_COST",
+    "QuotaConfig",
+    "QuotaPlanner",
+    "copy_cost_in_assignments",
+    "plan_reference",
+    "relay_sender_copies",
+]
+
+MAX_COPY_COST = 2**24
+"""Largest ``QuotaConfig.copy_cost``, which keeps the costed peaks inside int64."""
+# Costed peaks are clamped here, above any total load (at most 2**35), so a plan that costs more than
+# the masters-only plan stays a loser and the balance-target test cannot overflow int64.
+_COSTED_PEAK_LIMIT = 2**36
 
 # Fixed-point scale for fractions of the mean rank load; 2**14 keeps load * num_ranks * scale
 # inside int64 for totals up to 2**35 and up to 4096 ranks.
 _FRACTION_SCALE = 2**14
 
 # Threshold ladder. The first part is in fractions of the mean rank load above the (rounded-up)
-# mean, dense near 1.0 where the balance targets sit; the second part is in fractions of the gap
-# between that and the unbalanced maximum, for loads too skewed to balance fully. The last step is
-# the unbalanced maximum itself, so the masters-only plan is always a candidate.
-_MEAN_STEPS = (0.0, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.007, 0.012)
+# mean. It is dense near 1.0, where the balance targets sit, and goes in steps of 0.001 up to 1.010,
+# because a threshold that the matching just misses ends some way above it. The second part is in
+# fractions of the gap between that and the unbalanced maximum, for loads too skewed to balance
+# fully. The last step is the unbalanced maximum itself, so the masters-only plan is always a candidate.
+_MEAN_STEPS = (0.0, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.010, 0.012)
 _GAP_STEPS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
 # Anchor points at which a receiver looks for its piece, in quarters of its interval on the receiver
@@ -49,6 +79,20 @@ _GAP_STEPS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 # and keeping the best of the three lowers the imbalance left with one redundant slot per rank
 # (mean 1.0036 -> 1.0012 on the real and Zipf loads of the planner benchmark).
 _ANCHORS = (2, 1, 3)
+
+# Receiver orders: most spare first, then least spare first. Receivers without spare come last in
+# both, and each anchor runs with each order. With one redundant slot per rank a receiver takes one
+# piece, so the order decides which receivers share a piece, and the best order differs between loads.
+_RECEIVER_ORDERS = 2
+
+# Matching rounds per threshold beyond one per redundant slot. A donor that gave more than its excess
+# becomes a receiver in a later round, so chains of such moves need rounds to spare.
+_EXTRA_ROUNDS = 5
+
+
+def default_num_rounds(config: QuotaConfig, redundant_slots_per_rank: int) -> int:
+    """Return the matching rounds per threshold: ``config.num_rounds``, or slots + 5 when it is None."""
+    return config.num_rounds if config.num_rounds is not None else redundant_slots_per_rank + _EXTRA_ROUNDS
 
 
 def _to_fixed_point(fraction: float) -> int:
@@ -72,7 +116,20 @@ class QuotaConfig:
     """Among equally balanced plans with equally many replicas, keep the one that serves the most
     assignments on their own rank."""
     num_rounds: int | None = None
-    """Matching rounds per threshold; ``None`` means ``redundant_slots_per_rank + 3``."""
+    """Matching rounds per threshold; ``None`` means ``redundant_slots_per_rank + 5``."""
+    copy_cost: int = 0
+    """Time to copy one expert's weights over one link, in assignments' worth of grouped-GEMM time
+    (:func:`copy_cost_in_assignments`). In training an assignment's time covers its forward and
+    backward GEMMs, three passes, because a replica is copied once per forward. 0 treats copies as
+    free. With a cost the planner compares
+    its candidate plans by their time with the weight sync included (see the module docstring), so
+    it keeps a replica only where the load it takes off the slowest rank outweighs its copy."""
+    copy_overlap: bool = False
+    """The copies run in the background while each rank computes its masters (the runtime's
+    ``ManagerConfig.overlap_sync``); otherwise every rank waits for the sync before its GEMMs."""
+    copy_chunks: int = 1
+    """Chunks each copy arrives in, with ``copy_overlap`` (``ManagerConfig.pipeline_replicas`` with its
+    ``num_chunks``): a replica's gate and up projections, 2/3 of its GEMM time, run chunk by chunk."""
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.balance_target < 1e6:
@@ -85,6 +142,16 @@ class QuotaConfig:
             raise ValueError(
                 f"QuotaConfig.min_replica_fraction must be in [0, 1), got {self.min_replica_fraction}"
             )
+        for name in ("copy_cost", "copy_chunks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"QuotaConfig.{name} must be an int, got {value!r}")
+        if not 0 <= self.copy_cost <= MAX_COPY_COST:
+            raise ValueError(f"QuotaConfig.copy_cost must be in [0, {MAX_COPY_COST}] assignments, got {self.copy_cost}")
+        if not 1 <= self.copy_chunks <= 1024:
+            raise ValueError(f"QuotaConfig.copy_chunks must be in [1, 1024], got {self.copy_chunks}")
+        if not isinstance(self.copy_overlap, bool):
+            raise TypeError(f"QuotaConfig.copy_overlap must be a bool, got {self.copy_overlap!r}")
         if self.num_rounds is not None and not 1 <= self.num_rounds <= 64:
             raise ValueError(f"QuotaConfig.num_rounds must be None or in [1, 64], got {self.num_rounds}")
 
@@ -98,7 +165,7 @@ class QuotaPlanner(Planner):
         """Build the planner from a :class:`QuotaConfig` or from its fields as keyword settings.
 
         Settings: ``balance_target`` (1.001), ``min_replica_quota`` (1), ``min_replica_fraction``
-        (0.001), ``prefer_local`` (True), ``num_rounds`` (None: slots + 3); see :class:`QuotaConfig`.
+        (0.001), ``prefer_local`` (True), ``num_rounds`` (None: slots + 5); see :class:`QuotaConfig`.
         backend: which implementation plans, as for :func:`ultraep.kernels.plan_quota`: ``"auto"``
           (compiled C on CPU tensors, Triton on CUDA tensors), ``"triton"``, ``"native"`` or ``"torch"``
           (the PyTorch reference, :func:`plan_reference`); ``None`` reads ``ULTRAEP_KERNEL_BACKEND``
@@ -170,10 +237,13 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     thresholds = ceil_mean + (total * consts.mean_steps) // (num_ranks * _FRACTION_SCALE)
     thresholds = torch.cat([thresholds, ceil_mean + (gap * consts.gap_steps) // _FRACTION_SCALE])
     thresholds = torch.minimum(thresholds, max_load)  # [num_thresholds]
-    # Every threshold is tried with each receiver anchor: candidate (a, t) is at index a * num_thresholds + t.
+    # Every threshold is tried with each receiver family (order o, anchor a): candidate (o, a, t) is at
+    # index (o * num_anchors + a) * num_thresholds + t.
     num_thresholds = thresholds.numel()
-    thresholds = thresholds.repeat(len(_ANCHORS))  # [num_candidates]
-    anchor = consts.anchors.repeat_interleave(num_thresholds)[:, None]  # [num_candidates, 1]
+    num_families = _RECEIVER_ORDERS * len(_ANCHORS)
+    thresholds = thresholds.repeat(num_families)  # [num_candidates]
+    anchor = consts.anchors.repeat(_RECEIVER_ORDERS).repeat_interleave(num_thresholds)[:, None]  # [num_candidates, 1]
+    least_spare_first = (torch.arange(num_families, device=device) >= len(_ANCHORS)).repeat_interleave(num_thresholds)[:, None]
     num_candidates = thresholds.numel()
     threshold_col = thresholds[:, None]
     min_quota = torch.clamp((total * consts.fraction_q(config)) // (num_ranks * _FRACTION_SCALE), min=config.min_replica_quota)
@@ -194,7 +264,7 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     slot_pos_flat = slot_pos.view(num_candidates, num_ranks * slots)
     slot_quota_flat = slot_quota.view(num_candidates, num_ranks * slots)
     rank_tiebreak = consts.rank_tiebreak
-    num_rounds = config.num_rounds if config.num_rounds is not None else slots + 3
+    num_rounds = default_num_rounds(config, slots)
     # Reading a CPU tensor costs no device sync, so CPU plans may stop early; the result is the same.
     stop_when_idle = device.type == "cpu"
 
@@ -207,10 +277,11 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
         piece_line = pieces.gather(1, donor_order[:, :, None].expand(-1, -1, experts_per_rank))
         piece_end = piece_line.view(num_candidates, num_segments).cumsum(dim=1)  # [num_candidates, num_segments]
 
-        # Step 3: receivers, most spare first; each takes the piece under its anchor point, a fixed
-        # quarter of the way into its interval.
+        # Step 3: receivers, most (or least) spare first; each takes the piece under its anchor point, a
+        # fixed quarter of the way into its interval.
         spare = (threshold_col - rank_load).mul_(slots_used < slots).clamp_(min=0)
-        recv_rank = torch.sort(spare * num_ranks + rank_tiebreak, dim=1, descending=True).indices
+        order_key = torch.where(least_spare_first & (spare > 0), total + 1 - spare, spare)
+        recv_rank = torch.sort(order_key * num_ranks + rank_tiebreak, dim=1, descending=True).indices
         recv_spare = spare.gather(1, recv_rank)  # [num_candidates, num_ranks]
         offered_end = recv_spare.cumsum(dim=1)
         anchor_point = offered_end - recv_spare + (recv_spare * anchor) // 4
@@ -302,10 +373,76 @@ def _constants(layout: ExpertLayout, device: torch.device) -> _Constants:
     return cached
 
 
+def relay_sender_copies(copies: torch.Tensor) -> torch.Tensor:
+    """Return the copies the busiest sender of a two-level relay tree sends, elementwise.
+
+    copies: int64 tensor, any shape and device, entries >= 0: copies of one expert to make.
+    A master that feeds ``k`` relays, each forwarding to at most ``f`` of the rest, sends at most
+    ``max(k, f)`` copies. For ``n`` copies the smallest such bound is the least ``f >= 1`` with
+    ``f * (f + 1) >= n``, and 0 for ``n = 0``. The relay trees of ``ultraep.comm`` follow this rule.
+    """
+    root = torch.sqrt(copies.to(torch.float64)).floor().to(torch.int64)
+    root = root - (root * root > copies).to(torch.int64)  # exact integer square root
+    return root + (root * (root + 1) < copies).to(torch.int64)
+
+
+def copy_cost_in_assignments(
+    bytes_per_expert: float, flops_per_assignment: float, link_bytes_per_s: float, flops_per_s: float
+) -> int:
+    """Return ``QuotaConfig.copy_cost``: one expert copy's time in assignments' worth of GEMM time.
+
+    bytes_per_expert: bytes of one expert's weights.
+    flops_per_assignment: FLOPs of one (token, expert) assignment. Pass the forward FLOPs for
+      inference and three times them (forward and backward) for training.
+    link_bytes_per_s: achieved bandwidth of the link a copy takes.
+    flops_per_s: achieved grouped-GEMM FLOP/s.
+    For a bf16 SwiGLU expert the bytes and the forward FLOPs are both ``6 * hidden * intermediate``,
+    so the inference cost is ``flops_per_s / link_bytes_per_s``. Returns an int in [1, MAX_COPY_COST].
+    """
+    values = {
+        "bytes_per_expert": bytes_per_expert,
+        "flops_per_assignment": flops_per_assignment,
+        "link_bytes_per_s": link_bytes_per_s,
+        "flops_per_s": flops_per_s,
+    }
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"copy_cost_in_assignments: {name} must be a positive finite number, got {value!r}")
+    cost = (bytes_per_expert / link_bytes_per_s) / (flops_per_assignment / flops_per_s)
+    return min(MAX_COPY_COST, max(1, round(cost)))
+
+
+def _costed_peak(state: _CandidateState, layout: ExpertLayout, config: QuotaConfig) -> torch.Tensor:
+    """Return [num_candidates] int64: each plan's slowest rank with the weight sync counted.
+
+    Units are assignments; the model is "Copy cost" in the module docstring.
+    """
+    num_candidates = state.rank_load.shape[0]
+    num_ranks, experts_per_rank = layout.num_ranks, layout.experts_per_rank
+    filled = state.slot_expert >= 0  # [num_candidates, num_ranks, slots]
+    copies_in = filled.sum(dim=2)  # [num_candidates, num_ranks]
+    fan = torch.zeros(num_candidates, layout.num_experts, dtype=torch.int64, device=filled.device)
+    fan.scatter_add_(1, state.slot_expert.clamp(min=0).view(num_candidates, -1), filled.view(num_candidates, -1).to(torch.int64))
+    copies_out = relay_sender_copies(fan).view(num_candidates, num_ranks, experts_per_rank).sum(dim=2)
+    sync = torch.maximum(copies_in, copies_out).max(dim=1, keepdim=True).values * config.copy_cost  # [num_candidates, 1]
+    if config.copy_overlap:
+        chunks = config.copy_chunks
+        master_load = state.master_quota.view(num_candidates, num_ranks, experts_per_rank).sum(dim=2)
+        replica_load = state.rank_load - master_load
+        first_chunk = sync // chunks + replica_load
+        last_chunk = sync + replica_load * (chunks + 2) // (3 * chunks)
+        busy = torch.maximum(state.rank_load, torch.maximum(first_chunk, last_chunk))
+        peak = torch.where(copies_in > 0, busy, state.rank_load).max(dim=1).values
+    else:
+        peak = state.rank_load.max(dim=1).values + sync[:, 0]
+    return peak.clamp_(max=_COSTED_PEAK_LIMIT)
+
+
 def _select_candidate(state: _CandidateState, loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> torch.Tensor:
     """Return a 0-dim int64 index of the best candidate, chosen without reading values on the host."""
     num_ranks = layout.num_ranks
-    max_load = state.rank_load.max(dim=1).values  # [num_candidates]
+    # [num_candidates]: the peak the choice compares.
+    max_load = _costed_peak(state, layout, config) if config.copy_cost else state.rank_load.max(dim=1).values
     num_replicas = (state.slot_expert >= 0).sum(dim=(1, 2))
 
     # Plans at or below the balance target, or tied with the best, are equally good.

@@ -48,6 +48,7 @@ from ultraep.comm import (
 from ultraep.layout import ExpertLayout
 from ultraep.plan import Plan
 from ultraep.planners import Planner, QuotaPlanner, masters_only_plan
+from ultraep.planners.quota import QuotaConfig
 from ultraep.reroute import count_local_load, reroute, source_quota
 from ultraep.runtime.replicate import Replicate, ResyncOnBackward
 from ultraep.runtime.slot_cache import cached_slot_order
@@ -295,6 +296,21 @@ def _split_ranks(values: Sequence[int]) -> tuple[list[int], list[int]]:
     return agree, [r for r, v in enumerate(values) if v != reference]
 
 
+def _warn_on_copy_model_mismatch(planner: Planner, config: ManagerConfig) -> None:
+    """Log a warning when a copy-cost quota planner assumes another weight sync than the manager runs."""
+    quota = getattr(planner, "config", None)
+    if not isinstance(quota, QuotaConfig) or quota.copy_cost == 0:
+        return
+    chunks = config.num_chunks if config.overlap_sync and config.pipeline_replicas else 1
+    if (quota.copy_overlap, quota.copy_chunks) != (config.overlap_sync, chunks):
+        logger.warning(
+            "ReplicaManager: the quota planner compares plans as if copy_overlap=%s, copy_chunks=%d, but this manager "
+            "runs overlap_sync=%s with %d chunk(s) per replica; build the planner with QuotaConfig(copy_overlap=%s, "
+            "copy_chunks=%d) so its copy costs match",
+            quota.copy_overlap, quota.copy_chunks, config.overlap_sync, chunks, config.overlap_sync, chunks,
+        )
+
+
 class ReplicaManager:
     """Balances the expert-parallel MoE layers of one model on one rank.
 
@@ -369,6 +385,7 @@ class ReplicaManager:
             # Tensors report "cuda:N"; compare against the same form.
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.timeout = None if self.config.timeout_s is None else datetime.timedelta(seconds=self.config.timeout_s)
+        _warn_on_copy_model_mismatch(self.planner, self.config)
 
         slots = layout.redundant_slots_per_rank
         numel = self.spec.numel
