@@ -695,3 +695,65 @@ def test_hidden_backward_traffic_leaves_the_critical_path():
     assert balanced.bytes_moved.tolist() == [240.0]
     with pytest.raises(TypeError, match="hide_backward_replica_traffic must be a bool"):
         CostSettings(hide_backward_replica_traffic=1)
+
+
+def test_copy_cost_settings_follow_model_link_and_sync():
+    from ultraep.sim.replay import copy_cost_settings
+
+    model = get_model("mixtral-8x7b")
+    workload = Workload(
+        loads=torch.zeros(1, 1, 8, 8, dtype=torch.int64), trace_top_k=6, label="w", data_kind="synthetic",
+        resampled=False, description="test", tokens_per_rank=4096,
+    )
+    gb200 = get_hardware("gb200-nvl72")
+    # W == F for a bf16 SwiGLU expert, so the cost is achieved FLOP/s over achieved link bytes/s,
+    # divided by the assignment scale top_k / trace top-k = 2 / 6.
+    expected = round(gb200.peak_flops * 0.7 / (gb200.nvlink_bytes_per_s * 0.8) / (2 / 6))
+    assert copy_cost_settings(workload, model, gb200, CostSettings(mode="prefill")) == (
+        ("copy_cost", expected), ("copy_overlap", False), ("copy_chunks", 1),
+    )
+    # Training: three GEMM passes per assignment against one copy per forward.
+    training = dict(copy_cost_settings(workload, model, gb200, CostSettings(mode="train")))
+    assert training["copy_cost"] == round(gb200.peak_flops * 0.7 / (gb200.nvlink_bytes_per_s * 0.8) / (2 / 6) / 3)
+    pipelined = CostSettings(overlap_sync=True, pipeline_replicas=True, sync_chunks=8)
+    assert dict(copy_cost_settings(workload, model, gb200, pipelined))["copy_chunks"] == 8
+    # An EP group larger than the NVLink domain copies over the network.
+    h200 = get_hardware("h200-hgx")
+    wide = dataclasses.replace(workload, loads=torch.zeros(1, 1, 16, 16, dtype=torch.int64))
+    network_cost = round(h200.peak_flops * 0.7 / (h200.network_bytes_per_s * 0.85) / (2 / 6))
+    assert dict(copy_cost_settings(wide, model, h200, CostSettings(mode="prefill")))["copy_cost"] == network_cost
+
+
+@pytest.mark.parametrize("tokens_per_rank", [32, 4096])
+def test_copy_cost_auto_skips_costly_replicas(tmp_path, tokens_per_rank):
+    rows = {}
+    for copy_cost in ("auto", "off"):
+        args = _args(tmp_path, copy_cost=copy_cost, tokens_per_rank=tokens_per_rank, mode="prefill", overlap_sync=True)
+        assert run_simulate(args) == 0
+        rows[copy_cost] = {row.policy: row for row in read_json(tmp_path / "out.json")[0].rows}
+    auto, free = rows["auto"]["quota s=1"], rows["off"]["quota s=1"]
+    assert free.replicas_per_layer > 0
+    if tokens_per_rank == 32:
+        # 32 tokens per rank of Mixtral experts: a 352 MB copy outweighs the whole microbatch's GEMMs.
+        assert auto.replicas_per_layer == 0
+    assert auto.throughput_pct_of_ideal >= free.throughput_pct_of_ideal
+
+
+def test_plan_for_models_shares_and_caches(small_plans):
+    from ultraep.sim.replay import plan_for_models
+
+    workload, _ = small_plans
+    policies = default_policies((1,), (1,))
+    models = [get_model("mixtral-8x7b"), get_model("deepseek-v3")]
+    hardware, settings = get_hardware("gb200-nvl72"), CostSettings()
+    cache: dict = {}
+    first = plan_for_models(workload, policies, models, hardware, settings, cache=cache)
+    again = plan_for_models(workload, policies, models, hardware, settings, cache=cache)
+    for plans, repeat in zip(first, again):
+        assert all(a is b for a, b in zip(plans, repeat))  # served from the cache
+    for spec, mixtral, deepseek in zip(policies, *first):
+        if spec.planner == "quota":
+            costs = {dict(p.spec.settings)["copy_cost"] for p in (mixtral, deepseek)}
+            assert len(costs) == 2  # top-2 and top-8 models weigh a copy differently
+        else:
+            assert mixtral is deepseek

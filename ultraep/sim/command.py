@@ -42,12 +42,13 @@ from ultraep.sim.replay import (
     QUOTA_BUFFERS,
     SimulationResult,
     Workload,
+    copy_cost_settings,
     default_policies,
     evaluate,
     largest_divisor_at_most,
     load_trace_workload,
     mean_over_models,
-    plan_policies,
+    plan_for_models,
     synthetic_workload,
     token_trace_workload,
     write_csv,
@@ -109,6 +110,14 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="a QuotaConfig setting for every quota policy, e.g. min_replica_quota=1000 (in the trace's assignments); "
         "repeat for several. Names: " + ", ".join(f.name for f in dataclasses.fields(QuotaConfig)),
+    )
+    parser.add_argument(
+        "--copy-cost",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: every quota policy plans with its model's weight-copy cost (QuotaConfig copy_cost, copy_overlap "
+        "and copy_chunks from the model, hardware and sync settings), so it keeps only the replicas worth their copy; "
+        "off: quota treats copies as free. A --quota-setting copy_* value wins over auto (default auto)",
     )
     parser.add_argument("--eplb-window", type=int, default=DEFAULT_EPLB_WINDOW, help="microbatches of history per placement (default 4)")
     parser.add_argument("--eplb-interval", type=int, default=DEFAULT_EPLB_INTERVAL, help="microbatches between placements (default 4)")
@@ -231,6 +240,7 @@ def _run(args: argparse.Namespace) -> int:
         f"gemm {efficiency.gemm}, hbm {efficiency.hbm}, nvlink {efficiency.nvlink}, network {efficiency.network}; "
         f"weight sync {settings.sync_scheme}; "
         + (f"quota settings {', '.join(args.quota_setting)}; " if args.quota_setting else "")
+        + ("quota plans with each model's copy cost; " if args.copy_cost == "auto" else "quota treats copies as free; ")
         + f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}"
         f"{f', replicas computed chunk by chunk ({settings.sync_chunks} chunks)' if settings.pipeline_replicas else ''}; "
         + training_words
@@ -260,10 +270,17 @@ def _run(args: argparse.Namespace) -> int:
             trace, label = _read_trace(path, args.num_experts)
             per_model = [(workload, models) for workload in build_workloads(trace, label, args)]
         for workload, workload_models in per_model:
-            plans = plan_policies(workload, policies, progress=progress)
+            plans = plan_for_models(
+                workload, policies, workload_models, hardware, settings, copy_cost=args.copy_cost == "auto", progress=progress
+            )
             results = [
-                evaluate(workload, plans, model, hardware, settings, planner_time_s=planner_time_s) for model in workload_models
+                evaluate(workload, model_plans, model, hardware, settings, planner_time_s=planner_time_s)
+                for model, model_plans in zip(workload_models, plans)
             ]
+            if args.copy_cost == "auto":
+                for workload_model in workload_models:
+                    cost = dict(copy_cost_settings(workload, workload_model, hardware, settings))["copy_cost"]
+                    print(f"{workload_model.name}: one expert copy costs as much time as {cost} of the trace's assignments")
             for result in results:
                 print()
                 print(result.format_table())

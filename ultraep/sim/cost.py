@@ -116,6 +116,7 @@ __all__ = [
     "ideal_layer_costs",
     "instance_gemm_time",
     "layer_costs",
+    "link_rates",
     "relays_for",
     "replica_sync_traffic",
     "sync_time",
@@ -385,7 +386,7 @@ def _relay_table(max_receivers: int) -> torch.Tensor:
 
 def sync_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSettings) -> torch.Tensor:
     """Return [num_samples] float64 seconds to move ``traffic`` (formula 3 of the module docstring)."""
-    nvlink, network = _link_rates(hardware, settings)
+    nvlink, network = link_rates(hardware, settings)
     per_rank = torch.maximum(
         torch.maximum(traffic.out_nvlink, traffic.in_nvlink) / nvlink,
         torch.maximum(traffic.out_network, traffic.in_network) / network,
@@ -393,14 +394,14 @@ def sync_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSett
     return per_rank.max(dim=1).values + relay_fill_time(traffic, hardware, settings)
 
 
-def _link_rates(hardware: HardwareConfig, settings: CostSettings) -> tuple[float, float]:
+def link_rates(hardware: HardwareConfig, settings: CostSettings) -> tuple[float, float]:
     """Return the NVLink and network bytes per second per direction after the efficiency factors."""
     return hardware.nvlink_bytes_per_s * settings.efficiency.nvlink, hardware.network_bytes_per_s * settings.efficiency.network
 
 
 def relay_fill_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSettings) -> torch.Tensor:
     """Return [num_samples] float64 seconds: the one chunk a relay hop adds to ``sync_time`` (0 without relays)."""
-    nvlink, network = _link_rates(hardware, settings)
+    nvlink, network = link_rates(hardware, settings)
     chunk_bytes = traffic.bytes_per_copy / settings.sync_chunks
     uses_network = traffic.out_network.sum(dim=1) > 0
     chunk_time = torch.where(uses_network, chunk_bytes / network, chunk_bytes / nvlink)
@@ -605,7 +606,7 @@ def _all_to_all_times(
     ranks_in_domain = torch.clamp(num_ranks - domain_start, max=domain_size).to(torch.float64)  # [num_ranks]
     nvlink_fraction = (ranks_in_domain - 1) / num_ranks
     network_fraction = (num_ranks - ranks_in_domain) / num_ranks
-    nvlink, network = _link_rates(hardware, settings)
+    nvlink, network = link_rates(hardware, settings)
 
     def one_direction(bytes_per_value: int) -> torch.Tensor:
         bytes_per_assignment = model.hidden_size * bytes_per_value

@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from ultraep.layout import ExpertLayout
 from ultraep.planners.base import Planner
+from ultraep.planners.quota import copy_cost_in_assignments
 from ultraep.planners.registry import make_planner
 from ultraep.runtime.slot_cache import cached_slot_order
-from ultraep.sim.cost import REPLICA_LIFETIMES, CostSettings, ideal_layer_costs, layer_costs
+from ultraep.sim.cost import REPLICA_LIFETIMES, CostSettings, LayerCosts, ideal_layer_costs, layer_costs, link_rates
 from ultraep.sim.hardware import HardwareConfig
 from ultraep.sim.models import ModelConfig
 from ultraep.traces import (
@@ -50,6 +51,7 @@ __all__ = [
     "PolicySpec",
     "SimulationResult",
     "Workload",
+    "copy_cost_settings",
     "default_policies",
     "evaluate",
     "expert_mapping",
@@ -57,6 +59,7 @@ __all__ = [
     "largest_divisor_at_most",
     "load_trace_workload",
     "mean_over_models",
+    "plan_for_models",
     "plan_policies",
     "read_csv",
     "read_json",
@@ -431,6 +434,71 @@ def plan_policies(
     return results
 
 
+_COPY_SETTINGS = ("copy_cost", "copy_overlap", "copy_chunks")
+
+
+def copy_cost_settings(
+    workload: Workload, model: ModelConfig, hardware: HardwareConfig, settings: CostSettings
+) -> tuple[tuple[str, object], ...]:
+    """Return the ``QuotaConfig`` copy settings that describe this run's weight sync to the planner.
+
+    ``copy_cost`` is one expert copy's time over the slowest link an EP group of this size uses:
+    NVLink when the group fits in one NVLink domain, the network otherwise. Its unit is one of the
+    trace's assignments of grouped-GEMM time, scaled by ``model.top_k / trace top-k`` like the cost
+    model. In
+    training an assignment costs three GEMM passes (forward, data gradient, weight gradient) while
+    a replica is copied once per forward, so the cost is a third of the prefill one.
+    ``copy_overlap`` and ``copy_chunks`` follow ``overlap_sync``, ``pipeline_replicas`` and
+    ``sync_chunks``.
+    """
+    nvlink, network = link_rates(hardware, settings)
+    link = nvlink if workload.num_ranks <= hardware.domain_size else network
+    scale = model.top_k / workload.trace_top_k
+    gemm_passes = 3 if settings.mode == "train" else 1
+    cost = copy_cost_in_assignments(
+        model.bytes_per_expert,
+        model.flops_per_assignment * scale * gemm_passes,
+        link,
+        hardware.peak_flops * settings.efficiency.gemm,
+    )
+    chunks = settings.sync_chunks if settings.overlap_sync and settings.pipeline_replicas else 1
+    return (("copy_cost", cost), ("copy_overlap", settings.overlap_sync), ("copy_chunks", chunks))
+
+
+def plan_for_models(
+    workload: Workload,
+    policies: Sequence[PolicySpec],
+    models: Sequence[ModelConfig],
+    hardware: HardwareConfig,
+    settings: CostSettings,
+    *,
+    copy_cost: bool = True,
+    cache: dict | None = None,
+    progress: bool | None = None,
+) -> list[list[PolicyPlans]]:
+    """Plan every policy for every model: one list of plans per model, in policy order.
+
+    copy_cost: give each ``quota`` policy the copy settings of :func:`copy_cost_settings`, which
+      depend on the model and the sync settings. A policy whose settings already name a copy setting
+      keeps its own, and every other policy's plans are shared by all models.
+    cache: plans by policy spec (with its copy settings) for this workload, filled and reused across
+      calls, so runs that differ only in cost settings plan each distinct spec once.
+    """
+    cache = {} if cache is None else cache
+    per_model = []
+    for model in models:
+        extra = copy_cost_settings(workload, model, hardware, settings)
+        specs = []
+        for spec in policies:
+            names = {name for name, _ in spec.settings}
+            costed = copy_cost and spec.planner == "quota" and not names & set(_COPY_SETTINGS)
+            specs.append(dataclasses.replace(spec, settings=spec.settings + extra) if costed else spec)
+        missing = list(dict.fromkeys(spec for spec in specs if spec not in cache))
+        cache.update(zip(missing, plan_policies(workload, missing, progress=progress)))
+        per_model.append([cache[spec] for spec in specs])
+    return per_model
+
+
 def _place_in_cached_slots(
     quota: torch.Tensor, replicas: torch.Tensor, layout: ExpertLayout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -546,6 +614,12 @@ class SimulationResult:
     """Description of how the workload's experts map to the model's."""
     rows: tuple[PolicyResult, ...]
     """One summary per policy, in run order."""
+    copy_bound_pct_of_ideal: float = math.nan
+    """Upper bound, in % of ideal, on a policy that copies every replica it uses within the microbatch.
+    Per layer and microbatch such a policy takes at least the smaller of the masters-only time and
+    ``max(ideal forward, one expert copy over the fastest link) + ideal backward``. Persistent
+    replicas and slots that still contain their weights skip the copy, so those policies can exceed
+    it."""
 
     def row(self, policy: str) -> PolicyResult:
         """Return the row of the policy labelled ``policy``; raise ``KeyError`` naming the labels."""
@@ -564,7 +638,8 @@ class SimulationResult:
     def from_dict(cls, data: Mapping) -> SimulationResult:
         """Rebuild a result from :meth:`to_dict` output."""
         fields = {field.name for field in dataclasses.fields(cls)}
-        values = {name: data[name] for name in fields if name != "rows"}
+        # Files written before a field with a default existed load with that default.
+        values = {name: data[name] for name in fields if name != "rows" and name in data}
         rows = tuple(PolicyResult(**row) for row in data["rows"])
         return cls(**values, rows=rows)
 
@@ -595,6 +670,8 @@ class SimulationResult:
             f"measured: {self.num_microbatches} microbatch(es) x {self.num_layers} layers; "
             f"tokens per rank {self.tokens_per_rank:.0f}",
             f"experts: {self.mapping}",
+            f"copy bound: a policy that copies every replica it uses within the microbatch reaches at most "
+            f"{self.copy_bound_pct_of_ideal:.1f}% of ideal here",
         ]
         lines.extend(format_rows(self.rows))
         return "\n".join(lines)
@@ -723,6 +800,7 @@ def evaluate(
     expert_load = measured.sum(dim=2)  # [num_measured, num_layers, num_experts]
     master_rank_load = expert_load.reshape(num_samples, workload.num_ranks, base_layout.experts_per_rank).sum(dim=2)
     before = _imbalance(master_rank_load)
+    bound = _copy_bound(expert_load.reshape(num_samples, -1), source_load, base_layout, ideal, model, hardware, settings, scale)
 
     # Step 2: every policy's layer times.
     costs = {}
@@ -800,7 +878,33 @@ def evaluate(
         description=workload.description,
         mapping=expert_mapping(workload, model),
         rows=tuple(rows),
+        copy_bound_pct_of_ideal=100.0 * ideal_total / float(bound.sum()),
     )
+
+
+def _copy_bound(
+    expert_load: torch.Tensor,
+    source_load: torch.Tensor,
+    layout: ExpertLayout,
+    ideal: LayerCosts,
+    model: ModelConfig,
+    hardware: HardwareConfig,
+    settings: CostSettings,
+    scale: float,
+) -> torch.Tensor:
+    """Return [num_samples] float64 seconds: the copy bound of ``SimulationResult.copy_bound_pct_of_ideal``.
+
+    expert_load: [num_samples, num_experts] int64; layout: the masters-only layout.
+    """
+    num_samples = expert_load.shape[0]
+    no_slots = torch.empty(num_samples, layout.num_ranks, 0, dtype=torch.int64)
+    masters_only = layer_costs(
+        expert_load, no_slots, source_load, layout, model, hardware, settings, assignment_scale=scale,
+        planner_time_s=0.0, synced=no_slots.bool(),
+    )
+    copy_s = model.bytes_per_expert / max(link_rates(hardware, settings))
+    with_replica = torch.clamp(ideal.forward_s, min=copy_s) + ideal.backward_s
+    return torch.minimum(masters_only.total_s, with_replica)
 
 
 def replay(
@@ -811,18 +915,24 @@ def replay(
     policies: Sequence[PolicySpec] | None = None,
     *,
     planner_time_s: Mapping[str, float] | None = None,
+    copy_cost: bool = True,
     progress: bool | None = None,
 ) -> SimulationResult:
-    """Plan every policy over the workload and evaluate it on one model and system (all three phases)."""
-    plans = plan_policies(workload, default_policies() if policies is None else policies, progress=progress)
+    """Plan every policy over the workload and evaluate it on one model and system (all three phases).
+
+    copy_cost: quota policies plan with this model's copy cost (:func:`plan_for_models`).
+    """
+    specs = default_policies() if policies is None else policies
+    plans = plan_for_models(workload, specs, [model], hardware, settings, copy_cost=copy_cost, progress=progress)[0]
     return evaluate(workload, plans, model, hardware, settings, planner_time_s=planner_time_s)
 
 
 def mean_over_models(results: Sequence[SimulationResult]) -> SimulationResult:
     """Average the policy rows of runs that differ only in the model (same policies, same order).
 
-    Throughput, speedup, times and bytes are arithmetic means over the runs. Imbalance and replica
-    counts do not depend on the model, so they come from the first run.
+    Throughput, speedup, times, bytes, imbalance after balancing and replica counts are arithmetic
+    means over the runs (the last two differ between models when the planner counts copy costs).
+    The imbalance before balancing does not depend on the model, so it comes from the first run.
     """
     if not results:
         raise ValueError("mean_over_models needs at least one result, got none")
@@ -841,6 +951,9 @@ def mean_over_models(results: Sequence[SimulationResult]) -> SimulationResult:
         "ideal_layer_time_us",
         "balancing_time_us",
         "planner_time_us",
+        "imbalance_after_mean",
+        "imbalance_after_p99",
+        "replicas_per_layer",
     )
     rows = []
     for idx, first in enumerate(results[0].rows):
@@ -849,6 +962,7 @@ def mean_over_models(results: Sequence[SimulationResult]) -> SimulationResult:
     first = results[0]
     return dataclasses.replace(
         first,
+        copy_bound_pct_of_ideal=sum(r.copy_bound_pct_of_ideal for r in results) / len(results),
         model=f"mean over {len(results)} models ({', '.join(r.model for r in results)})",
         mapping="per model, see the single-model runs",
         rows=tuple(rows),
