@@ -115,8 +115,8 @@ def balance_section(args, out: list[str]) -> None:
     out.append("")
 
 
-def milp_section(args, out: list[str]) -> None:
-    out.append("## Gap to the exact optimum (MILP, HiGHS)\n")
+def milp_cases(args) -> tuple[list, torch.Tensor | None]:
+    """Return the sampled MILP instances as (name, loads) pairs, and every Qwen1.5-MoE EP10 step matrix (or None)."""
     trace = load_trace(SHARED_TRACES / "esft_dsv2lite_token_routing.npz") if SHARED_TRACES.is_dir() else load_bundled_trace()
     cases = []
     for ranks in (8, 16):
@@ -124,28 +124,57 @@ def milp_section(args, out: list[str]) -> None:
         cases += [(f"ESFT EP{ranks} x 64 layer {layer}", loads[0, layer]) for layer in range(0, loads.shape[1], args.milp_layer_step)]
     synthetic = zipf_loads(16, 64, 2048, 8, 1.2, num_microbatches=1, num_layers=args.milp_synthetic, seed=1)
     cases += [(f"Zipf(1.2) EP16 x 64 #{i}", synthetic[0, i]) for i in range(synthetic.shape[1])]
-    out.append("| slots | instances | quota / optimum (mean) | worst | optimum proven | quota replicas | MILP replicas | MILP seconds (median) |")
-    out.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    qwen_path = SHARED_TRACES / "harmoeny_qwen15moe_top1_step_loads.npz"
+    if not qwen_path.is_file():
+        return cases, None
+    # Real per-step loads with one very hot expert: every k-th (step, layer) matrix at EP10.
+    matrices = step_loads_to_matrices(load_trace(qwen_path), 10).flatten(0, 1)
+    stride = max(1, matrices.shape[0] // args.milp_step_loads) + 1  # + 1 steps through the layers too
+    cases += [(f"Qwen1.5-MoE EP10 x 60 #{i}", matrices[i]) for i in range(0, matrices.shape[0], stride)][: args.milp_step_loads]
+    return cases, matrices
+
+
+def hardest_cases(matrices: torch.Tensor, slots: int, count: int) -> list:
+    """Return the ``count`` matrices on which quota (balance_target=1.0) leaves the highest imbalance."""
+    layout = ExpertLayout.from_num_experts(matrices.shape[2], matrices.shape[1], slots)
+    planner = make_planner("quota", balance_target=1.0)
+    imbalance = [int(planner(matrix, layout).rank_load().max()) / max(1, int(matrix.sum())) for matrix in matrices]
+    worst = sorted(range(len(imbalance)), key=lambda i: (-imbalance[i], i))[:count]
+    return [(f"Qwen1.5-MoE EP10 x 60 #{i}", matrices[i]) for i in worst]
+
+
+def milp_section(args, out: list[str]) -> None:
+    out.append("## Gap to the exact optimum (MILP, HiGHS)\n")
+    sample, qwen_matrices = milp_cases(args)
+    out.append("| instances | slots | count | quota / optimum (mean) | worst | optimum proven | quota replicas | MILP replicas | MILP seconds (median) |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for slots in (1, 2):
-        ratios, proven, quota_replicas, milp_replicas, seconds = [], 0, [], [], []
-        for _, matrix in cases:
-            layout = ExpertLayout.from_num_experts(matrix.shape[1], matrix.shape[0], slots)
-            plan = make_planner("quota", balance_target=1.0)(matrix, layout)
-            start = time.perf_counter()
-            exact = solve_milp(matrix, layout, time_limit=args.milp_time_limit)
-            seconds.append(time.perf_counter() - start)
-            proven += exact.status == "optimal"
-            ratios.append(int(plan.rank_load().max()) / max(1, exact.lower_bound))
-            quota_replicas.append(int(plan.num_replicas()))
-            milp_replicas.append(exact.num_replicas)
-        out.append(
-            f"| {slots} | {len(cases)} | {statistics.fmean(ratios):.4f} | {max(ratios):.4f} | {proven}/{len(cases)} | "
-            f"{statistics.fmean(quota_replicas):.1f} | {statistics.fmean(milp_replicas):.1f} | {statistics.median(seconds):.2f} |"
-        )
-        print(f"MILP slots={slots}: done", file=sys.stderr)
+        sets = [("sample", sample)]
+        if qwen_matrices is not None and args.milp_hardest > 0:
+            sets.append((f"hardest Qwen1.5-MoE EP10 of {qwen_matrices.shape[0]}", hardest_cases(qwen_matrices, slots, args.milp_hardest)))
+        for set_name, cases in sets:
+            ratios, proven, quota_replicas, milp_replicas, seconds = [], 0, [], [], []
+            for _, matrix in cases:
+                layout = ExpertLayout.from_num_experts(matrix.shape[1], matrix.shape[0], slots)
+                plan = make_planner("quota", balance_target=1.0)(matrix, layout)
+                start = time.perf_counter()
+                exact = solve_milp(matrix, layout, time_limit=args.milp_time_limit)
+                seconds.append(time.perf_counter() - start)
+                proven += exact.status == "optimal"
+                ratios.append(int(plan.rank_load().max()) / max(1, exact.lower_bound))
+                quota_replicas.append(int(plan.num_replicas()))
+                milp_replicas.append(exact.num_replicas)
+            out.append(
+                f"| {set_name} | {slots} | {len(cases)} | {statistics.fmean(ratios):.4f} | {max(ratios):.4f} | {proven}/{len(cases)} | "
+                f"{statistics.fmean(quota_replicas):.1f} | {statistics.fmean(milp_replicas):.1f} | {statistics.median(seconds):.2f} |"
+            )
+            print(f"MILP {set_name}, slots={slots}: done", file=sys.stderr)
     out.append(
         "\nquota / optimum divides the quota planner's max rank load (balance_target=1.0) by the MILP's proven lower "
-        "bound, so a solve stopped at its time limit can only overstate the gap.\n"
+        "bound, so a solve stopped at its time limit can only overstate the gap. The sample is every "
+        f"{args.milp_layer_step}th ESFT layer at EP8 and EP16, {args.milp_synthetic} Zipf(1.2) matrices and "
+        f"{args.milp_step_loads} evenly spaced Qwen1.5-MoE EP10 step matrices. The hardest set takes, among all "
+        "Qwen1.5-MoE EP10 step matrices, those where quota leaves the highest imbalance with that slot count.\n"
     )
 
 
@@ -192,6 +221,10 @@ def main() -> int:
     parser.add_argument("--milp-time-limit", type=float, default=20.0, help="seconds per MILP phase")
     parser.add_argument("--milp-layer-step", type=int, default=4, help="use every N-th ESFT layer for the MILP")
     parser.add_argument("--milp-synthetic", type=int, default=4, help="synthetic MILP instances")
+    parser.add_argument("--milp-step-loads", type=int, default=8, help="Qwen1.5-MoE step-load MILP instances")
+    parser.add_argument(
+        "--milp-hardest", type=int, default=6, help="also solve the N Qwen1.5-MoE EP10 step matrices quota balances worst"
+    )
     parser.add_argument("--repeats", type=int, default=50, help="timed repetitions per planner")
     parser.add_argument("--skip", nargs="*", default=[], choices=["balance", "milp", "timing"])
     args = parser.parse_args()

@@ -289,8 +289,8 @@ def render_markdown(command, args, workloads, sections, summary, bundled_note, e
         "quota row beats both. \"max speedup left\" is "
         "ideal time / `none` time: no policy can beat it, so where it is below 1.5x the trace is too uniform for "
         "the 1.5x target. \"copy bound\" is the most a policy that copies every replica it uses within the "
-        "microbatch can reach (`SimulationResult.copy_bound_pct_of_ideal`): per layer and microbatch, the masters-only "
-        "time, or at least one expert copy over the fastest link before the forward ends; below 96% no such policy "
+        "microbatch can reach (`SimulationResult.copy_bound_pct_of_ideal`). It counts per layer and microbatch the "
+        "masters-only time, or at least one expert copy over the fastest link before the forward ends; below 96% no such policy "
         "meets the target. Persistent replicas (eplb, lp_reroute) and cached slots skip copies and are not bound by it.",
         "",
     ]
