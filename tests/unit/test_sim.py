@@ -15,6 +15,7 @@ from ultraep.layout import ExpertLayout
 from ultraep.plan import Plan, check_plan
 from ultraep.planners.eplb import EplbPlanner
 from ultraep.planners.lp_reroute import LpRerouteConfig, LpReroutePlanner, _lp_quotas
+from ultraep.planners.quota import QuotaConfig
 from ultraep.planners.registry import make_planner
 from ultraep.sim.command import add_simulate_arguments, build_workloads, run_simulate
 from ultraep.sim.cost import (
@@ -757,3 +758,17 @@ def test_plan_for_models_shares_and_caches(small_plans):
             assert len(costs) == 2  # top-2 and top-8 models weigh a copy differently
         else:
             assert mixtral is deepseek
+
+
+def test_quota_setting_replaces_one_copy_setting(tmp_path, capsys):
+    # copy_chunks from --quota-setting keeps the automatic copy_cost and copy_overlap.
+    args = _args(tmp_path, tokens_per_rank=32, mode="prefill", overlap_sync=True, quota_setting=["copy_chunks=1"])
+    assert run_simulate(args) == 0
+    assert "quota plans with each model's copy cost (copy_chunks from --quota-setting)" in capsys.readouterr().out
+    row = read_json(tmp_path / "out.json")[0].row("quota s=1")
+    assert row.replicas_per_layer == 0  # the automatic copy cost still rules out every replica at 32 tokens
+
+
+def test_copy_chunks_need_copy_overlap():
+    with pytest.raises(ValueError, match=r"copy_chunks=8 needs copy_overlap=True"):
+        QuotaConfig(copy_cost=10, copy_chunks=8)

@@ -152,6 +152,11 @@ class QuotaConfig:
             raise ValueError(f"QuotaConfig.copy_chunks must be in [1, 1024], got {self.copy_chunks}")
         if not isinstance(self.copy_overlap, bool):
             raise TypeError(f"QuotaConfig.copy_overlap must be a bool, got {self.copy_overlap!r}")
+        if self.copy_chunks > 1 and not self.copy_overlap:
+            raise ValueError(
+                f"QuotaConfig.copy_chunks={self.copy_chunks} needs copy_overlap=True (chunks arrive while the masters "
+                "compute); set copy_overlap=True or copy_chunks=1"
+            )
         if self.num_rounds is not None and not 1 <= self.num_rounds <= 64:
             raise ValueError(f"QuotaConfig.num_rounds must be None or in [1, 64], got {self.num_rounds}")
 
@@ -165,7 +170,8 @@ class QuotaPlanner(Planner):
         """Build the planner from a :class:`QuotaConfig` or from its fields as keyword settings.
 
         Settings: ``balance_target`` (1.001), ``min_replica_quota`` (1), ``min_replica_fraction``
-        (0.001), ``prefer_local`` (True), ``num_rounds`` (None: slots + 5); see :class:`QuotaConfig`.
+        (0.001), ``prefer_local`` (True), ``num_rounds`` (None: slots + 5), ``copy_cost`` (0),
+        ``copy_overlap`` (False), ``copy_chunks`` (1); see :class:`QuotaConfig`.
         backend: which implementation plans, as for :func:`ultraep.kernels.plan_quota`: ``"auto"``
           (compiled C on CPU tensors, Triton on CUDA tensors), ``"triton"``, ``"native"`` or ``"torch"``
           (the PyTorch reference, :func:`plan_reference`); ``None`` reads ``ULTRAEP_KERNEL_BACKEND``

@@ -117,7 +117,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: every quota policy plans with its model's weight-copy cost (QuotaConfig copy_cost, copy_overlap "
         "and copy_chunks from the model, hardware and sync settings), so it keeps only the replicas worth their copy; "
-        "off: quota treats copies as free. A --quota-setting copy_* value wins over auto (default auto)",
+        "off: quota treats copies as free. Each copy_* setting given with --quota-setting replaces that one "
+        "setting (default auto)",
     )
     parser.add_argument("--eplb-window", type=int, default=DEFAULT_EPLB_WINDOW, help="microbatches of history per placement (default 4)")
     parser.add_argument("--eplb-interval", type=int, default=DEFAULT_EPLB_INTERVAL, help="microbatches between placements (default 4)")
@@ -208,13 +209,14 @@ def _run(args: argparse.Namespace) -> int:
         overlap_sync=args.overlap_sync,
         overlap_grad_reduce=args.overlap_grad_reduce,
     )
+    quota_settings = _parse_quota_settings(args.quota_setting or [])
     policies = default_policies(
         _parse_slots(args.quota_slots, "--quota-slots"),
         _parse_slots(args.baseline_slots, "--baseline-slots"),
         eplb_window=args.eplb_window,
         eplb_interval=args.eplb_interval,
         quota_buffers=_parse_buffers(args.quota_buffers),
-        quota_settings=_parse_quota_settings(args.quota_setting or []),
+        quota_settings=quota_settings,
     )
     planner_time_s = _parse_planner_times(args.planner_time_us or [])
     progress = False if args.no_progress else None
@@ -240,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         f"gemm {efficiency.gemm}, hbm {efficiency.hbm}, nvlink {efficiency.nvlink}, network {efficiency.network}; "
         f"weight sync {settings.sync_scheme}; "
         + (f"quota settings {', '.join(args.quota_setting)}; " if args.quota_setting else "")
-        + ("quota plans with each model's copy cost; " if args.copy_cost == "auto" else "quota treats copies as free; ")
+        + _copy_cost_words(args)
         + f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}"
         f"{f', replicas computed chunk by chunk ({settings.sync_chunks} chunks)' if settings.pipeline_replicas else ''}; "
         + training_words
@@ -277,10 +279,15 @@ def _run(args: argparse.Namespace) -> int:
                 evaluate(workload, model_plans, model, hardware, settings, planner_time_s=planner_time_s)
                 for model, model_plans in zip(workload_models, plans)
             ]
-            if args.copy_cost == "auto":
+            if args.copy_cost == "auto" and "copy_cost" not in dict(quota_settings):
                 for workload_model in workload_models:
                     cost = dict(copy_cost_settings(workload, workload_model, hardware, settings))["copy_cost"]
-                    print(f"{workload_model.name}: one expert copy costs as much time as {cost} of the trace's assignments")
+                    scale = workload_model.top_k / workload.trace_top_k
+                    print(
+                        f"{workload_model.name}: one expert copy takes as long as the GEMMs of {cost} of the trace's "
+                        f"assignments ({cost * scale:.0f} of the model's top-{workload_model.top_k} assignments)"
+                        + (", forward and backward" if settings.mode == "train" else "")
+                    )
             for result in results:
                 print()
                 print(result.format_table())
@@ -413,6 +420,17 @@ def _parse_planner_times(items: list[str]) -> dict[str, float]:
             raise ValueError(f"--planner-time-us takes POLICY=MICROSECONDS with a value >= 0, e.g. quota=30; got {item!r}")
         times[name] = microseconds * 1e-6
     return times
+
+
+def _copy_cost_words(args: argparse.Namespace) -> str:
+    """Return the header's words on the quota policies' copy settings."""
+    named = sorted(item.partition("=")[0].strip() for item in args.quota_setting or [] if item.strip().startswith("copy_"))
+    if args.copy_cost == "auto":
+        own = f" ({', '.join(named)} from --quota-setting)" if named else ""
+        return f"quota plans with each model's copy cost{own}; "
+    if named:
+        return f"quota copy settings only from --quota-setting ({', '.join(named)}); "
+    return "quota treats copies as free; "
 
 
 def _parse_quota_settings(items: list[str]) -> tuple[tuple[str, object], ...]:

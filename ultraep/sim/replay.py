@@ -479,8 +479,8 @@ def plan_for_models(
     """Plan every policy for every model: one list of plans per model, in policy order.
 
     copy_cost: give each ``quota`` policy the copy settings of :func:`copy_cost_settings`, which
-      depend on the model and the sync settings. A policy whose settings already name a copy setting
-      keeps its own, and every other policy's plans are shared by all models.
+      depend on the model and the sync settings. A copy setting that the policy's own settings
+      already name keeps its value, and every other policy's plans are shared by all models.
     cache: plans by policy spec (with its copy settings) for this workload, filled and reused across
       calls, so runs that differ only in cost settings plan each distinct spec once.
     """
@@ -490,9 +490,11 @@ def plan_for_models(
         extra = copy_cost_settings(workload, model, hardware, settings)
         specs = []
         for spec in policies:
-            names = {name for name, _ in spec.settings}
-            costed = copy_cost and spec.planner == "quota" and not names & set(_COPY_SETTINGS)
-            specs.append(dataclasses.replace(spec, settings=spec.settings + extra) if costed else spec)
+            if copy_cost and spec.planner == "quota":
+                named = {name for name, _ in spec.settings}
+                added = tuple((name, value) for name, value in extra if name not in named)
+                spec = dataclasses.replace(spec, settings=spec.settings + added)
+            specs.append(spec)
         missing = list(dict.fromkeys(spec for spec in specs if spec not in cache))
         cache.update(zip(missing, plan_policies(workload, missing, progress=progress)))
         per_model.append([cache[spec] for spec in specs])
