@@ -291,7 +291,7 @@ def render_markdown(command, args, workloads, sections, summary, bundled_note, e
         "the 1.5x target. \"copy bound\" is the most a policy that copies every replica it uses within the "
         "microbatch can reach (`SimulationResult.copy_bound_pct_of_ideal`). It counts per layer and microbatch the "
         "masters-only time, or at least one expert copy over the fastest link before the forward ends; below 96% no such policy "
-        "meets the target. Persistent replicas (eplb, lp_reroute) and cached slots skip copies and are not bound by it.",
+        "meets the target. Persistent replicas (eplb, lp_reroute) and, in prefill, cached slots skip copies and are not bound by it.",
         "",
     ]
     for workload in workloads:

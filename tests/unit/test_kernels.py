@@ -54,6 +54,7 @@ class PlanCase:
     seed: int = 0
     config: QuotaConfig = QuotaConfig()
     candidates_per_program: int | None = None
+    first_row: tuple[int, ...] = ()  # loads "first_row": rank 0 produces these, the other ranks nothing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,15 @@ PLAN_CASES = [
         "ep64_e256_s2_copy_cost_8_chunks",
         64, 4, 2, "zipf", seed=11,
         config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8),
+    ),
+    # Hand-checked in test_quota.py: the first-chunk term and the relay sender count decide these plans.
+    PlanCase(
+        "ep3_e3_s1_copy_first_chunk", 3, 1, 1, "first_row", first_row=(2, 35, 57),
+        config=QuotaConfig(copy_cost=15, copy_overlap=True, copy_chunks=3),
+    ),
+    PlanCase(
+        "ep5_e5_s1_copy_relay_senders", 5, 1, 1, "first_row", first_row=(14, 89, 20, 12, 25),
+        config=QuotaConfig(copy_cost=32, copy_overlap=True),
     ),
     PlanCase(
         "ep8_e64_s1_copy_cost_8_chunks_4_per_program",
@@ -170,6 +180,9 @@ def _make_loads(case: PlanCase) -> torch.Tensor:
         loads = torch.full(shape, 37, dtype=torch.int64)
     elif case.loads == "ties":
         loads = torch.tensor([0, 50, 100])[torch.randint(0, 3, shape, generator=gen)]
+    elif case.loads == "first_row":
+        loads = torch.zeros(shape, dtype=torch.int64)
+        loads[0] = torch.tensor(case.first_row)
     elif case.loads == "large":
         # Total just under MAX_TOTAL_LOAD = 2**35, so int64 products run near their bound.
         loads = torch.randint(2**22, 2**23, shape, generator=gen)

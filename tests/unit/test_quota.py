@@ -342,3 +342,29 @@ def test_copy_cost_in_assignments_for_a_swiglu_expert():
 def test_copy_settings_are_validated(settings_, error, message):
     with pytest.raises(error, match=message):
         QuotaConfig(**settings_)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_copy_cost_first_chunk_term_decides(backend):
+    # Rank 0 produces every assignment: experts 0, 1, 2 (one per rank) carry 2, 35 and 57.
+    # Copying 30 of expert 2 to rank 0 costs sync = 15 (one copy in, one out). Rank 0 then takes
+    # max(32, 15 // 3 + 30, 15 + 30 * 5 // 9) = 35, the first-chunk term, and rank 1 takes 35 too.
+    # Adding a replica of expert 1 on rank 2 ties that peak at 35 with one more replica, so one wins.
+    loads = torch.zeros(3, 3, dtype=torch.int64)
+    loads[0] = torch.tensor([2, 35, 57])
+    config = QuotaConfig(copy_cost=15, copy_overlap=True, copy_chunks=3)
+    plan = QuotaPlanner(config, backend=backend)(loads, ExpertLayout(3, 1, 1))
+    assert plan.quota.tolist() == [2, 30, 35, 0, 27, 0]
+    assert plan.replica_expert_ids.tolist() == [[2], [-1], [-1]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_copy_cost_counts_relay_senders(backend):
+    # Expert 1 (89 assignments) needs copies. With two copies its master sends one and a relay the
+    # other, so the sync is 32. A third copy makes the busiest sender send two, and the sync of 64
+    # outweighs the load it would move.
+    loads = torch.zeros(5, 5, dtype=torch.int64)
+    loads[0] = torch.tensor([14, 89, 20, 12, 25])
+    plan = QuotaPlanner(QuotaConfig(copy_cost=32, copy_overlap=True), backend=backend)(loads, ExpertLayout(5, 1, 1))
+    assert plan.replica_expert_ids.view(-1).tolist() == [-1, -1, 1, -1, 1]
+    assert plan.quota.tolist() == [14, 0, 48, 0, 20, 23, 12, 0, 25, 18]

@@ -772,3 +772,30 @@ def test_quota_setting_replaces_one_copy_setting(tmp_path, capsys):
 def test_copy_chunks_need_copy_overlap():
     with pytest.raises(ValueError, match=r"copy_chunks=8 needs copy_overlap=True"):
         QuotaConfig(copy_cost=10, copy_chunks=8)
+
+
+def test_csv_keeps_runs_without_copy_bound(tmp_path, small_result):
+    # Results read from older JSON files have no copy bound (NaN): their rows must stay one run.
+    result = dataclasses.replace(small_result, copy_bound_pct_of_ideal=math.nan)
+    write_csv([result], tmp_path / "nan.csv")
+    runs = read_csv(tmp_path / "nan.csv")
+    assert len(runs) == 1
+    assert len(runs[0].rows) == len(result.rows)
+
+
+def test_lower_bound_below_plans_beating_ideal():
+    # Two ranks with two experts each. A rank whose load sits on one expert saves the second
+    # instance's weight-read floor, so such a plan beats the ideal. It must not beat the bound.
+    from ultraep.sim.cost import layer_time_lower_bound
+
+    layout = ExpertLayout(2, 2, 0)
+    source_load = torch.tensor([[40, 40]])
+    settings = CostSettings(mode="prefill")
+    forward, backward = layer_time_lower_bound(source_load, layout, TINY_MODEL, TINY_HARDWARE, settings)
+    ideal = ideal_layer_costs(source_load, layout, TINY_MODEL, TINY_HARDWARE, settings)
+    one_expert = layer_costs(
+        torch.tensor([[40, 0, 40, 0]]), torch.empty(1, 2, 0, dtype=torch.int64), source_load, layout,
+        TINY_MODEL, TINY_HARDWARE, settings,
+    )
+    assert float(one_expert.total_s[0]) < float(ideal.total_s[0])
+    assert float(forward[0] + backward[0]) <= float(one_expert.total_s[0])

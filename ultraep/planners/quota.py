@@ -120,8 +120,8 @@ class QuotaConfig:
     copy_cost: int = 0
     """Time to copy one expert's weights over one link, in assignments' worth of grouped-GEMM time
     (:func:`copy_cost_in_assignments`). In training an assignment's time covers its forward and
-    backward GEMMs, three passes, because a replica is copied once per forward. 0 treats copies as
-    free. With a cost the planner compares
+    backward GEMMs, three passes, while the model counts one copy per replica: a backward re-sync and
+    the gradient reduce are not counted. 0 treats copies as free. With a cost the planner compares
     its candidate plans by their time with the weight sync included (see the module docstring), so
     it keeps a replica only where the load it takes off the slowest rank outweighs its copy."""
     copy_overlap: bool = False

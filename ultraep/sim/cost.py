@@ -116,6 +116,7 @@ __all__ = [
     "ideal_layer_costs",
     "instance_gemm_time",
     "layer_costs",
+    "layer_time_lower_bound",
     "link_rates",
     "relays_for",
     "replica_sync_traffic",
@@ -589,6 +590,35 @@ def ideal_layer_costs(
         max_rank_load=uniform_load.max(dim=1).values,
         mean_rank_load=uniform_load.mean(dim=1),
     )
+
+
+def layer_time_lower_bound(
+    source_load: torch.Tensor,
+    layout: ExpertLayout,
+    model: ModelConfig,
+    hardware: HardwareConfig,
+    settings: CostSettings,
+    *,
+    assignment_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ([num_samples] forward, [num_samples] backward) seconds that no policy's layer beats.
+
+    The slowest rank takes at least the mean over ranks of dispatch + GEMM + combine. Dispatch and
+    combine are convex in a rank's sent and received load, so their mean is at least their value at the
+    mean load. A rank's GEMM takes at least ``F * load / P``, formula 1 without its tile waste and
+    weight-read floor. The ideal (formula 6) keeps those per-instance costs, so a policy that puts a
+    rank's load on fewer experts can beat the ideal but not this bound. Backward (training) is the same
+    with twice the GEMM; it is 0 in prefill.
+    source_load: [num_samples, num_ranks] integer tensor, CPU. Assignments produced on each rank.
+    """
+    num_samples = source_load.shape[0]
+    mean_load = source_load.to(torch.float64).mean(dim=1, keepdim=True) * assignment_scale  # [num_samples, 1]
+    uniform_load = mean_load.expand(num_samples, layout.num_ranks)
+    dispatch, combine = _all_to_all_times(uniform_load, uniform_load, model, hardware, settings)
+    gemm = model.flops_per_assignment * mean_load[:, 0] / (hardware.peak_flops * settings.efficiency.gemm)
+    forward = dispatch[:, 0] + gemm + combine[:, 0]
+    backward = dispatch[:, 0] + 2 * gemm + combine[:, 0] if settings.mode == "train" else torch.zeros_like(forward)
+    return forward, backward
 
 
 def _all_to_all_times(

@@ -32,7 +32,14 @@ from ultraep.planners.base import Planner
 from ultraep.planners.quota import copy_cost_in_assignments
 from ultraep.planners.registry import make_planner
 from ultraep.runtime.slot_cache import cached_slot_order
-from ultraep.sim.cost import REPLICA_LIFETIMES, CostSettings, LayerCosts, ideal_layer_costs, layer_costs, link_rates
+from ultraep.sim.cost import (
+    REPLICA_LIFETIMES,
+    CostSettings,
+    ideal_layer_costs,
+    layer_costs,
+    layer_time_lower_bound,
+    link_rates,
+)
 from ultraep.sim.hardware import HardwareConfig
 from ultraep.sim.models import ModelConfig
 from ultraep.traces import (
@@ -619,9 +626,9 @@ class SimulationResult:
     copy_bound_pct_of_ideal: float = math.nan
     """Upper bound, in % of ideal, on a policy that copies every replica it uses within the microbatch.
     Per layer and microbatch such a policy takes at least the smaller of the masters-only time and
-    ``max(ideal forward, one expert copy over the fastest link) + ideal backward``. Persistent
-    replicas and slots that still contain their weights skip the copy, so those policies can exceed
-    it."""
+    ``max(forward bound, one expert copy over the fastest link) + backward bound``, with the bounds of
+    :func:`ultraep.sim.cost.layer_time_lower_bound`. Persistent replicas, and in prefill slots that
+    still contain their weights, skip the copy, so those policies can exceed it."""
 
     def row(self, policy: str) -> PolicyResult:
         """Return the row of the policy labelled ``policy``; raise ``KeyError`` naming the labels."""
@@ -747,13 +754,29 @@ def read_csv(path: str | Path) -> list[SimulationResult]:
     results: list[SimulationResult] = []
     with open(path, newline="") as handle:
         for line in csv.DictReader(handle):
-            run = {field.name: _PARSERS[field.type](line[field.name]) for field in _RUN_FIELDS}
+            run = {field.name: _csv_field(line, field, path) for field in _RUN_FIELDS}
             row = PolicyResult(**{field.name: _PARSERS[field.type](line[field.name]) for field in _ROW_FIELDS})
-            if results and all(getattr(results[-1], name) == value for name, value in run.items()):
+            if results and all(_same_value(getattr(results[-1], name), value) for name, value in run.items()):
                 results[-1] = dataclasses.replace(results[-1], rows=results[-1].rows + (row,))
             else:
                 results.append(SimulationResult(**run, rows=(row,)))
     return results
+
+
+def _csv_field(line: Mapping[str, str], field: dataclasses.Field, path: str | Path) -> object:
+    """Parse one run field of a CSV line; a column missing from files written before it existed takes its default."""
+    if field.name in line:
+        return _PARSERS[field.type](line[field.name])
+    if field.default is dataclasses.MISSING:
+        raise ValueError(f"{path}: column {field.name!r} is missing; the file was not written by write_csv")
+    return field.default
+
+
+def _same_value(first: object, second: object) -> bool:
+    """Return whether two run fields are equal, counting NaN equal to NaN."""
+    if isinstance(first, float) and isinstance(second, float) and math.isnan(first) and math.isnan(second):
+        return True
+    return first == second
 
 
 def write_json(results: Sequence[SimulationResult], path: str | Path) -> None:
@@ -802,7 +825,7 @@ def evaluate(
     expert_load = measured.sum(dim=2)  # [num_measured, num_layers, num_experts]
     master_rank_load = expert_load.reshape(num_samples, workload.num_ranks, base_layout.experts_per_rank).sum(dim=2)
     before = _imbalance(master_rank_load)
-    bound = _copy_bound(expert_load.reshape(num_samples, -1), source_load, base_layout, ideal, model, hardware, settings, scale)
+    bound = _copy_bound(expert_load.reshape(num_samples, -1), source_load, base_layout, model, hardware, settings, scale)
 
     # Step 2: every policy's layer times.
     costs = {}
@@ -888,7 +911,6 @@ def _copy_bound(
     expert_load: torch.Tensor,
     source_load: torch.Tensor,
     layout: ExpertLayout,
-    ideal: LayerCosts,
     model: ModelConfig,
     hardware: HardwareConfig,
     settings: CostSettings,
@@ -905,7 +927,8 @@ def _copy_bound(
         planner_time_s=0.0, synced=no_slots.bool(),
     )
     copy_s = model.bytes_per_expert / max(link_rates(hardware, settings))
-    with_replica = torch.clamp(ideal.forward_s, min=copy_s) + ideal.backward_s
+    forward, backward = layer_time_lower_bound(source_load, layout, model, hardware, settings, assignment_scale=scale)
+    with_replica = torch.clamp(forward, min=copy_s) + backward
     return torch.minimum(masters_only.total_s, with_replica)
 
 
@@ -953,6 +976,7 @@ def mean_over_models(results: Sequence[SimulationResult]) -> SimulationResult:
         "ideal_layer_time_us",
         "balancing_time_us",
         "planner_time_us",
+        "planner_wall_us",
         "imbalance_after_mean",
         "imbalance_after_p99",
         "replicas_per_layer",
