@@ -561,17 +561,10 @@ def ideal_layer_costs(
 
     source_load: [num_samples, num_ranks] integer tensor, CPU. Assignments produced on each rank.
     """
-    if not isinstance(source_load, torch.Tensor) or source_load.dim() != 2 or source_load.shape[1] != layout.num_ranks:
-        raise ValueError(
-            f"source_load must be a [num_samples, num_ranks={layout.num_ranks}] tensor, got "
-            f"{list(source_load.shape) if isinstance(source_load, torch.Tensor) else type(source_load).__name__}"
-        )
+    mean_load, uniform_load, dispatch, combine = _uniform_all_to_all(source_load, layout, model, hardware, settings, assignment_scale)
     num_samples = source_load.shape[0]
-    mean_load = source_load.to(torch.float64).mean(dim=1, keepdim=True) * assignment_scale  # [num_samples, 1]
-    uniform_load = mean_load.expand(num_samples, layout.num_ranks)
     instance_quota = (mean_load / layout.experts_per_rank).unsqueeze(2).expand(num_samples, layout.num_ranks, layout.experts_per_rank)
     gemm = instance_gemm_time(instance_quota, model, hardware, settings).sum(dim=2)
-    dispatch, combine = _all_to_all_times(uniform_load, uniform_load, model, hardware, settings)
     forward = (dispatch + gemm + combine).max(dim=1).values
     zeros = torch.zeros(num_samples, dtype=torch.float64)
     if settings.mode == "train":
@@ -611,14 +604,34 @@ def layer_time_lower_bound(
     with twice the GEMM; it is 0 in prefill.
     source_load: [num_samples, num_ranks] integer tensor, CPU. Assignments produced on each rank.
     """
-    num_samples = source_load.shape[0]
-    mean_load = source_load.to(torch.float64).mean(dim=1, keepdim=True) * assignment_scale  # [num_samples, 1]
-    uniform_load = mean_load.expand(num_samples, layout.num_ranks)
-    dispatch, combine = _all_to_all_times(uniform_load, uniform_load, model, hardware, settings)
+    mean_load, _, dispatch, combine = _uniform_all_to_all(source_load, layout, model, hardware, settings, assignment_scale)
     gemm = model.flops_per_assignment * mean_load[:, 0] / (hardware.peak_flops * settings.efficiency.gemm)
     forward = dispatch[:, 0] + gemm + combine[:, 0]
     backward = dispatch[:, 0] + 2 * gemm + combine[:, 0] if settings.mode == "train" else torch.zeros_like(forward)
     return forward, backward
+
+
+def _uniform_all_to_all(
+    source_load: torch.Tensor,
+    layout: ExpertLayout,
+    model: ModelConfig,
+    hardware: HardwareConfig,
+    settings: CostSettings,
+    assignment_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the mean load [num_samples, 1], it on every rank, and that load's dispatch and combine times.
+
+    The two times are [num_samples, num_ranks] float64 seconds, every rank sending and receiving the mean.
+    """
+    if not isinstance(source_load, torch.Tensor) or source_load.dim() != 2 or source_load.shape[1] != layout.num_ranks:
+        raise ValueError(
+            f"source_load must be a [num_samples, num_ranks={layout.num_ranks}] tensor, got "
+            f"{list(source_load.shape) if isinstance(source_load, torch.Tensor) else type(source_load).__name__}"
+        )
+    mean_load = source_load.to(torch.float64).mean(dim=1, keepdim=True) * assignment_scale
+    uniform_load = mean_load.expand(source_load.shape[0], layout.num_ranks)
+    dispatch, combine = _all_to_all_times(uniform_load, uniform_load, model, hardware, settings)
+    return mean_load, uniform_load, dispatch, combine
 
 
 def _all_to_all_times(

@@ -441,9 +441,6 @@ def plan_policies(
     return results
 
 
-_COPY_SETTINGS = ("copy_cost", "copy_overlap", "copy_chunks")
-
-
 def copy_cost_settings(
     workload: Workload, model: ModelConfig, hardware: HardwareConfig, settings: CostSettings
 ) -> tuple[tuple[str, object], ...]:
@@ -452,9 +449,8 @@ def copy_cost_settings(
     ``copy_cost`` is one expert copy's time over the slowest link an EP group of this size uses:
     NVLink when the group fits in one NVLink domain, the network otherwise. Its unit is one of the
     trace's assignments of grouped-GEMM time, scaled by ``model.top_k / trace top-k`` like the cost
-    model. In
-    training an assignment costs three GEMM passes (forward, data gradient, weight gradient) while
-    a replica is copied once per forward, so the cost is a third of the prefill one.
+    model. In training an assignment costs three GEMM passes (forward, data gradient, weight
+    gradient) while the planner counts one copy per replica, so the cost is a third of the prefill one.
     ``copy_overlap`` and ``copy_chunks`` follow ``overlap_sync``, ``pipeline_replicas`` and
     ``sync_chunks``.
     """
