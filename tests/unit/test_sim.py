@@ -799,3 +799,12 @@ def test_lower_bound_below_plans_beating_ideal():
     )
     assert float(one_expert.total_s[0]) < float(ideal.total_s[0])
     assert float(forward[0] + backward[0]) <= float(one_expert.total_s[0])
+
+
+def test_quota_setting_chunks_with_implied_overlap():
+    from ultraep.sim.command import _parse_quota_settings
+
+    # --copy-cost auto with --overlap-sync supplies copy_overlap=True, which copy_chunks=8 needs.
+    assert _parse_quota_settings(["copy_chunks=8"], {"copy_overlap": True}) == (("copy_chunks", 8),)
+    with pytest.raises(ValueError, match=r"--quota-setting: QuotaConfig.copy_chunks=8 needs copy_overlap=True"):
+        _parse_quota_settings(["copy_chunks=8"])

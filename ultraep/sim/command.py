@@ -209,7 +209,9 @@ def _run(args: argparse.Namespace) -> int:
         overlap_sync=args.overlap_sync,
         overlap_grad_reduce=args.overlap_grad_reduce,
     )
-    quota_settings = _parse_quota_settings(args.quota_setting or [])
+    # With --copy-cost auto, copy_overlap comes from --overlap-sync unless the user sets it.
+    implied = {"copy_overlap": args.overlap_sync} if args.copy_cost == "auto" else {}
+    quota_settings = _parse_quota_settings(args.quota_setting or [], implied)
     policies = default_policies(
         _parse_slots(args.quota_slots, "--quota-slots"),
         _parse_slots(args.baseline_slots, "--baseline-slots"),
@@ -242,7 +244,7 @@ def _run(args: argparse.Namespace) -> int:
         f"gemm {efficiency.gemm}, hbm {efficiency.hbm}, nvlink {efficiency.nvlink}, network {efficiency.network}; "
         f"weight sync {settings.sync_scheme}; "
         + (f"quota settings {', '.join(args.quota_setting)}; " if args.quota_setting else "")
-        + _copy_cost_words(args)
+        + _copy_cost_words(args.copy_cost, quota_settings)
         + f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}"
         f"{f', replicas computed chunk by chunk ({settings.sync_chunks} chunks)' if settings.pipeline_replicas else ''}; "
         + training_words
@@ -422,10 +424,10 @@ def _parse_planner_times(items: list[str]) -> dict[str, float]:
     return times
 
 
-def _copy_cost_words(args: argparse.Namespace) -> str:
-    """Return the header's words on the quota policies' copy settings."""
-    named = sorted(item.partition("=")[0].strip() for item in args.quota_setting or [] if item.strip().startswith("copy_"))
-    if args.copy_cost == "auto":
+def _copy_cost_words(copy_cost: str, quota_settings: tuple[tuple[str, object], ...]) -> str:
+    """Return the header's words on the quota policies' copy settings (``copy_cost`` is --copy-cost)."""
+    named = [name for name, _ in quota_settings if name.startswith("copy_")]
+    if copy_cost == "auto":
         own = f" ({', '.join(named)} from --quota-setting)" if named else ""
         return f"quota plans with each model's copy cost{own}; "
     if named:
@@ -433,8 +435,12 @@ def _copy_cost_words(args: argparse.Namespace) -> str:
     return "quota treats copies as free; "
 
 
-def _parse_quota_settings(items: list[str]) -> tuple[tuple[str, object], ...]:
-    """Parse ``NAME=VALUE`` items into QuotaConfig settings, typed by the field's default."""
+def _parse_quota_settings(items: list[str], implied: dict | None = None) -> tuple[tuple[str, object], ...]:
+    """Parse ``NAME=VALUE`` items into QuotaConfig settings, typed by the field's default.
+
+    implied: settings the run adds where the items name none (the automatic copy settings); they
+    take part in the validity check only, so a combination they complete is accepted.
+    """
     fields = {f.name: f for f in dataclasses.fields(QuotaConfig)}
     settings = {}
     for item in items:
@@ -457,7 +463,7 @@ def _parse_quota_settings(items: list[str]) -> tuple[tuple[str, object], ...]:
             raise ValueError(f"--quota-setting {name} takes {kind}, got {text!r}") from error
         settings[name] = value
     try:
-        QuotaConfig(**settings)
+        QuotaConfig(**{**(implied or {}), **settings})
     except (TypeError, ValueError) as error:
         raise ValueError(f"--quota-setting: {error}") from error
     return tuple(sorted(settings.items()))
