@@ -39,6 +39,7 @@ from ultraep.planners.quota import (
     _COSTED_PEAK_LIMIT,
     _GAP_STEPS,
     _MEAN_STEPS,
+    _PIECE_PER_RECEIVER,
     _RECEIVER_ORDERS,
     QuotaConfig,
     _to_fixed_point,
@@ -50,6 +51,7 @@ __all__ = ["plan_quota_triton"]
 # Sentinel above any load, quota or count the kernel compares (all stay below 2**62).
 _BIG = tl.constexpr(2**62)
 COSTED_PEAK_LIMIT = tl.constexpr(_COSTED_PEAK_LIMIT)
+PIECE_PER_RECEIVER = tl.constexpr(_PIECE_PER_RECEIVER)
 
 
 @triton.jit
@@ -125,7 +127,7 @@ def _quota_plan_kernel(
     SLOTS: tl.constexpr,  # redundant slots per rank (>= 1)
     STEPS: tl.constexpr,  # threshold ladder: mean steps, then gap steps, in units of 1 / FRACTION_SCALE
     NUM_MEAN_STEPS: tl.constexpr,
-    ANCHORS: tl.constexpr,  # receiver anchors in quarters of the receiver's interval
+    ANCHORS: tl.constexpr,  # receiver anchors in quarters of the receiver's interval, or PIECE_PER_RECEIVER
     RECEIVER_ORDERS: tl.constexpr,  # receiver orders tried with each anchor
     FRACTION_SCALE: tl.constexpr,
     PREFER_LOCAL: tl.constexpr,
@@ -232,6 +234,10 @@ def _quota_plan_kernel(
         recv_spare = tl.gather(spare, recv_rank, 1)
         anchor_point = tl.cumsum(recv_spare, axis=1) - recv_spare + (recv_spare * anchor) // 4
         segment = _count_not_above(piece_end, anchor_point, Q_P2, LOG_Q)  # [T_P2, R_P2]: first piece ending past it
+        # One piece per receiver: the j-th receiver takes the first piece with j + 1 positive pieces up to it.
+        positive_pieces = tl.cumsum(tl.reshape((piece_line > 0).to(tl.int32), [T_P2, Q_P2]), axis=1)
+        nth_piece = _count_not_above(positive_pieces, tl.broadcast_to(line_idx, [T_P2, R_P2]), Q_P2, LOG_Q)
+        segment = tl.where(anchor == PIECE_PER_RECEIVER, nth_piece, segment)
         active = (recv_spare > 0) & (segment < Q_P2)
         segment = tl.minimum(segment, Q_P2 - 1)
         segment_donor = tl.gather(donor_rank, segment // M_P2, 1)

@@ -25,6 +25,8 @@
 #define ERR_MEMORY 2
 /* Receiver orders per anchor (_RECEIVER_ORDERS in quota.py). */
 #define RECEIVER_ORDERS 2
+/* The anchor value that gives the j-th receiver the j-th piece (_PIECE_PER_RECEIVER in quota.py). */
+#define PIECE_PER_RECEIVER 0
 /* Costed peaks are clamped here, above any total load (_COSTED_PEAK_LIMIT in quota.py). */
 #define COSTED_PEAK_LIMIT ((int64_t)1 << 36)
 
@@ -141,7 +143,7 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
  * loads:            [num_ranks * num_experts] int64, row-major load matrix, entries >= 0.
  * mean_steps:       [num_mean_steps] fixed-point fractions of the mean rank load.
  * gap_steps:        [num_gap_steps] fixed-point fractions of the gap to the unbalanced maximum.
- * anchors:          [num_anchors] receiver anchor points in quarters.
+ * anchors:          [num_anchors] receiver anchor points in quarters, or PIECE_PER_RECEIVER.
  * copy_cost, copy_overlap, copy_chunks: QuotaConfig's copy model; copy_cost 0 compares plain peaks.
  * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
  * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
@@ -283,9 +285,10 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                 }
             }
 
-            /* Step 3: receivers, most spare first, each at its anchor point. Anchor points ascend,
-             * so the active receivers are a prefix and one pass over the pieces finds them all.
-             * The receivers after that prefix take nothing and change nothing. */
+            /* Step 3: receivers, most spare first, each at its anchor point (or, with
+             * PIECE_PER_RECEIVER, the i-th receiver at the i-th piece). Anchor points ascend, so the
+             * active receivers are a prefix and one pass over the pieces finds them all. The
+             * receivers after that prefix take nothing and change nothing. */
             for (int64_t r = 0; r < R; ++r) {
                 spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
                 order_key[r] = least_spare_first && spare[r] > 0 ? total + 1 - spare[r] : spare[r];
@@ -294,10 +297,14 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             int64_t offered_end = 0, num_active = 0, k = 0;
             for (int64_t i = 0; i < num_receivers; ++i) {
                 const int64_t recv_spare = spare[recv_rank[i]];
-                const int64_t point = offered_end + (recv_spare * anchor) / 4;
-                offered_end += recv_spare;
-                while (k < num_pieces && piece_end[k] <= point) ++k;
-                if (k == num_pieces) break;
+                if (anchor == PIECE_PER_RECEIVER) {
+                    k = i;
+                } else {
+                    const int64_t point = offered_end + (recv_spare * anchor) / 4;
+                    offered_end += recv_spare;
+                    while (k < num_pieces && piece_end[k] <= point) ++k;
+                }
+                if (k >= num_pieces) break;
                 const int64_t seg = piece_segment[k];
                 segment[i] = seg;
                 donor_rank[i] = donor_order[segment_donor[seg]];
