@@ -39,7 +39,7 @@ from ultraep.planners.quota import (
     _COSTED_PEAK_LIMIT,
     _GAP_STEPS,
     _MEAN_STEPS,
-    _PIECE_PER_RECEIVER,
+    _BY_MASTER_QUOTA,
     _RECEIVER_ORDERS,
     QuotaConfig,
     _to_fixed_point,
@@ -51,7 +51,7 @@ __all__ = ["plan_quota_triton"]
 # Sentinel above any load, quota or count the kernel compares (all stay below 2**62).
 _BIG = tl.constexpr(2**62)
 COSTED_PEAK_LIMIT = tl.constexpr(_COSTED_PEAK_LIMIT)
-PIECE_PER_RECEIVER = tl.constexpr(_PIECE_PER_RECEIVER)
+BY_MASTER_QUOTA = tl.constexpr(_BY_MASTER_QUOTA)
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def _quota_plan_kernel(
     SLOTS: tl.constexpr,  # redundant slots per rank (>= 1)
     STEPS: tl.constexpr,  # threshold ladder: mean steps, then gap steps, in units of 1 / FRACTION_SCALE
     NUM_MEAN_STEPS: tl.constexpr,
-    ANCHORS: tl.constexpr,  # receiver anchors in quarters of the receiver's interval, or PIECE_PER_RECEIVER
+    ANCHORS: tl.constexpr,  # receiver anchors in quarters of the receiver's interval, or BY_MASTER_QUOTA
     RECEIVER_ORDERS: tl.constexpr,  # receiver orders tried with each anchor
     FRACTION_SCALE: tl.constexpr,
     PREFER_LOCAL: tl.constexpr,
@@ -234,14 +234,23 @@ def _quota_plan_kernel(
         recv_spare = tl.gather(spare, recv_rank, 1)
         anchor_point = tl.cumsum(recv_spare, axis=1) - recv_spare + (recv_spare * anchor) // 4
         segment = _count_not_above(piece_end, anchor_point, Q_P2, LOG_Q)  # [T_P2, R_P2]: first piece ending past it
-        # One piece per receiver: the j-th receiver takes the first piece with j + 1 positive pieces up to it.
-        positive_pieces = tl.cumsum(tl.reshape((piece_line > 0).to(tl.int32), [T_P2, Q_P2]), axis=1)
-        nth_piece = _count_not_above(positive_pieces, tl.broadcast_to(line_idx, [T_P2, R_P2]), Q_P2, LOG_Q)
-        segment = tl.where(anchor == PIECE_PER_RECEIVER, nth_piece, segment)
         active = (recv_spare > 0) & (segment < Q_P2)
         segment = tl.minimum(segment, Q_P2 - 1)
         segment_donor = tl.gather(donor_rank, segment // M_P2, 1)
         position = segment_donor * M_P2 + segment % M_P2  # [T_P2, R_P2]: drain position of the piece's master
+
+        # By master quota: the j-th receiver takes the j-th positive piece by its master's remaining
+        # quota, lower drain position first on ties (padded positions keep that order). Each piece
+        # has one receiver, so the receiver's line index serves as its segment.
+        flat_position = tl.broadcast_to((ranks[:, None] * M_P2 + local_idx[None, :])[None, :, :], [T_P2, R_P2, M_P2])
+        piece_key = tl.where(pieces > 0, master_quota * Q_P2 + (Q_P2 - 1 - flat_position), -1)
+        piece_key = _sort_rows(tl.reshape(piece_key, [T_P2, Q_P2]), LOG_Q, True, INTERPRETED)
+        ranked_key = tl.gather(piece_key, tl.broadcast_to(line_idx, [T_P2, R_P2]), 1)  # [T_P2, R_P2]
+        by_master_quota = anchor == BY_MASTER_QUOTA
+        active = tl.where(by_master_quota, (recv_spare > 0) & (ranked_key >= 0), active)
+        ranked_position = tl.where(ranked_key >= 0, Q_P2 - 1 - ranked_key % Q_P2, 0).to(position.dtype)
+        position = tl.where(by_master_quota, ranked_position, position)
+        segment = tl.where(by_master_quota, tl.broadcast_to(line_idx, [T_P2, R_P2]).to(segment.dtype), segment)
 
         # Receivers of one piece are adjacent on the line (pieces ascend along it), so counting
         # receivers per piece locates each receiver's group: served[q] = receivers of pieces <= q.
@@ -288,6 +297,15 @@ def _quota_plan_kernel(
         line_pos = tl.reshape(donor_line[:, :, None] * M_P2 + local_idx[None, None, :], [T_P2, Q_P2])
         taken_before = tl.where(line_pos > 0, tl.gather(taken_through, tl.maximum(line_pos - 1, 0), 1), 0)
         drained = tl.reshape(tl.gather(taken_through, line_pos, 1) - taken_before, [T_P2, R_P2, M_P2])
+        # By master quota, receivers are not grouped along the donor line, but each drain position has
+        # at most one taker: sort the takers by position and find each position's taker by search.
+        taker_key = _sort_rows(tl.where(take, position.to(tl.int64) * R_P2 + line_idx, _BIG), LOG_R, False, INTERPRETED)
+        position_key = tl.broadcast_to(tl.arange(0, Q_P2)[None, :].to(tl.int64) * R_P2, [T_P2, Q_P2])
+        takers_before = _count_not_above(taker_key, position_key - 1, R_P2, LOG_R)  # [T_P2, Q_P2] rank-major
+        has_taker = _count_not_above(taker_key, position_key + (R_P2 - 1), R_P2, LOG_R) > takers_before
+        taker = (tl.gather(taker_key, tl.minimum(takers_before, R_P2 - 1), 1) % R_P2).to(tl.int32)
+        taken_by_position = tl.reshape(tl.where(has_taker, tl.gather(amount, taker, 1), 0), [T_P2, R_P2, M_P2])
+        drained = tl.where(by_master_quota, taken_by_position, drained)
         master_quota -= drained
         rank_load -= tl.sum(drained, axis=2)
         if COPY_AWARE:
@@ -296,7 +314,9 @@ def _quota_plan_kernel(
             new_end = tl.cumsum(new_slot.to(tl.int64), axis=1)
             new_through = tl.where(served > 0, tl.gather(new_end, tl.maximum(served - 1, 0), 1), 0)
             new_before = tl.where(line_pos > 0, tl.gather(new_through, tl.maximum(line_pos - 1, 0), 1), 0)
-            fan += tl.reshape(tl.gather(new_through, line_pos, 1) - new_before, [T_P2, R_P2, M_P2])
+            new_by_line = tl.reshape(tl.gather(new_through, line_pos, 1) - new_before, [T_P2, R_P2, M_P2])
+            new_by_position = tl.reshape(tl.where(has_taker, tl.gather(new_slot, taker, 1), 0), [T_P2, R_P2, M_P2])
+            fan += tl.where(by_master_quota, new_by_position, new_by_line)
         round_idx += 1
 
     # Logical expert of each redundant slot, per candidate.

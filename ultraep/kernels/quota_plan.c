@@ -25,8 +25,9 @@
 #define ERR_MEMORY 2
 /* Receiver orders per anchor (_RECEIVER_ORDERS in quota.py). */
 #define RECEIVER_ORDERS 2
-/* The anchor value that gives the j-th receiver the j-th piece (_PIECE_PER_RECEIVER in quota.py). */
-#define PIECE_PER_RECEIVER 0
+/* The anchor value that gives the j-th receiver the piece whose master holds the j-th most
+ * (_BY_MASTER_QUOTA in quota.py). */
+#define BY_MASTER_QUOTA 0
 /* Costed peaks are clamped here, above any total load (_COSTED_PEAK_LIMIT in quota.py). */
 #define COSTED_PEAK_LIMIT ((int64_t)1 << 36)
 
@@ -143,7 +144,7 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
  * loads:            [num_ranks * num_experts] int64, row-major load matrix, entries >= 0.
  * mean_steps:       [num_mean_steps] fixed-point fractions of the mean rank load.
  * gap_steps:        [num_gap_steps] fixed-point fractions of the gap to the unbalanced maximum.
- * anchors:          [num_anchors] receiver anchor points in quarters, or PIECE_PER_RECEIVER.
+ * anchors:          [num_anchors] receiver anchor points in quarters, or BY_MASTER_QUOTA.
  * copy_cost, copy_overlap, copy_chunks: QuotaConfig's copy model; copy_cost 0 compares plain peaks.
  * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
  * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
@@ -166,7 +167,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     const int64_t state_words = R + E + 2 * R * S; /* rank_load, master_quota (drain order), slot_pos, slot_quota */
     const int64_t words = 2 * E /* expert_load, drain_expert */ + R /* master rank load */ + C /* thresholds */ +
                           C * state_words + R /* slots_used */ + 10 * R /* round scratch */ + 2 * (R > P ? R : P) /* sort keys */ + 2 * E /* pieces */ +
-                          3 * E /* own, segment tables */ + 3 * C /* metrics */ + E /* fan-out */;
+                          3 * E /* own, segment tables */ + 3 * C /* metrics */ + E /* fan-out */ +
+                          2 * E /* pieces by master quota */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
     int64_t *cursor = mem;
@@ -199,6 +201,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(num_replicas, C);
     TAKE(local, C);
     TAKE(fan, E);
+    TAKE(ranked, 2 * E);
 #undef TAKE
 
     /* Step 1: expert and rank loads, thresholds, minimum replica quota. */
@@ -231,6 +234,10 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             segment_local[r * P + p] = p;
         }
     }
+
+    int position_bits = 0;
+    while (((int64_t)1 << position_bits) < E) ++position_bits;
+    const int64_t position_mask = ((int64_t)1 << position_bits) - 1;
 
     /* Drain order: hottest master first, lower local index first on ties. */
     for (int64_t r = 0; r < R; ++r) {
@@ -284,10 +291,19 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                     left -= held[p];
                 }
             }
+            /* By master quota: the pieces by their master's remaining quota, lower drain position
+             * first on ties, as keys quota << bits | (E - 1 - position). */
+            if (anchor == BY_MASTER_QUOTA) {
+                for (int64_t k = 0; k < num_pieces; ++k) {
+                    const int64_t drain_position = donor_order[segment_donor[piece_segment[k]]] * P + segment_local[piece_segment[k]];
+                    ranked[k] = (master_quota[drain_position] << position_bits) | (E - 1 - drain_position);
+                }
+                sort_descending(ranked, num_pieces, ranked + E);
+            }
 
             /* Step 3: receivers, most spare first, each at its anchor point (or, with
-             * PIECE_PER_RECEIVER, the i-th receiver at the i-th piece). Anchor points ascend, so the
-             * active receivers are a prefix and one pass over the pieces finds them all. The
+             * BY_MASTER_QUOTA, the i-th receiver at the i-th ranked piece). Anchor points ascend, so
+             * the active receivers are a prefix and one pass over the pieces finds them all. The
              * receivers after that prefix take nothing and change nothing. */
             for (int64_t r = 0; r < R; ++r) {
                 spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
@@ -297,18 +313,22 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             int64_t offered_end = 0, num_active = 0, k = 0;
             for (int64_t i = 0; i < num_receivers; ++i) {
                 const int64_t recv_spare = spare[recv_rank[i]];
-                if (anchor == PIECE_PER_RECEIVER) {
-                    k = i;
+                if (anchor == BY_MASTER_QUOTA) {
+                    /* One piece per receiver, so each receiver is a group of its own. */
+                    if (i >= num_pieces) break;
+                    segment[i] = i;
+                    position[i] = E - 1 - (ranked[i] & position_mask);
+                    donor_rank[i] = position[i] / P;
                 } else {
                     const int64_t point = offered_end + (recv_spare * anchor) / 4;
                     offered_end += recv_spare;
                     while (k < num_pieces && piece_end[k] <= point) ++k;
+                    if (k == num_pieces) break;
+                    const int64_t seg = piece_segment[k];
+                    segment[i] = seg;
+                    donor_rank[i] = donor_order[segment_donor[seg]];
+                    position[i] = donor_rank[i] * P + segment_local[seg];
                 }
-                if (k >= num_pieces) break;
-                const int64_t seg = piece_segment[k];
-                segment[i] = seg;
-                donor_rank[i] = donor_order[segment_donor[seg]];
-                position[i] = donor_rank[i] * P + segment_local[seg];
                 offered[i] = recv_spare;
                 ++num_active;
             }

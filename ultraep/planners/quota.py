@@ -9,7 +9,7 @@ assignments. One round of matching runs without loops over experts or ranks:
 2. The receivers, most spare first (or, in a second family of candidates, least spare first), are
    laid end to end on a second line. Each receiver takes the piece under a fixed anchor point of its
    interval (the middle, a quarter or three quarters in) or, in a fourth family, the j-th receiver
-   takes the j-th piece, so it uses one redundant slot per round.
+   takes the piece whose master still holds the j-th most, so it uses one redundant slot per round.
 3. A receiver is filled up to ``C`` (capped by what the expert's master still holds), not just to the
    piece's size: a donor that gives more than its excess drops below ``C`` and becomes a receiver
    in the next round with its own redundant slot, while a receiver left half-filled would waste its
@@ -79,13 +79,15 @@ _GAP_STEPS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 # line: the middle, then a quarter and three quarters in. Each anchor matches receivers to different pieces,
 # and keeping the best of the three lowers the imbalance left with one redundant slot per rank
 # (mean 1.0036 -> 1.0012 on the real and Zipf loads of the planner benchmark). The last anchor,
-# _PIECE_PER_RECEIVER, ignores the receiver's interval: the j-th receiver on the line takes the j-th
-# piece of positive size. Filled up to the threshold, a large receiver takes more than its piece, so
-# the intervals of the later receivers slide past the pieces they would need; one piece per
-# receiver keeps a small piece from taking a large receiver's only slot. On the 960 Qwen1.5-MoE EP10
-# step matrices with one slot per rank it cut the worst plan from 11% to 5.5% above the mean load.
-_PIECE_PER_RECEIVER = 0
-_ANCHORS = (2, 1, 3, _PIECE_PER_RECEIVER)
+# _BY_MASTER_QUOTA, ignores the receiver's interval: the j-th receiver on the line takes the piece whose
+# master still holds the j-th largest quota. Filled up to the threshold, a large receiver takes more
+# than its piece, so on the line the intervals of later receivers slide past the pieces they would
+# need and small remainders take large receivers' only slots; matching the largest receivers with
+# the largest masters fills them. On the 960 Qwen1.5-MoE EP10 step matrices with one slot per rank
+# it cut the worst plan from 11.0% to 5.5% above the rounded-up mean load, and the plans more than
+# 1% above it from 100 to 40.
+_BY_MASTER_QUOTA = 0
+_ANCHORS = (2, 1, 3, _BY_MASTER_QUOTA)
 
 # Receiver orders: most spare first, then least spare first. Receivers without spare come last in
 # both, and each anchor runs with each order. With one redundant slot per rank a receiver takes one
@@ -257,7 +259,7 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     thresholds = thresholds.repeat(num_families)  # [num_candidates]
     anchor = consts.anchors.repeat(_RECEIVER_ORDERS).repeat_interleave(num_thresholds)[:, None]  # [num_candidates, 1]
     least_spare_first = (torch.arange(num_families, device=device) >= len(_ANCHORS)).repeat_interleave(num_thresholds)[:, None]
-    piece_per_receiver = anchor == _PIECE_PER_RECEIVER  # [num_candidates, 1]
+    by_master_quota = anchor == _BY_MASTER_QUOTA  # [num_candidates, 1]
     num_candidates = thresholds.numel()
     threshold_col = thresholds[:, None]
     min_quota = torch.clamp((total * consts.fraction_q(config)) // (num_ranks * _FRACTION_SCALE), min=config.min_replica_quota)
@@ -281,8 +283,7 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     num_rounds = default_num_rounds(config, slots)
     # Reading a CPU tensor costs no device sync, so CPU plans may stop early; the result is the same.
     stop_when_idle = device.type == "cpu"
-    # [num_candidates, num_ranks]: j + 1 for the j-th receiver on the line.
-    receiver_count = consts.receiver_count.expand(num_candidates, num_ranks).contiguous()
+    line_index = consts.line_index.expand(num_candidates, num_ranks)  # j for the j-th receiver on the line
 
     for _ in range(num_rounds):
         # Step 2: donor pieces, hottest master first within a donor, largest donor first.
@@ -303,13 +304,23 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
         anchor_point = offered_end - recv_spare + (recv_spare * anchor) // 4
         # Receivers with spare come first and anchor points ascend, so segment ids ascend along the line.
         segment = torch.searchsorted(piece_end, anchor_point, right=True)
-        # One piece per receiver: the j-th receiver takes the first segment with j + 1 positive pieces up to it.
-        positive_pieces = (piece_line.view(num_candidates, num_segments) > 0).cumsum(dim=1)
-        segment = torch.where(piece_per_receiver, torch.searchsorted(positive_pieces, receiver_count), segment)
         active = (recv_spare > 0) & (segment < num_segments)
         segment.clamp_(max=num_segments - 1)
         donor_rank = donor_order.gather(1, consts.segment_donor_idx[segment])
         position = donor_rank * experts_per_rank + consts.segment_local_idx[segment]  # drain position
+
+        # By master quota: the j-th receiver takes the j-th positive piece by its master's remaining
+        # quota (lower drain position first on ties). Each piece has one receiver, so the segment
+        # that groups receivers becomes the receiver's own line index.
+        piece_key = torch.where(
+            pieces.view(num_candidates, num_segments) > 0, master_quota * num_experts + consts.position_tiebreak, -1
+        )
+        ranked = torch.sort(piece_key, dim=1, descending=True, stable=True)
+        ranked_key, ranked_position = ranked.values[:, :num_ranks], ranked.indices[:, :num_ranks]
+        active = torch.where(by_master_quota, (recv_spare > 0) & (ranked_key >= 0), active)
+        position = torch.where(by_master_quota, ranked_position, position)
+        donor_rank = torch.where(by_master_quota, ranked_position // experts_per_rank, donor_rank)
+        segment = torch.where(by_master_quota, line_index, segment)
 
         # Step 4: fill each receiver up to the threshold, capped by what the master still holds;
         # receivers served by one piece draw from it in line order.
@@ -358,7 +369,8 @@ class _Constants:
     anchors: torch.Tensor  # [num_anchors] int64, quarters
     gap_steps: torch.Tensor  # [num_gap_steps] int64
     rank_tiebreak: torch.Tensor  # [num_ranks]: num_ranks-1 .. 0, lower rank first on ties
-    receiver_count: torch.Tensor  # [num_ranks]: 1 .. num_ranks
+    line_index: torch.Tensor  # [num_ranks]: 0 .. num_ranks-1
+    position_tiebreak: torch.Tensor  # [num_experts]: num_experts-1 .. 0, lower drain position first on ties
     local_tiebreak: torch.Tensor  # [experts_per_rank]: lower local index first on ties
     rank_base: torch.Tensor  # [num_ranks, 1]: rank * experts_per_rank
     segment_donor_idx: torch.Tensor  # [num_experts]: segment // experts_per_rank
@@ -383,7 +395,8 @@ def _constants(layout: ExpertLayout, device: torch.device) -> _Constants:
         mean_steps=torch.tensor([_to_fixed_point(f) for f in _MEAN_STEPS], dtype=torch.int64, device=device),
         gap_steps=torch.tensor([_to_fixed_point(f) for f in _GAP_STEPS], dtype=torch.int64, device=device),
         rank_tiebreak=torch.arange(num_ranks - 1, -1, -1, device=device),
-        receiver_count=torch.arange(1, num_ranks + 1, device=device),
+        line_index=torch.arange(num_ranks, device=device),
+        position_tiebreak=torch.arange(layout.num_experts - 1, -1, -1, device=device),
         local_tiebreak=torch.arange(experts_per_rank - 1, -1, -1, device=device),
         rank_base=torch.arange(num_ranks, device=device)[:, None] * experts_per_rank,
         segment_donor_idx=segment // experts_per_rank,
