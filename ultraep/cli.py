@@ -105,9 +105,19 @@ def run_plan(args: argparse.Namespace) -> int:
             "or a [num_experts] vector"
         )
     matrix = as_load_matrix(loads, layout)
+    settings = {}
+    if args.quota_setting:
+        if args.planner != "quota":
+            raise CommandError(f"--quota-setting applies to --planner quota only, got --planner {args.planner}; drop it or plan with quota")
+        from ultraep.sim.command import _parse_quota_settings
+
+        try:
+            settings = dict(_parse_quota_settings(args.quota_setting))
+        except ValueError as error:
+            raise CommandError(str(error)) from error
     try:
         check_load_matrix(matrix, layout)
-        planner = make_planner(args.planner)
+        planner = make_planner(args.planner, **settings)
         plan = planner(matrix, layout)
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from error
@@ -233,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="quota",
         choices=PLAN_COMMAND_PLANNERS,
         help="planner (default: quota); the history-based eplb and lp_reroute need past microbatches, see ultraep simulate",
+    )
+    plan.add_argument(
+        "--quota-setting",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a QuotaConfig setting for the quota planner, e.g. copy_cost=900 or balance_target=1.0; repeat for more",
     )
     plan.add_argument("--out", help="write the plan JSON here instead of standard output")
     plan.set_defaults(func=run_plan)

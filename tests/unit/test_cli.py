@@ -74,6 +74,38 @@ def test_plan_bad_input_exits_with_message(tmp_path, capsys, content, suffix, ar
     assert re.search(pattern, capsys.readouterr().err)
 
 
+def test_plan_quota_settings_change_the_plan(tmp_path, capsys):
+    # Two ranks, one hot expert on rank 0: a replica on rank 1 halves the peak, 100 -> 50 assignments.
+    path = tmp_path / "loads.json"
+    path.write_text(json.dumps([[100, 0], [0, 0]]))
+    argv = ["plan", "--loads", str(path), "--ranks", "2", "--slots", "1"]
+    code, captured = _run(capsys, argv)
+    assert code == 0 and json.loads(captured.out)["rank_load"] == [50, 50]
+    # A blocking copy that costs 60 assignments makes the replica slower (50 + 60 > 100): masters only.
+    code, captured = _run(capsys, [*argv, "--quota-setting", "copy_cost=60"])
+    assert code == 0 and json.loads(captured.out)["rank_load"] == [100, 0]
+    # At 40 the replica still pays (50 + 40 < 100).
+    code, captured = _run(capsys, [*argv, "--quota-setting", "copy_cost=40"])
+    assert code == 0 and json.loads(captured.out)["rank_load"] == [50, 50]
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--quota-setting", "copy_cost=-1"], r"copy_cost must be in \[0, 16777216\]"),
+        (["--quota-setting", "speed=3"], "NAME one of"),
+        (["--quota-setting", "copy_cost=60", "--planner", "pairing"], "applies to --planner quota only"),
+    ],
+)
+def test_plan_bad_quota_setting_exits_with_message(tmp_path, capsys, extra, pattern):
+    path = tmp_path / "loads.json"
+    path.write_text(json.dumps([[100, 0], [0, 0]]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--loads", str(path), "--ranks", "2", "--slots", "1", *extra])
+    assert exit_info.value.code == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
 def test_plan_missing_file_and_out_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--loads", str(tmp_path / "missing.npy"), "--ranks", "2", "--slots", "1"])
