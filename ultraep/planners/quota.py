@@ -68,11 +68,13 @@ _COSTED_PEAK_LIMIT = 2**36
 _FRACTION_SCALE = 2**14
 
 # Threshold ladder. The first part is in fractions of the mean rank load above the (rounded-up)
-# mean. It is dense near 1.0, where the balance targets sit, and goes in steps of 0.001 up to 1.010,
-# because a threshold that the matching just misses ends some way above it. The second part is in
-# fractions of the gap between that and the unbalanced maximum, for loads too skewed to balance
-# fully. The last step is the unbalanced maximum itself, so the masters-only plan is always a candidate.
-_MEAN_STEPS = (0.0, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.010, 0.012)
+# mean. It is dense near 1.0, where the balance targets sit, because a threshold that the matching
+# just misses ends some way above it. It reaches 1.03 because with one slot per rank a skewed load can
+# miss every threshold up to 1.01 and balance at 1.02, while the first step of the second part can lie
+# near 1.05. The second part is in fractions of the gap between that and the unbalanced maximum, for
+# loads too skewed to balance fully. Its last step is the unbalanced maximum itself, so the
+# masters-only plan is always a candidate.
+_MEAN_STEPS = (0.0, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.010, 0.015, 0.02, 0.03)
 _GAP_STEPS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 
 # Anchor points at which a receiver looks for its piece, in quarters of its interval on the receiver
