@@ -80,13 +80,16 @@ def test_plan_quota_settings_change_the_plan(tmp_path, capsys):
     path.write_text(json.dumps([[100, 0], [0, 0]]))
     argv = ["plan", "--loads", str(path), "--ranks", "2", "--slots", "1"]
     code, captured = _run(capsys, argv)
-    assert code == 0 and json.loads(captured.out)["rank_load"] == [50, 50]
+    assert code == 0
+    assert json.loads(captured.out)["rank_load"] == [50, 50]
     # A blocking copy that costs 60 assignments makes the replica slower (50 + 60 > 100): masters only.
     code, captured = _run(capsys, [*argv, "--quota-setting", "copy_cost=60"])
-    assert code == 0 and json.loads(captured.out)["rank_load"] == [100, 0]
+    assert code == 0
+    assert json.loads(captured.out)["rank_load"] == [100, 0]
     # At 40 the replica still pays (50 + 40 < 100).
     code, captured = _run(capsys, [*argv, "--quota-setting", "copy_cost=40"])
-    assert code == 0 and json.loads(captured.out)["rank_load"] == [50, 50]
+    assert code == 0
+    assert json.loads(captured.out)["rank_load"] == [50, 50]
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,8 @@
 #define ERR_MEMORY 2
 /* Receiver orders per anchor (_RECEIVER_ORDERS in quota.py). */
 #define RECEIVER_ORDERS 2
-/* The anchor value that gives the j-th receiver the piece whose master holds the j-th most
- * (_BY_MASTER_QUOTA in quota.py). */
+/* The anchor value that gives the j-th receiver the piece whose master has the j-th largest
+ * remaining quota (_BY_MASTER_QUOTA in quota.py). */
 #define BY_MASTER_QUOTA 0
 /* Costed peaks are clamped here, above any total load (_COSTED_PEAK_LIMIT in quota.py). */
 #define COSTED_PEAK_LIMIT ((int64_t)1 << 36)

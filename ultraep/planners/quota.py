@@ -8,8 +8,9 @@ assignments. One round of matching runs without loops over experts or ranks:
    laid end to end on a line of length ``sum(excess)``.
 2. The receivers, most spare first (or, in a second family of candidates, least spare first), are
    laid end to end on a second line. Each receiver takes the piece under a fixed anchor point of its
-   interval (the middle, a quarter or three quarters in) or, in a fourth family, the j-th receiver
-   takes the piece whose master still holds the j-th most, so it uses one redundant slot per round.
+   interval (the middle, a quarter or three quarters in), so it uses one redundant slot per round.
+   In a fourth family the j-th receiver takes instead the piece whose master has the j-th largest
+   remaining quota.
 3. A receiver is filled up to ``C`` (capped by what the expert's master still holds), not just to the
    piece's size: a donor that gives more than its excess drops below ``C`` and becomes a receiver
    in the next round with its own redundant slot, while a receiver left half-filled would waste its
@@ -82,7 +83,7 @@ _GAP_STEPS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 # and keeping the best of the three lowers the imbalance left with one redundant slot per rank
 # (mean 1.0036 -> 1.0012 on the real and Zipf loads of the planner benchmark). The last anchor,
 # _BY_MASTER_QUOTA, ignores the receiver's interval: the j-th receiver on the line takes the piece whose
-# master still holds the j-th largest quota. Filled up to the threshold, a large receiver takes more
+# master has the j-th largest remaining quota. Filled up to the threshold, a large receiver takes more
 # than its piece, so on the line the intervals of later receivers slide past the pieces they would
 # need and small remainders take large receivers' only slots; matching the largest receivers with
 # the largest masters fills them. On the 960 Qwen1.5-MoE EP10 step matrices with one slot per rank
