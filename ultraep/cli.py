@@ -44,14 +44,25 @@ def read_loads(path: str) -> torch.Tensor:
             raise CommandError(f"--loads file {path!r} is not a plain .npy array: {error}") from error
     elif file.suffix == ".json":
         try:
-            array = np.asarray(json.loads(file.read_text()))
+            data = json.loads(file.read_text())
         except json.JSONDecodeError as error:
             raise CommandError(f"--loads file {path!r} is not valid JSON: {error}") from error
-        except ValueError as error:
+        if not isinstance(data, list):
             raise CommandError(
-                f"--loads file {path!r} does not hold a rectangular array of numbers: {error}; "
-                "every row needs num_experts entries"
-            ) from error
+                f"--loads file {path!r} holds a JSON {type(data).__name__}; it must hold a list of counts "
+                "([num_experts]) or a list of rows ([num_ranks, num_experts])"
+            )
+        if any(isinstance(row, list) for row in data):
+            lengths = [len(row) if isinstance(row, list) else None for row in data]
+            if len(set(lengths)) > 1:
+                raise CommandError(
+                    f"--loads file {path!r} does not hold a rectangular array: its rows have {lengths} entries "
+                    "(None = not a row); every row needs num_experts entries"
+                )
+        try:
+            array = np.asarray(data)
+        except ValueError as error:
+            raise CommandError(f"--loads file {path!r} does not hold a rectangular array of numbers: {error}") from error
     else:
         raise CommandError(f"--loads file {path!r} must end in .npy or .json, got {file.suffix!r}")
     if array.dtype == object or array.dtype.kind not in "iuf":
@@ -59,6 +70,8 @@ def read_loads(path: str) -> torch.Tensor:
             f"--loads must hold numbers in a [num_ranks, num_experts] or [num_experts] array, got dtype {array.dtype} "
             f"with shape {list(array.shape)}"
         )
+    if array.size == 0:
+        raise CommandError(f"--loads file {path!r} holds no counts (shape {list(array.shape)}); give one count per expert")
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
             index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])

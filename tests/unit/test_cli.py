@@ -55,7 +55,9 @@ def test_plan_accepts_json_vector(tmp_path, capsys):
         pytest.param([[-5, 2], [1, 1]], ".json", ["--ranks", "2"], r"entry \[0, 0\] is -5; loads must be counts", id="negative"),
         pytest.param([1] * 8, ".json", ["--ranks", "3"], "num_experts=8 is not divisible by num_ranks=3", id="indivisible"),
         pytest.param([[2**61] * 2] * 2, ".npy", ["--ranks", "2"], "loads must be counts in \\[0, 34359738368\\]", id="overflow"),
-        pytest.param([[1, 2], [3]], ".json", ["--ranks", "2"], "does not hold a rectangular array", id="ragged"),
+        pytest.param([[1, 2], [3]], ".json", ["--ranks", "2"], r"rows have \[2, 1\] entries", id="ragged"),
+        pytest.param({"expert": 3}, ".json", ["--ranks", "2"], "holds a JSON dict; it must hold a list of counts", id="object"),
+        pytest.param([], ".json", ["--ranks", "2"], "holds no counts", id="empty"),
         pytest.param([[1, 2]] * 3, ".json", ["--ranks", "2"], "--loads has 3 rows but --ranks is 2", id="rows"),
         pytest.param("x", ".csv", ["--ranks", "2"], "must end in .npy or .json, got '.csv'", id="suffix"),
     ],
@@ -98,6 +100,8 @@ def test_plan_quota_settings_change_the_plan(tmp_path, capsys):
         (["--quota-setting", "copy_cost=-1"], r"copy_cost must be in \[0, 16777216\]"),
         (["--quota-setting", "speed=3"], "NAME one of"),
         (["--quota-setting", "copy_cost=60", "--planner", "pairing"], "applies to --planner quota only"),
+        (["--quota-setting", "copy_cost=60", "--quota-setting", "copy_cost=0"], "copy_cost is given twice"),
+        (["--quota-setting", "num_rounds=some"], "num_rounds takes int or none, got 'some'"),
     ],
 )
 def test_plan_bad_quota_setting_exits_with_message(tmp_path, capsys, extra, pattern):
@@ -107,6 +111,16 @@ def test_plan_bad_quota_setting_exits_with_message(tmp_path, capsys, extra, patt
         main(["plan", "--loads", str(path), "--ranks", "2", "--slots", "1", *extra])
     assert exit_info.value.code == 2
     assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_plan_num_rounds_none_is_the_default(tmp_path, capsys):
+    path = tmp_path / "loads.json"
+    path.write_text(json.dumps([[100, 7, 3, 0], [0, 0, 1, 2]]))
+    argv = ["plan", "--loads", str(path), "--ranks", "2", "--slots", "1"]
+    _, default = _run(capsys, argv)
+    code, captured = _run(capsys, [*argv, "--quota-setting", "num_rounds=None"])
+    assert code == 0
+    assert captured.out == default.out
 
 
 def test_plan_missing_file_and_out_folder(tmp_path, capsys):

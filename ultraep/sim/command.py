@@ -455,18 +455,26 @@ def _parse_quota_settings(items: list[str], implied: dict | None = None) -> tupl
             kind, parse = "true or false", _parse_bool
         elif isinstance(default, float):
             kind, parse = "float", float
-        else:  # int fields, and num_rounds whose default is None
+        elif default is None:  # num_rounds: an int, or None for the planner's default
+            kind, parse = "int or none", _parse_optional_int
+        else:
             kind, parse = "int", int
         try:
             value = parse(text)
         except ValueError as error:
             raise ValueError(f"--quota-setting {name} takes {kind}, got {text!r}") from error
+        if name in settings:
+            raise ValueError(f"--quota-setting {name} is given twice ({settings[name]!r} and {value!r}); give it once")
         settings[name] = value
     try:
         QuotaConfig(**{**(implied or {}), **settings})
     except (TypeError, ValueError) as error:
         raise ValueError(f"--quota-setting: {error}") from error
     return tuple(sorted(settings.items()))
+
+
+def _parse_optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
 def _parse_bool(text: str) -> bool:
