@@ -71,7 +71,7 @@ def read_loads(path: str) -> torch.Tensor:
             f"with shape {list(array.shape)}"
         )
     if array.size == 0:
-        raise CommandError(f"--loads file {path!r} holds no counts (shape {list(array.shape)}); give one count per expert")
+        raise CommandError(f"--loads file {path!r} is empty (shape {list(array.shape)}); give one count per expert")
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
             index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])

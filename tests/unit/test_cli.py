@@ -57,7 +57,7 @@ def test_plan_accepts_json_vector(tmp_path, capsys):
         pytest.param([[2**61] * 2] * 2, ".npy", ["--ranks", "2"], "loads must be counts in \\[0, 34359738368\\]", id="overflow"),
         pytest.param([[1, 2], [3]], ".json", ["--ranks", "2"], r"rows have \[2, 1\] entries", id="ragged"),
         pytest.param({"expert": 3}, ".json", ["--ranks", "2"], "holds a JSON dict; it must hold a list of counts", id="object"),
-        pytest.param([], ".json", ["--ranks", "2"], "holds no counts", id="empty"),
+        pytest.param([], ".json", ["--ranks", "2"], r"is empty \(shape \[0\]\)", id="empty"),
         pytest.param([[1, 2]] * 3, ".json", ["--ranks", "2"], "--loads has 3 rows but --ranks is 2", id="rows"),
         pytest.param("x", ".csv", ["--ranks", "2"], "must end in .npy or .json, got '.csv'", id="suffix"),
     ],
