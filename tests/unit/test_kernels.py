@@ -110,7 +110,12 @@ PLAN_CASES = [
         64, 4, 2, "zipf", seed=11,
         config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8),
     ),
-    # Hand-checked in test_quota.py: the first-chunk term and the relay sender count decide these plans.
+    # Hand-checked in test_quota.py: only the by-master-quota family reaches this plan's peak, and the
+    # first-chunk term and the relay sender count decide the two after it.
+    PlanCase(
+        "ep6_e6_s1_by_master_quota", 6, 1, 1, "first_row", first_row=(22, 11, 17, 10, 11, 22),
+        config=QuotaConfig(balance_target=1.0),
+    ),
     PlanCase(
         "ep3_e3_s1_copy_first_chunk", 3, 1, 1, "first_row", first_row=(2, 35, 57),
         config=QuotaConfig(copy_cost=15, copy_overlap=True, copy_chunks=3),
