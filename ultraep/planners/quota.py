@@ -9,8 +9,8 @@ assignments. One round of matching runs without loops over experts or ranks:
 2. The receivers, most spare first (or, in a second family of candidates, least spare first), are
    laid end to end on a second line. Each receiver takes the piece under a fixed anchor point of its
    interval (the middle, a quarter or three quarters in), so it uses one redundant slot per round.
-   In a fourth family the j-th receiver takes instead the piece whose master has the j-th largest
-   remaining quota.
+   With a fourth anchor, in both receiver orders, the j-th receiver takes instead the piece whose
+   master has the j-th largest remaining quota.
 3. A receiver is filled up to ``C`` (capped by what the expert's master still holds), not just to the
    piece's size: a donor that gives more than its excess drops below ``C`` and becomes a receiver
    in the next round with its own redundant slot, while a receiver left half-filled would waste its
