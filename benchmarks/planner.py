@@ -135,8 +135,10 @@ def milp_cases(args) -> tuple[list, torch.Tensor | None]:
 
 
 def hardest_cases(matrices: torch.Tensor, slots: int, count: int) -> tuple[list, list[float]]:
-    """Return the ``count`` matrices on which quota (balance_target=1.0) leaves the highest imbalance,
-    and quota's max rank load over the rounded-up mean rank load (a lower bound of the optimum) for every matrix."""
+    """Return the ``count`` matrices that quota (balance_target=1.0) balances worst, and a ratio per matrix.
+
+    The ratio is quota's max rank load over the rounded-up mean rank load, a lower bound of the optimum.
+    """
     num_ranks = matrices.shape[1]
     layout = ExpertLayout.from_num_experts(matrices.shape[2], num_ranks, slots)
     planner = make_planner("quota", balance_target=1.0)

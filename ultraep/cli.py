@@ -49,20 +49,20 @@ def read_loads(path: str) -> torch.Tensor:
             raise CommandError(f"--loads file {path!r} is not valid JSON: {error}") from error
         if not isinstance(data, list):
             raise CommandError(
-                f"--loads file {path!r} holds a JSON {type(data).__name__}; it must hold a list of counts "
+                f"--loads file {path!r} contains a JSON {type(data).__name__}, but it must contain a list of counts "
                 "([num_experts]) or a list of rows ([num_ranks, num_experts])"
             )
         if any(isinstance(row, list) for row in data):
             lengths = [len(row) if isinstance(row, list) else None for row in data]
             if len(set(lengths)) > 1:
                 raise CommandError(
-                    f"--loads file {path!r} does not hold a rectangular array: its rows have {lengths} entries "
-                    "(None = not a row); every row needs num_experts entries"
+                    f"--loads file {path!r} does not contain a rectangular array: its rows have {lengths} entries "
+                    "(None = not a row). Give every row num_experts entries"
                 )
         try:
             array = np.asarray(data)
         except ValueError as error:
-            raise CommandError(f"--loads file {path!r} does not hold a rectangular array of numbers: {error}") from error
+            raise CommandError(f"--loads file {path!r} does not contain a rectangular array of numbers: {error}") from error
     else:
         raise CommandError(f"--loads file {path!r} must end in .npy or .json, got {file.suffix!r}")
     if array.dtype == object or array.dtype.kind not in "iuf":
@@ -71,7 +71,7 @@ def read_loads(path: str) -> torch.Tensor:
             f"with shape {list(array.shape)}"
         )
     if array.size == 0:
-        raise CommandError(f"--loads file {path!r} is empty (shape {list(array.shape)}); give one count per expert")
+        raise CommandError(f"--loads file {path!r} is empty (shape {list(array.shape)}). Give one count per expert")
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
             index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
@@ -121,7 +121,9 @@ def run_plan(args: argparse.Namespace) -> int:
     settings = {}
     if args.quota_setting:
         if args.planner != "quota":
-            raise CommandError(f"--quota-setting applies to --planner quota only, got --planner {args.planner}; drop it or plan with quota")
+            raise CommandError(
+                f"--quota-setting applies only to --planner quota, got --planner {args.planner}. Drop it or use --planner quota"
+            )
         from ultraep.sim.command import _parse_quota_settings
 
         try:

@@ -56,7 +56,7 @@ def test_plan_accepts_json_vector(tmp_path, capsys):
         pytest.param([1] * 8, ".json", ["--ranks", "3"], "num_experts=8 is not divisible by num_ranks=3", id="indivisible"),
         pytest.param([[2**61] * 2] * 2, ".npy", ["--ranks", "2"], "loads must be counts in \\[0, 34359738368\\]", id="overflow"),
         pytest.param([[1, 2], [3]], ".json", ["--ranks", "2"], r"rows have \[2, 1\] entries", id="ragged"),
-        pytest.param({"expert": 3}, ".json", ["--ranks", "2"], "holds a JSON dict; it must hold a list of counts", id="object"),
+        pytest.param({"expert": 3}, ".json", ["--ranks", "2"], "contains a JSON dict, but it must contain a list of counts", id="object"),
         pytest.param([], ".json", ["--ranks", "2"], r"is empty \(shape \[0\]\)", id="empty"),
         pytest.param([[1, 2]] * 3, ".json", ["--ranks", "2"], "--loads has 3 rows but --ranks is 2", id="rows"),
         pytest.param("x", ".csv", ["--ranks", "2"], "must end in .npy or .json, got '.csv'", id="suffix"),
@@ -99,7 +99,7 @@ def test_plan_quota_settings_change_the_plan(tmp_path, capsys):
     [
         (["--quota-setting", "copy_cost=-1"], r"copy_cost must be in \[0, 16777216\]"),
         (["--quota-setting", "speed=3"], "NAME one of"),
-        (["--quota-setting", "copy_cost=60", "--planner", "pairing"], "applies to --planner quota only"),
+        (["--quota-setting", "copy_cost=60", "--planner", "pairing"], "applies only to --planner quota, got --planner pairing"),
         (["--quota-setting", "copy_cost=60", "--quota-setting", "copy_cost=0"], "copy_cost is given twice"),
         (["--quota-setting", "num_rounds=some"], "num_rounds takes int or none, got 'some'"),
     ],

@@ -110,7 +110,7 @@ PLAN_CASES = [
         64, 4, 2, "zipf", seed=11,
         config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8),
     ),
-    # Hand-checked in test_quota.py: only the by-master-quota family reaches this plan's peak, and the
+    # Hand-checked in test_quota.py: only the by-master-quota anchor reaches this plan's peak, and the
     # first-chunk term and the relay sender count decide the two after it.
     PlanCase(
         "ep6_e6_s1_by_master_quota", 6, 1, 1, "first_row", first_row=(22, 11, 17, 10, 11, 22),

@@ -345,13 +345,13 @@ def test_copy_settings_are_validated(settings_, error, message):
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
-def test_master_quota_family_reaches_the_mean(backend):
-    # Six ranks with one expert and one slot each; rank 0 produces every assignment. At the threshold
+def test_master_quota_anchor_reaches_mean(backend):
+    # Six ranks with one expert and one slot each. Rank 0 produces every assignment. At the threshold
     # 16 (the rounded-up mean of 93 / 6) ranks 0 and 5 must shed 6 and rank 2 must shed 1, into
     # spares of 6 (rank 3), 5 (rank 1) and 5 (rank 4). Taken by their masters' remaining quota, the
     # pieces go to the receivers in spare order: 6 of expert 0 to rank 3, 5 of expert 5 to rank 1 and
     # 5 of expert 2 to rank 4. Rank 2 drops to 12 and takes the last 4 of expert 5's excess in the
-    # next round. The anchor families end at 17 on this load.
+    # next round. The other anchors end at 17 on this load.
     loads = torch.zeros(6, 6, dtype=torch.int64)
     loads[0] = torch.tensor([22, 11, 17, 10, 11, 22])
     plan = QuotaPlanner(QuotaConfig(balance_target=1.0), backend=backend)(loads, ExpertLayout(6, 1, 1))

@@ -242,6 +242,8 @@ def _quota_plan_kernel(
         # By master quota: the j-th receiver takes the j-th positive piece by its master's remaining
         # quota, lower drain position first on ties (padded positions keep that order). Each piece
         # has one receiver, so the receiver's line index serves as its segment.
+        # NOTE: the anchor is a run-time value, so every program runs this sort and the taker search
+        # below, though only the BY_MASTER_QUOTA programs use them; their GPU cost is not measured.
         flat_position = tl.broadcast_to((ranks[:, None] * M_P2 + local_idx[None, :])[None, :, :], [T_P2, R_P2, M_P2])
         piece_key = tl.where(pieces > 0, master_quota * Q_P2 + (Q_P2 - 1 - flat_position), -1)
         piece_key = _sort_rows(tl.reshape(piece_key, [T_P2, Q_P2]), LOG_Q, True, INTERPRETED)
@@ -298,7 +300,7 @@ def _quota_plan_kernel(
         taken_before = tl.where(line_pos > 0, tl.gather(taken_through, tl.maximum(line_pos - 1, 0), 1), 0)
         drained = tl.reshape(tl.gather(taken_through, line_pos, 1) - taken_before, [T_P2, R_P2, M_P2])
         # By master quota, receivers are not grouped along the donor line, but each drain position has
-        # at most one taker: sort the takers by position and find each position's taker by search.
+        # at most one taker. So the takers are sorted by position, and a search finds each position's taker.
         taker_key = _sort_rows(tl.where(take, position.to(tl.int64) * R_P2 + line_idx, _BIG), LOG_R, False, INTERPRETED)
         position_key = tl.broadcast_to(tl.arange(0, Q_P2)[None, :].to(tl.int64) * R_P2, [T_P2, Q_P2])
         takers_before = _count_not_above(taker_key, position_key - 1, R_P2, LOG_R)  # [T_P2, Q_P2] rank-major

@@ -464,7 +464,7 @@ def _parse_quota_settings(items: list[str], implied: dict | None = None) -> tupl
         except ValueError as error:
             raise ValueError(f"--quota-setting {name} takes {kind}, got {text!r}") from error
         if name in settings:
-            raise ValueError(f"--quota-setting {name} is given twice ({settings[name]!r} and {value!r}); give it once")
+            raise ValueError(f"--quota-setting {name} is given twice ({settings[name]!r} and {value!r}). Give it once")
         settings[name] = value
     try:
         QuotaConfig(**{**(implied or {}), **settings})
