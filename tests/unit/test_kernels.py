@@ -110,10 +110,15 @@ PLAN_CASES = [
         64, 4, 2, "zipf", seed=11,
         config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8),
     ),
-    # Hand-checked in test_quota.py: only the by-master-quota anchor reaches this plan's peak, and the
-    # first-chunk term and the relay sender count decide the two after it.
+    # Hand-checked in test_quota.py: only the by-master-quota anchor reaches the first plan's peak, the
+    # capacity floor sets the second one's, and the first-chunk term and the relay sender count decide
+    # the last two.
     PlanCase(
         "ep6_e6_s1_by_master_quota", 6, 1, 1, "first_row", first_row=(22, 11, 17, 10, 11, 22),
+        config=QuotaConfig(balance_target=1.0),
+    ),
+    PlanCase(
+        "ep3_e6_s1_capacity_floor", 3, 2, 1, "first_row", first_row=(30, 30, 0, 0, 30, 20),
         config=QuotaConfig(balance_target=1.0),
     ),
     PlanCase(

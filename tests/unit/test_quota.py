@@ -361,6 +361,48 @@ def test_master_quota_anchor_reaches_mean(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
+def test_threshold_ladder_starts_at_the_capacity_floor(backend):
+    # Three ranks with two experts and one slot each; rank 0 produces every assignment. Expert loads
+    # are 30, 30 | 0, 0 | 30, 20, so the rank loads are 60, 0 and 50 (rounded-up mean 37). Rank 1 can
+    # take one expert of at most 30, so ranks 0 and 2 keep at least 80 and one of them at least 40.
+    # A ladder that starts at 37 steps over 40 (its thresholds near it are 39 and 41) and ends at 41.
+    loads = torch.zeros(3, 6, dtype=torch.int64)
+    loads[0] = torch.tensor([30, 30, 0, 0, 30, 20])
+    plan = QuotaPlanner(QuotaConfig(balance_target=1.0), backend=backend)(loads, ExpertLayout(3, 2, 1))
+    assert plan.rank_load().tolist() == [40, 30, 40]
+    assert plan.replica_expert_ids.view(-1).tolist() == [-1, 4, 0]
+    assert plan.quota.tolist() == [10, 30, 0, 0, 0, 30, 0, 20, 20]
+
+
+def test_load_floor_is_a_lower_bound_of_the_optimum():
+    from ultraep.planners.milp import solve_milp
+    from ultraep.planners.quota import _constants, _load_floor
+
+    gen = torch.Generator().manual_seed(3)
+    raised = 0
+    for layout in [ExpertLayout(3, 2, 1), ExpertLayout(4, 3, 1), ExpertLayout(4, 2, 2), ExpertLayout(5, 2, 1)] * 3:
+        loads = torch.randint(0, 40, (layout.num_ranks, layout.num_experts), generator=gen)
+        cold = int(torch.randint(0, layout.num_ranks, (1,), generator=gen))
+        loads[:, cold * layout.experts_per_rank : (cold + 1) * layout.experts_per_rank] //= 10
+        expert_load = loads.sum(dim=0)
+        floor = int(
+            _load_floor(
+                expert_load,
+                expert_load.view(layout.num_ranks, -1).sum(dim=1),
+                expert_load.sum(),
+                layout,
+                _constants(layout, loads.device),
+            )
+        )
+        ceil_mean = -(-int(expert_load.sum()) // layout.num_ranks)
+        optimum = solve_milp(loads, layout, time_limit=20.0)
+        assert optimum.status == "optimal"
+        assert ceil_mean <= floor <= optimum.lower_bound, (layout, loads.tolist())
+        raised += floor > ceil_mean
+    assert raised >= 3  # the cold rank lifts the floor above the mean in several instances
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
 def test_copy_cost_first_chunk_term_decides(backend):
     # Rank 0 produces every assignment: experts 0, 1, 2 (one per rank) carry 2, 35 and 57.
     # Copying 30 of expert 2 to rank 0 costs sync = 15 (one copy in, one out). Rank 0 then takes

@@ -175,15 +175,33 @@ def _quota_plan_kernel(
         expert_load += tl.sum(tl.load(ptrs, mask=mask, other=0).to(tl.int64), axis=0)
     master_rank_load = tl.sum(expert_load, axis=1)  # [R_P2]
     total = tl.sum(master_rank_load, axis=0)
-    ceil_mean = (total + NUM_RANKS - 1) // NUM_RANKS
+    # Load floor (reference: _load_floor). A rank's capacity is its masters' load plus the SLOTS
+    # largest experts of other ranks, taken one slot at a time by unique key.
+    expert_key = tl.where(master_ok, expert_load * NUM_EXPERTS + (NUM_EXPERTS - 1 - expert_ids), -1)[None, :, :]
+    other_rank = (ranks[:, None] != ranks[None, :])[:, :, None]  # [R_P2 (rank), R_P2 (owner), 1]
+    counted_from = tl.full([R_P2], _BIG, tl.int64)  # keys at or above this are already counted
+    extra = tl.zeros([R_P2], tl.int64)
+    for _ in tl.static_range(SLOTS):
+        candidate_key = tl.where(other_rank & (expert_key < counted_from[:, None, None]), expert_key, -1)
+        counted_from = tl.max(tl.max(candidate_key, axis=2), axis=1)  # [R_P2]
+        extra += tl.maximum(counted_from, 0) // NUM_EXPERTS
+    capacity = master_rank_load + extra
+    # The capacities below each rank's in ascending order (lower rank first on ties): their sum and count.
+    before = rank_ok[None, :] & (
+        (capacity[None, :] < capacity[:, None])
+        | ((capacity[None, :] == capacity[:, None]) & (ranks[None, :] < ranks[:, None]))
+    )  # [R_P2, R_P2]
+    below = tl.sum(tl.where(before, capacity[None, :], 0), axis=1)
+    rest = tl.maximum(NUM_RANKS - tl.sum(before.to(tl.int64), axis=1), 1)
+    floor_load = tl.max(tl.where(rank_ok & (total > below), (total - below + rest - 1) // rest, 0), axis=0)
     max_load = tl.max(master_rank_load, axis=0)
-    gap = tl.maximum(max_load - ceil_mean, 0)
+    gap = tl.maximum(max_load - floor_load, 0)
     step_q = tl.zeros([T_P2], tl.int64)
     for i in tl.static_range(NUM_THRESHOLDS):
         step_q = tl.where(candidates == i, STEPS[i], step_q)
     mean_part = (total * step_q) // (NUM_RANKS * FRACTION_SCALE)
     gap_part = (gap * step_q) // FRACTION_SCALE
-    thresholds = tl.minimum(ceil_mean + tl.where(candidates < NUM_MEAN_STEPS, mean_part, gap_part), max_load)
+    thresholds = tl.minimum(floor_load + tl.where(candidates < NUM_MEAN_STEPS, mean_part, gap_part), max_load)
     threshold_col = thresholds[:, None]  # [T_P2, 1]
     min_quota = tl.maximum((total * fraction_q) // (NUM_RANKS * FRACTION_SCALE), min_replica_quota)
     family = pid // NUM_TILES

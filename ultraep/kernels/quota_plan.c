@@ -96,6 +96,33 @@ static int64_t order_by_value(const int64_t *value, int64_t n, int64_t *order, i
     return count;
 }
 
+/* Returns a lower bound of every plan's max rank load (_load_floor in quota.py). A rank ends with at
+ * most its masters' load plus its S slots filled with the S largest experts of other ranks (its
+ * capacity); the k smallest capacities leave at least total minus their sum to the other R - k ranks.
+ * Scratch: order [R * P], capacity [R], keys [2 * R * P] words. */
+static int64_t load_floor(const int64_t *expert_load, const int64_t *master_rank_load, int64_t total, int64_t R,
+                          int64_t P, int64_t S, int64_t *order, int64_t *capacity, int64_t *keys) {
+    const int64_t E = R * P, K = min64(E, S + P); /* the S largest of other ranks are among the S + P largest */
+    order_by_value(expert_load, E, order, keys);
+    for (int64_t r = 0; r < R; ++r) {
+        int64_t sum = 0, counted = 0;
+        for (int64_t i = 0; i < K && counted < S; ++i) {
+            if (order[i] / P == r) continue;
+            sum += expert_load[order[i]];
+            ++counted;
+        }
+        capacity[r] = master_rank_load[r] + sum;
+    }
+    order_by_value(capacity, R, order, keys); /* descending; walk it from the end */
+    int64_t bound = 0, below = 0;
+    for (int64_t k = 0; k < R; ++k) {
+        const int64_t need = total - below, rest = R - k;
+        if (need > 0) bound = max64(bound, floor_div(need + rest - 1, rest));
+        below += capacity[order[R - 1 - k]];
+    }
+    return bound;
+}
+
 /* Copies the busiest sender of a two-level relay tree sends for n copies: the least f >= 1 with
  * f * (f + 1) >= n, 0 for n = 0 (relay_sender_copies in quota.py). */
 static int64_t relay_sender_copies(int64_t n) {
@@ -218,12 +245,13 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         total += sum;
         if (sum > top) top = sum;
     }
-    const int64_t ceil_mean = floor_div(total + R - 1, R);
-    const int64_t gap = max64(top - ceil_mean, 0);
+    /* piece_segment, excess and ranked serve as scratch here; the rounds overwrite them. */
+    const int64_t floor_load = load_floor(expert_load, master_rank_load, total, R, P, S, piece_segment, excess, ranked);
+    const int64_t gap = max64(top - floor_load, 0);
     for (int64_t t = 0; t < num_mean_steps; ++t)
-        thresholds[t] = min64(ceil_mean + floor_div(mul_wrap(total, mean_steps[t]), R * fraction_scale), top);
+        thresholds[t] = min64(floor_load + floor_div(mul_wrap(total, mean_steps[t]), R * fraction_scale), top);
     for (int64_t t = 0; t < num_gap_steps; ++t)
-        thresholds[num_mean_steps + t] = min64(ceil_mean + floor_div(mul_wrap(gap, gap_steps[t]), fraction_scale), top);
+        thresholds[num_mean_steps + t] = min64(floor_load + floor_div(mul_wrap(gap, gap_steps[t]), fraction_scale), top);
     for (int64_t f = 1; f < F; ++f)
         for (int64_t t = 0; t < T; ++t) thresholds[f * T + t] = thresholds[t];
     const int64_t min_quota = max64(floor_div(mul_wrap(total, fraction_q), R * fraction_scale), min_replica_quota);
