@@ -43,19 +43,31 @@ static int64_t floor_div(int64_t a, int64_t b) {
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* Sorts keys[0..n) in descending order with a bottom-up merge sort; buffer has room for n more words. */
+/* Puts the larger of keys[i] and keys[j] first, without a branch. */
+static void order_pair(int64_t *keys, int64_t i, int64_t j) {
+    const int64_t x = keys[i], y = keys[j];
+    keys[i] = x > y ? x : y;
+    keys[j] = x > y ? y : x;
+}
+
+/* Sorts keys[0..n) in descending order with a bottom-up merge sort; buffer has room for n more words.
+ * Runs of 4 are sorted first by a 5-step network, which needs no data-dependent branch. */
 static void sort_descending(int64_t *keys, int64_t n, int64_t *buffer) {
-    for (int64_t i = 1; i < n; ++i) { /* insertion sort of runs of 8 */
-        if (i % 8 == 0) continue;
-        int64_t key = keys[i], j = i;
-        while (j % 8 != 0 && keys[j - 1] < key) {
-            keys[j] = keys[j - 1];
-            --j;
-        }
-        keys[j] = key;
+    int64_t lo = 0;
+    for (; lo + 4 <= n; lo += 4) {
+        order_pair(keys, lo, lo + 1);
+        order_pair(keys, lo + 2, lo + 3);
+        order_pair(keys, lo, lo + 2);
+        order_pair(keys, lo + 1, lo + 3);
+        order_pair(keys, lo + 1, lo + 2);
+    }
+    if (lo + 1 < n) order_pair(keys, lo, lo + 1); /* a last run of 2 or 3 */
+    if (lo + 2 < n) {
+        order_pair(keys, lo + 1, lo + 2);
+        order_pair(keys, lo, lo + 1);
     }
     int64_t *from = keys, *to = buffer;
-    for (int64_t width = 8; width < n; width *= 2) {
+    for (int64_t width = 4; width < n; width *= 2) {
         for (int64_t lo = 0; lo < n; lo += 2 * width) {
             int64_t mid = min64(lo + width, n), hi = min64(lo + 2 * width, n);
             int64_t a = lo, b = mid, k = lo;
@@ -85,14 +97,20 @@ static int64_t order_by_value(const int64_t *value, int64_t n, int64_t *order, i
     int bits = 0;
     while (((int64_t)1 << bits) < n) ++bits;
     const int64_t mask = ((int64_t)1 << bits) - 1;
-    int64_t count = 0;
-    for (int64_t i = 0; i < n; ++i)
-        if (value[i] > 0) scratch[count++] = (value[i] << bits) | (n - 1 - i);
+    /* Branch-free compaction, since the sign of value[i] is unpredictable: each pass writes every
+     * entry and advances past it only when it belongs there. The zero indices gather at the front
+     * of order and move behind the positive ones at the end. */
+    int64_t count = 0, zeros = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t positive = value[i] > 0;
+        scratch[count] = (value[i] << bits) | (n - 1 - i);
+        count += positive;
+        order[zeros] = i;
+        zeros += 1 - positive;
+    }
+    memmove(order + count, order, (size_t)zeros * sizeof(int64_t));
     sort_descending(scratch, count, scratch + n);
     for (int64_t k = 0; k < count; ++k) order[k] = n - 1 - (scratch[k] & mask);
-    int64_t next = count;
-    for (int64_t i = 0; i < n; ++i)
-        if (value[i] <= 0) order[next++] = i;
     return count;
 }
 
@@ -283,8 +301,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         int64_t *slot_quota = slot_pos + R * S;
         /* A candidate with the threshold and anchor of an earlier one ends in the same state. */
         int64_t same = -1;
-        for (int64_t prev = 0; prev < c && same < 0; ++prev)
-            if (thresholds[prev] == threshold && prev / T == family) same = prev;
+        for (int64_t prev = family * T; prev < c && same < 0; ++prev)
+            if (thresholds[prev] == threshold) same = prev;
         if (same >= 0) {
             memcpy(rank_load, states + same * state_words, (size_t)state_words * sizeof(int64_t));
             continue;
