@@ -52,6 +52,13 @@ def read_loads(path: str) -> torch.Tensor:
                 f"--loads file {path!r} contains a JSON {type(data).__name__}, but it must contain a list of counts "
                 "([num_experts]) or a list of rows ([num_ranks, num_experts])"
             )
+        flat = [value for row in data for value in (row if isinstance(row, list) else [row])]
+        flags = [value for value in flat if isinstance(value, bool)]
+        if flags:
+            raise CommandError(
+                f"--loads file {path!r} contains the JSON boolean {str(flags[0]).lower()}; loads must be whole "
+                "assignment counts such as 0 or 12"
+            )
         if any(isinstance(row, list) for row in data):
             lengths = [len(row) if isinstance(row, list) else None for row in data]
             if len(set(lengths)) > 1:
@@ -98,11 +105,22 @@ def read_loads(path: str) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int64))
 
 
+# Layout errors name the command-line flags rather than the ExpertLayout fields behind them.
+_LAYOUT_FLAGS = (
+    ("ExpertLayout.redundant_slots_per_rank", "--slots"),
+    ("ExpertLayout.num_ranks", "--ranks"),
+    ("num_ranks=", "--ranks "),
+)
+
+
 def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:
     try:
         return ExpertLayout.from_num_experts(num_experts, ranks, slots)
     except (ValueError, TypeError) as error:
-        raise CommandError(str(error)) from error
+        message = str(error)
+        for field, flag in _LAYOUT_FLAGS:
+            message = message.replace(field, flag)
+        raise CommandError(message) from error
 
 
 # ultraep plan

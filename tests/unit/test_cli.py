@@ -53,7 +53,10 @@ def test_plan_accepts_json_vector(tmp_path, capsys):
         pytest.param([[1.5, 2.0], [1.0, 1.0]], ".json", ["--ranks", "2"], "is 1.5; loads must be whole assignment counts", id="fraction"),
         pytest.param([[float("nan"), 2.0], [1.0, 1.0]], ".npy", ["--ranks", "2"], "is nan; loads must be finite", id="nan"),
         pytest.param([[-5, 2], [1, 1]], ".json", ["--ranks", "2"], r"entry \[0, 0\] is -5; loads must be counts", id="negative"),
-        pytest.param([1] * 8, ".json", ["--ranks", "3"], "num_experts=8 is not divisible by num_ranks=3", id="indivisible"),
+        pytest.param(
+            [1] * 8, ".json", ["--ranks", "3"], "num_experts=8 is not divisible by --ranks 3.*use --ranks 2 or 4", id="indivisible"
+        ),
+        pytest.param([[1, True], [2, 2]], ".json", ["--ranks", "2"], "contains the JSON boolean true", id="boolean"),
         pytest.param([[2**61] * 2] * 2, ".npy", ["--ranks", "2"], "loads must be counts in \\[0, 34359738368\\]", id="overflow"),
         pytest.param([[1, 2], [3]], ".json", ["--ranks", "2"], r"rows have \[2, 1\] entries", id="ragged"),
         pytest.param({"expert": 3}, ".json", ["--ranks", "2"], "contains a JSON dict, but it must contain a list of counts", id="object"),
