@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from ultraep.layout import ExpertLayout
+from ultraep.layout import ExpertLayout, check_load_matrix
 from ultraep.plan import Plan
 from ultraep.planners.base import Planner, masters_only_plan
 
@@ -54,6 +54,7 @@ __all__ = [
     "QuotaConfig",
     "QuotaPlanner",
     "copy_cost_in_assignments",
+    "load_floor",
     "plan_reference",
     "relay_sender_copies",
 ]
@@ -365,6 +366,22 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     slot_expert = torch.where(slot_pos >= 0, drain_expert[slot_pos.clamp(min=0)], -1)
     master_quota = torch.empty_like(master_quota).scatter_(1, drain_expert.expand(num_candidates, -1), master_quota)
     return _CandidateState(thresholds, rank_load, master_quota, slot_expert, slot_quota, total)
+
+
+def load_floor(loads: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """Return a lower bound of the max rank load of every plan for ``loads`` (the load floor).
+
+    loads: [num_ranks, num_experts] integer tensor, any device, entries >= 0.
+    Returns a 0-dim int64 tensor on ``loads.device``: at least the rounded-up mean rank load, and
+    higher when some ranks cannot reach the mean even with their redundant slots holding the largest
+    experts of other ranks. No plan that keeps the masters in place and puts at most one instance of
+    an expert on a rank goes below it. The quota planner's threshold ladder starts here.
+    """
+    check_load_matrix(loads, layout)
+    loads = loads.to(torch.int64)
+    expert_load = loads.sum(dim=0)
+    master_rank_load = expert_load.view(layout.num_ranks, layout.experts_per_rank).sum(dim=1)
+    return _load_floor(expert_load, master_rank_load, expert_load.sum(), layout, _constants(layout, loads.device))
 
 
 def _load_floor(
