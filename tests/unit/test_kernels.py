@@ -111,8 +111,8 @@ PLAN_CASES = [
         config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8),
     ),
     # Hand-checked in test_quota.py: only the by-master-quota anchor reaches the first plan's peak, the
-    # capacity floor sets the second one's, and the first-chunk term and the relay sender count decide
-    # the last two.
+    # capacity floor sets the second one's, the first-chunk term and the relay sender count decide the
+    # next two, and the training passes the last one.
     PlanCase(
         "ep6_e6_s1_by_master_quota", 6, 1, 1, "first_row", first_row=(22, 11, 17, 10, 11, 22),
         config=QuotaConfig(balance_target=1.0),
@@ -128,6 +128,14 @@ PLAN_CASES = [
     PlanCase(
         "ep5_e5_s1_copy_relay_senders", 5, 1, 1, "first_row", first_row=(14, 89, 20, 12, 25),
         config=QuotaConfig(copy_cost=32, copy_overlap=True),
+    ),
+    PlanCase(
+        "ep2_e2_s1_copy_training_passes", 2, 1, 1, "first_row", first_row=(100, 90),
+        config=QuotaConfig(copy_cost=60, copy_overlap=True, gemm_passes=3),
+    ),
+    PlanCase(
+        "ep16_e64_s2_copy_cost_training_4_chunks",
+        16, 4, 2, "zipf", seed=13, config=QuotaConfig(copy_cost=400, copy_overlap=True, copy_chunks=4, gemm_passes=3),
     ),
     PlanCase(
         "ep8_e64_s1_copy_cost_8_chunks_4_per_program",

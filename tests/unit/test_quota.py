@@ -337,6 +337,8 @@ def test_copy_cost_in_assignments_for_a_swiglu_expert():
         ({"copy_cost": True}, TypeError, "copy_cost must be an int, got True"),
         ({"copy_chunks": 0}, ValueError, "copy_chunks must be in"),
         ({"copy_overlap": 1}, TypeError, "copy_overlap must be a bool, got 1"),
+        ({"gemm_passes": 0}, ValueError, "gemm_passes must be in \\[1, 16\\], got 0; use 1 for inference and 3"),
+        ({"gemm_passes": 3.0}, TypeError, "gemm_passes must be an int, got 3.0"),
     ],
 )
 def test_copy_settings_are_validated(settings_, error, message):
@@ -408,6 +410,21 @@ def test_copy_cost_first_chunk_term_decides(backend):
     plan = QuotaPlanner(config, backend=backend)(loads, ExpertLayout(3, 1, 1))
     assert plan.quota.tolist() == [2, 30, 35, 0, 27, 0]
     assert plan.replica_expert_ids.tolist() == [[2], [-1], [-1]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("gemm_passes, replicas, quota", [(1, [-1, 0], [95, 0, 90, 5]), (3, [-1, -1], [100, 0, 90, 0])])
+def test_copy_hides_only_behind_the_forward_in_training(backend, gemm_passes, replicas, quota):
+    # Rank 0 produces every assignment: expert 0 (rank 0) carries 100, expert 1 (rank 1) 90. Moving 5
+    # of expert 0 to rank 1 balances both at 95, and its copy (60) arrives during rank 1's 90 of
+    # master work. In training that work is 30 of forward and 60 of backward, and the copy can hide
+    # only behind the forward: rank 1 takes 5 + 90 + (60 - 30) = 125, worse than the masters' 100.
+    loads = torch.zeros(2, 2, dtype=torch.int64)
+    loads[0] = torch.tensor([100, 90])
+    config = QuotaConfig(copy_cost=60, copy_overlap=True, gemm_passes=gemm_passes)
+    plan = QuotaPlanner(config, backend=backend)(loads, ExpertLayout(2, 1, 1))
+    assert plan.replica_expert_ids.view(-1).tolist() == replicas
+    assert plan.quota.tolist() == quota
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])

@@ -711,11 +711,12 @@ def test_copy_cost_settings_follow_model_link_and_sync():
     # divided by the assignment scale top_k / trace top-k = 2 / 6.
     expected = round(gb200.peak_flops * 0.7 / (gb200.nvlink_bytes_per_s * 0.8) / (2 / 6))
     assert copy_cost_settings(workload, model, gb200, CostSettings(mode="prefill")) == (
-        ("copy_cost", expected), ("copy_overlap", False), ("copy_chunks", 1),
+        ("copy_cost", expected), ("copy_overlap", False), ("copy_chunks", 1), ("gemm_passes", 1),
     )
     # Training: three GEMM passes per assignment against one copy per forward.
     training = dict(copy_cost_settings(workload, model, gb200, CostSettings(mode="train")))
     assert training["copy_cost"] == round(gb200.peak_flops * 0.7 / (gb200.nvlink_bytes_per_s * 0.8) / (2 / 6) / 3)
+    assert training["gemm_passes"] == 3
     pipelined = CostSettings(overlap_sync=True, pipeline_replicas=True, sync_chunks=8)
     assert dict(copy_cost_settings(workload, model, gb200, pipelined))["copy_chunks"] == 8
     # An EP group larger than the NVLink domain copies over the network.

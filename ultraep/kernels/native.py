@@ -115,7 +115,7 @@ def _library() -> ctypes.CDLL | Exception:
             return error
     function = library.ultraep_quota_plan
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 9 + [ctypes.c_void_p] * 2
+    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 10 + [ctypes.c_void_p] * 2
     return library
 
 
@@ -182,6 +182,7 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
         config.copy_cost,
         int(config.copy_overlap),
         config.copy_chunks,
+        config.gemm_passes,
         slot_expert.data_ptr(),
         quota.data_ptr(),
     )

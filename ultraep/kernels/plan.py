@@ -122,6 +122,7 @@ def _quota_plan_kernel(
     copy_cost,  # QuotaConfig.copy_cost (> 0 only with COPY_AWARE)
     copy_overlap,  # QuotaConfig.copy_overlap as 0 or 1
     copy_chunks,  # QuotaConfig.copy_chunks
+    gemm_passes,  # QuotaConfig.gemm_passes
     NUM_RANKS: tl.constexpr,
     EXPERTS_PER_RANK: tl.constexpr,
     SLOTS: tl.constexpr,  # redundant slots per rank (>= 1)
@@ -355,9 +356,11 @@ def _quota_plan_kernel(
         copies_out = tl.sum(sender_copies, axis=2)
         sync = tl.max(tl.maximum(copies_in, copies_out), axis=1) * copy_cost  # [T_P2]
         replica_load = rank_load - tl.sum(master_quota, axis=2)
-        first_chunk = sync[:, None] // copy_chunks + replica_load
-        last_chunk = sync[:, None] + replica_load * (copy_chunks + 2) // (3 * copy_chunks)
-        busy = tl.maximum(rank_load, tl.maximum(first_chunk, last_chunk))
+        forward_sync = sync[:, None] * gemm_passes  # in units of one assignment's forward GEMM
+        first_chunk = forward_sync // copy_chunks + replica_load
+        last_chunk = forward_sync + replica_load * (copy_chunks + 2) // (3 * copy_chunks)
+        forward = tl.maximum(rank_load, tl.maximum(first_chunk, last_chunk))
+        busy = (rank_load * (gemm_passes - 1) + forward) // gemm_passes
         overlapped_peak = tl.max(tl.where(copies_in > 0, busy, rank_load), axis=1)
         peak = tl.minimum(tl.where(copy_overlap != 0, overlapped_peak, peak + sync), COSTED_PEAK_LIMIT)
     num_replicas = tl.sum(tl.sum((slot_pos >= 0).to(tl.int64), axis=2), axis=1)
@@ -554,6 +557,7 @@ def plan_quota_triton(
         config.copy_cost,
         int(config.copy_overlap),
         config.copy_chunks,
+        config.gemm_passes,
         **c,
         num_warps=launch.num_warps,
     )

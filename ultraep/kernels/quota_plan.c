@@ -154,7 +154,7 @@ static int64_t relay_sender_copies(int64_t n) {
  * masters are positions r * P .. r * P + P - 1 in either order. fan: [R * P] scratch. */
 static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota, const int64_t *slot_pos, int64_t R,
                            int64_t P, int64_t S, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
-                           int64_t *fan) {
+                           int64_t gemm_passes, int64_t *fan) {
     memset(fan, 0, (size_t)(R * P) * sizeof(int64_t));
     for (int64_t i = 0; i < R * S; ++i)
         if (slot_pos[i] >= 0) fan[slot_pos[i]] += 1;
@@ -174,9 +174,11 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
             for (int64_t s = 0; s < S; ++s) in += slot_pos[r * S + s] >= 0;
             for (int64_t p = 0; p < P; ++p) masters += master_quota[r * P + p];
             if (in > 0) {
-                const int64_t replica_load = rank_load[r] - masters;
-                t = max64(t, floor_div(sync, copy_chunks) + replica_load);
-                t = max64(t, sync + floor_div(replica_load * (copy_chunks + 2), 3 * copy_chunks));
+                /* The forward in units of one assignment's forward GEMM, then the backward added. */
+                const int64_t replica_load = rank_load[r] - masters, forward_sync = sync * gemm_passes;
+                int64_t forward = max64(t, floor_div(forward_sync, copy_chunks) + replica_load);
+                forward = max64(forward, forward_sync + floor_div(replica_load * (copy_chunks + 2), 3 * copy_chunks));
+                t = floor_div(rank_load[r] * (gemm_passes - 1) + forward, gemm_passes);
             }
         }
         peak = max64(peak, t);
@@ -190,7 +192,7 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
  * mean_steps:       [num_mean_steps] fixed-point fractions of the mean rank load.
  * gap_steps:        [num_gap_steps] fixed-point fractions of the gap to the unbalanced maximum.
  * anchors:          [num_anchors] receiver anchor points in quarters, or BY_MASTER_QUOTA.
- * copy_cost, copy_overlap, copy_chunks: QuotaConfig's copy model; copy_cost 0 compares plain peaks.
+ * copy_cost, copy_overlap, copy_chunks, gemm_passes: QuotaConfig's copy model; copy_cost 0 compares plain peaks.
  * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
  * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
  * Returns 0, or ERR_ARGS / ERR_MEMORY.
@@ -200,9 +202,10 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                        int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors, int64_t fraction_scale,
                        int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
                        int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
-                       int64_t *out_slot_expert, int64_t *out_quota) {
+                       int64_t gemm_passes, int64_t *out_slot_expert, int64_t *out_quota) {
     if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 ||
-        num_mean_steps + num_gap_steps < 1 || fraction_scale < 1 || copy_cost < 0 || copy_chunks < 1)
+        num_mean_steps + num_gap_steps < 1 || fraction_scale < 1 || copy_cost < 0 || copy_chunks < 1 ||
+        gemm_passes < 1)
         return ERR_ARGS;
     const int64_t R = num_ranks, P = experts_per_rank, S = slots, E = R * P;
     /* Candidate (o, a, t): receiver order o (most, then least spare first), anchor a, threshold t. */
@@ -440,7 +443,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                 }
             }
         }
-        if (copy_cost > 0) m = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks, fan);
+        if (copy_cost > 0) m = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks, gemm_passes,
+                                          fan);
         max_load[c] = m;
         num_replicas[c] = n;
         local[c] = l;

@@ -33,7 +33,10 @@ where a master sends the copies of its experts through two-level relay trees
 ``max rank load + sync``. With it, a rank holding replicas takes
 ``max(load, sync / n + replica load, sync + replica load * (n + 2) / (3 n))`` for ``n = copy_chunks``:
 the copies arrive during its masters' GEMM, chunk by chunk, and the down projection (a third of
-the replica work) waits for the last chunk. Ranks without replicas take their load. The
+the replica work) waits for the last chunk. In training (``gemm_passes = k = 3``) an assignment's time
+covers its forward and backward GEMMs, but the copies can hide only behind the forward, a ``1 / k``
+share: that formula then runs in forward units with ``k * sync``, and the backward's
+``(k - 1) * load`` is added before dividing by ``k``. Ranks without replicas take their load. The
 masters-only plan is always a candidate, so by this measure the chosen plan is never slower than
 no balancing. The copy cost changes only this choice, not the matching.
 """
@@ -146,6 +149,10 @@ class QuotaConfig:
     copy_chunks: int = 1
     """Chunks each copy arrives in, with ``copy_overlap`` (``ManagerConfig.pipeline_replicas`` with its
     ``num_chunks``): a replica's gate and up projections, 2/3 of its GEMM time, run chunk by chunk."""
+    gemm_passes: int = 1
+    """GEMM passes that one assignment of ``copy_cost``'s unit covers: 1 in inference (the forward), 3 in
+    training (forward, data gradient and weight gradient). With ``copy_overlap`` a copy can hide only
+    behind the forward pass, ``1 / gemm_passes`` of each assignment's time."""
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.balance_target < 1e6:
@@ -158,7 +165,7 @@ class QuotaConfig:
             raise ValueError(
                 f"QuotaConfig.min_replica_fraction must be in [0, 1), got {self.min_replica_fraction}"
             )
-        for name in ("copy_cost", "copy_chunks"):
+        for name in ("copy_cost", "copy_chunks", "gemm_passes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"QuotaConfig.{name} must be an int, got {value!r}")
@@ -166,6 +173,10 @@ class QuotaConfig:
             raise ValueError(f"QuotaConfig.copy_cost must be in [0, {MAX_COPY_COST}] assignments, got {self.copy_cost}")
         if not 1 <= self.copy_chunks <= 1024:
             raise ValueError(f"QuotaConfig.copy_chunks must be in [1, 1024], got {self.copy_chunks}")
+        if not 1 <= self.gemm_passes <= 16:
+            raise ValueError(
+                f"QuotaConfig.gemm_passes must be in [1, 16], got {self.gemm_passes}; use 1 for inference and 3 for training"
+            )
         if not isinstance(self.copy_overlap, bool):
             raise TypeError(f"QuotaConfig.copy_overlap must be a bool, got {self.copy_overlap!r}")
         if self.copy_chunks > 1 and not self.copy_overlap:
@@ -187,7 +198,7 @@ class QuotaPlanner(Planner):
 
         Settings: ``balance_target`` (1.001), ``min_replica_quota`` (1), ``min_replica_fraction``
         (0.001), ``prefer_local`` (True), ``num_rounds`` (None: slots + 5), ``copy_cost`` (0),
-        ``copy_overlap`` (False), ``copy_chunks`` (1); see :class:`QuotaConfig`.
+        ``copy_overlap`` (False), ``copy_chunks`` (1), ``gemm_passes`` (1); see :class:`QuotaConfig`.
         backend: which implementation plans, as for :func:`ultraep.kernels.plan_quota`: ``"auto"``
           (compiled C on CPU tensors, Triton on CUDA tensors), ``"triton"``, ``"native"`` or ``"torch"``
           (the PyTorch reference, :func:`plan_reference`); ``None`` reads ``ULTRAEP_KERNEL_BACKEND``
@@ -506,12 +517,14 @@ def _costed_peak(state: _CandidateState, layout: ExpertLayout, config: QuotaConf
     copies_out = relay_sender_copies(fan).view(num_candidates, num_ranks, experts_per_rank).sum(dim=2)
     sync = torch.maximum(copies_in, copies_out).max(dim=1, keepdim=True).values * config.copy_cost  # [num_candidates, 1]
     if config.copy_overlap:
-        chunks = config.copy_chunks
+        chunks, passes = config.copy_chunks, config.gemm_passes
         master_load = state.master_quota.view(num_candidates, num_ranks, experts_per_rank).sum(dim=2)
         replica_load = state.rank_load - master_load
-        first_chunk = sync // chunks + replica_load
-        last_chunk = sync + replica_load * (chunks + 2) // (3 * chunks)
-        busy = torch.maximum(state.rank_load, torch.maximum(first_chunk, last_chunk))
+        forward_sync = sync * passes  # in units of one assignment's forward GEMM
+        first_chunk = forward_sync // chunks + replica_load
+        last_chunk = forward_sync + replica_load * (chunks + 2) // (3 * chunks)
+        forward = torch.maximum(state.rank_load, torch.maximum(first_chunk, last_chunk))
+        busy = (state.rank_load * (passes - 1) + forward) // passes
         peak = torch.where(copies_in > 0, busy, state.rank_load).max(dim=1).values
     else:
         peak = state.rank_load.max(dim=1).values + sync[:, 0]

@@ -450,7 +450,8 @@ def copy_cost_settings(
     NVLink when the group fits in one NVLink domain, the network otherwise. Its unit is one of the
     trace's assignments of grouped-GEMM time, scaled by ``model.top_k / trace top-k`` like the cost
     model. In training an assignment costs three GEMM passes (forward, data gradient, weight
-    gradient) while the planner counts one copy per replica, so the cost is a third of the prefill one.
+    gradient) while the planner counts one copy per replica, so the cost is a third of the prefill one,
+    and ``gemm_passes`` is 3, since a background copy hides only behind the forward pass.
     ``copy_overlap`` and ``copy_chunks`` follow ``overlap_sync``, ``pipeline_replicas`` and
     ``sync_chunks``.
     """
@@ -465,7 +466,12 @@ def copy_cost_settings(
         hardware.peak_flops * settings.efficiency.gemm,
     )
     chunks = settings.sync_chunks if settings.overlap_sync and settings.pipeline_replicas else 1
-    return (("copy_cost", cost), ("copy_overlap", settings.overlap_sync), ("copy_chunks", chunks))
+    return (
+        ("copy_cost", cost),
+        ("copy_overlap", settings.overlap_sync),
+        ("copy_chunks", chunks),
+        ("gemm_passes", gemm_passes),
+    )
 
 
 def plan_for_models(
