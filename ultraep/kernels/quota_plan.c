@@ -2,13 +2,16 @@
  *
  * The PyTorch reference runs every candidate threshold in one batch of tensor operations; here each
  * candidate runs on its own, in plain loops. The steps, their order and every integer formula follow
- * the reference (see its module docstring for the method). Two shortcuts leave the result unchanged:
+ * the reference (see its module docstring for the method). Three shortcuts leave the result unchanged:
  *
  * - A candidate stops when one of its rounds moves nothing: its state is then unchanged, so every
  *   later round would repeat that round.
  * - The sort keys are unique (value * num_ranks + tie-break), so a sort by key is one fixed
  *   permutation. Ranks whose value is 0 (no excess, no spare) keep ascending rank order after the
  *   ranks with a positive value, which is where the full sort puts them.
+ * - After a candidate's first round only the ranks that gave or took load have a new excess or
+ *   spare. The donor and receiver lines sort just those ranks and merge them into the others, which
+ *   are still in order, so the lines match a full sort.
  *
  * Products that the reference computes in int64 are computed here in uint64 and cast back, so the
  * rare overflow wraps the same way instead of being undefined behaviour.
@@ -114,9 +117,56 @@ static int64_t order_by_value(const int64_t *value, int64_t n, int64_t *order, i
     return count;
 }
 
+/* Keeps sorted[0..*count) equal to the descending keys that order_by_value sorts for the positive
+ * values, and writes their indices into order[0..*count). With num_touched < 0 it sorts all n
+ * values. Otherwise only the indices in touched[] (each once, marked in is_touched[]) changed value
+ * since the last call: the other keys keep their relative order, so the touched ones are sorted on
+ * their own and merged in, which gives the full sort's order. scratch has room for 2 * n words. */
+static void update_order(const int64_t *value, int64_t n, const int64_t *touched, int64_t num_touched,
+                         const unsigned char *is_touched, int64_t *sorted, int64_t *count, int64_t *order,
+                         int64_t *scratch) {
+    int bits = 0;
+    while (((int64_t)1 << bits) < n) ++bits;
+    const int64_t mask = ((int64_t)1 << bits) - 1;
+    if (num_touched < 0) {
+        int64_t positive_count = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            sorted[positive_count] = (value[i] << bits) | (n - 1 - i);
+            positive_count += value[i] > 0;
+        }
+        sort_descending(sorted, positive_count, scratch);
+        *count = positive_count;
+    } else {
+        int64_t kept = 0, fresh = 0;
+        for (int64_t k = 0; k < *count; ++k) {
+            sorted[kept] = sorted[k];
+            kept += !is_touched[n - 1 - (sorted[k] & mask)];
+        }
+        for (int64_t t = 0; t < num_touched; ++t) {
+            const int64_t i = touched[t];
+            scratch[fresh] = (value[i] << bits) | (n - 1 - i);
+            fresh += value[i] > 0;
+        }
+        sort_descending(scratch, fresh, scratch + n);
+        int64_t a = 0, b = 0, k = 0; /* merge into order, then copy back */
+        while (a < kept && b < fresh) {
+            const int64_t x = sorted[a], y = scratch[b];
+            const int64_t first = x > y;
+            order[k++] = first ? x : y;
+            a += first;
+            b += 1 - first;
+        }
+        while (a < kept) order[k++] = sorted[a++];
+        while (b < fresh) order[k++] = scratch[b++];
+        memcpy(sorted, order, (size_t)k * sizeof(int64_t));
+        *count = k;
+    }
+    for (int64_t k = 0; k < *count; ++k) order[k] = n - 1 - (sorted[k] & mask);
+}
+
 /* Returns a lower bound of every plan's max rank load (_load_floor in quota.py). A rank ends with at
  * most its masters' load plus its S slots filled with the S largest experts of other ranks (its
- * capacity); the k smallest capacities leave at least total minus their sum to the other R - k ranks.
+ * capacity). The k smallest capacities leave at least total minus their sum to the other R - k ranks.
  * Scratch: order [R * P], capacity [R], keys [2 * R * P] words. */
 static int64_t load_floor(const int64_t *expert_load, const int64_t *master_rank_load, int64_t total, int64_t R,
                           int64_t P, int64_t S, int64_t *order, int64_t *capacity, int64_t *keys) {
@@ -216,7 +266,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     const int64_t words = 2 * E /* expert_load, drain_expert */ + R /* master rank load */ + C /* thresholds */ +
                           C * state_words + R /* slots_used */ + 10 * R /* round scratch */ + 2 * (R > P ? R : P) /* sort keys */ + 2 * E /* pieces */ +
                           3 * E /* own, segment tables */ + 3 * C /* metrics */ + E /* fan-out */ +
-                          2 * E /* pieces by master quota */;
+                          2 * E /* pieces by master quota */ + 3 * R /* sorted donor and receiver keys, touched ranks */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
     int64_t *cursor = mem;
@@ -250,7 +300,15 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(local, C);
     TAKE(fan, E);
     TAKE(ranked, 2 * E);
+    TAKE(donor_keys, R);
+    TAKE(recv_keys, R);
+    TAKE(touched, R);
 #undef TAKE
+    unsigned char *is_touched = (unsigned char *)calloc((size_t)R, 1);
+    if (is_touched == NULL) {
+        free(mem);
+        return ERR_MEMORY;
+    }
 
     /* Step 1: expert and rank loads, thresholds, minimum replica quota. */
     memset(expert_load, 0, (size_t)E * sizeof(int64_t));
@@ -317,6 +375,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             slot_quota[i] = 0;
         }
         memset(slots_used, 0, (size_t)R * sizeof(int64_t));
+        /* Ranks whose load or slots changed in the last round; -1 before the first round. */
+        int64_t num_touched = -1, num_donors = 0, num_receivers = 0;
 
         for (int64_t round = 0; round < num_rounds; ++round) {
             /* Step 2: donor pieces, hottest master first, largest donor first. Only the pieces of
@@ -324,7 +384,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
              * num_experts pieces. That is exact because a search on that line never stops on a
              * piece of size 0. */
             for (int64_t r = 0; r < R; ++r) excess[r] = max64(rank_load[r] - threshold, 0);
-            const int64_t num_donors = order_by_value(excess, R, donor_order, keys);
+            update_order(excess, R, touched, num_touched, is_touched, donor_keys, &num_donors, donor_order, keys);
             int64_t num_pieces = 0, end = 0;
             for (int64_t d = 0; d < num_donors; ++d) {
                 const int64_t *held = master_quota + donor_order[d] * P;
@@ -358,7 +418,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                 spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
                 order_key[r] = least_spare_first && spare[r] > 0 ? total + 1 - spare[r] : spare[r];
             }
-            const int64_t num_receivers = order_by_value(order_key, R, recv_rank, keys);
+            update_order(order_key, R, touched, num_touched, is_touched, recv_keys, &num_receivers, recv_rank, keys);
+            for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
             int64_t offered_end = 0, num_active = 0, k = 0;
             for (int64_t i = 0; i < num_receivers; ++i) {
                 const int64_t recv_spare = spare[recv_rank[i]];
@@ -413,13 +474,23 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                 slot_pos[recv * S + slot_idx] = position[i];
                 slot_quota[recv * S + slot_idx] += a;
             }
+            num_touched = 0;
             for (int64_t i = 0; i < num_active; ++i) {
                 master_quota[position[i]] -= amount[i];
                 rank_load[recv_rank[i]] += amount[i];
                 rank_load[donor_rank[i]] -= amount[i];
+                if (amount[i] == 0) continue;
+                const int64_t changed[2] = {recv_rank[i], donor_rank[i]};
+                for (int j = 0; j < 2; ++j) {
+                    if (is_touched[changed[j]]) continue;
+                    is_touched[changed[j]] = 1;
+                    touched[num_touched++] = changed[j];
+                }
             }
         }
+        for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
     }
+    free(is_touched);
 
     /* Selection: lowest max load; among plans at or below the target, fewest replicas, then most
      * local assignments, then lowest max load, then the first index. */
