@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import platform
 import statistics
@@ -241,6 +242,17 @@ def timing_section(args, out: list[str]) -> None:
     out.append("")
 
 
+def cpu_model() -> str:
+    """Return the CPU model name from /proc/cpuinfo where Linux has it, else the architecture."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()}, {os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the markdown report here")
@@ -262,7 +274,7 @@ def main() -> int:
     out = [
         "# Planner benchmark\n",
         f"Command: `python benchmarks/planner.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"Machine: {cpu_model()}, torch {torch.__version__}, "
         f"Python {platform.python_version()}; one CPU thread for timings.\n",
         "imbalance = max rank load / mean rank load. eplb (previous microbatch) places replicas from the "
         "previous microbatch of the same layer (its first microbatch has no history and keeps masters only); "

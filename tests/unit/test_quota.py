@@ -363,7 +363,7 @@ def test_master_quota_anchor_reaches_mean(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
-def test_threshold_ladder_starts_at_the_capacity_floor(backend):
+def test_ladder_starts_at_capacity_floor(backend):
     # Three ranks with two experts and one slot each; rank 0 produces every assignment. Expert loads
     # are 30, 30 | 0, 0 | 30, 20, so the rank loads are 60, 0 and 50 (rounded-up mean 37). Rank 1 can
     # take one expert of at most 30, so ranks 0 and 2 keep at least 80 and one of them at least 40.
@@ -376,7 +376,7 @@ def test_threshold_ladder_starts_at_the_capacity_floor(backend):
     assert plan.quota.tolist() == [10, 30, 0, 0, 0, 30, 0, 20, 20]
 
 
-def test_load_floor_is_a_lower_bound_of_the_optimum():
+def test_load_floor_below_milp_optimum():
     from ultraep.planners.milp import solve_milp
     from ultraep.planners.quota import load_floor
 
@@ -414,7 +414,7 @@ def test_copy_cost_first_chunk_term_decides(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("gemm_passes, replicas, quota", [(1, [-1, 0], [95, 0, 90, 5]), (3, [-1, -1], [100, 0, 90, 0])])
-def test_copy_hides_only_behind_the_forward_in_training(backend, gemm_passes, replicas, quota):
+def test_training_copy_hides_behind_forward_only(backend, gemm_passes, replicas, quota):
     # Rank 0 produces every assignment: expert 0 (rank 0) carries 100, expert 1 (rank 1) 90. Moving 5
     # of expert 0 to rank 1 balances both at 95, and its copy (60) arrives during rank 1's 90 of
     # master work. In training that work is 30 of forward and 60 of backward, and the copy can hide

@@ -16,11 +16,11 @@ assignments. One round of matching runs without loops over experts or ranks:
    in the next round with its own redundant slot, while a receiver left half-filled would waste its
    only slot. Pieces below the minimum replica quota are not created.
 
-A few rounds repair the pieces that did not fit. The planner runs this for a fixed ladder of
-thresholds between a lower bound of the optimum (the load floor, at least the mean) and the
-unbalanced maximum, with each of the eight pairs of receiver order and anchor, in one batch and
-keeps the best plan: the lowest max rank load and, among plans at or below the balance target, the
-fewest replicas, then the most assignments served on their own rank. Everything is int64 tensor arithmetic with unique sort
+A few rounds repair the pieces that did not fit. The planner runs this in one batch for a fixed
+ladder of thresholds, with each of the eight pairs of receiver order and anchor. The ladder runs from
+a lower bound of the optimum (the load floor, at least the mean) to the unbalanced maximum. The
+planner keeps the plan with the lowest max rank load. Among plans at or below the balance target it
+keeps the fewest replicas, then the most assignments served on their own rank. Everything is int64 tensor arithmetic with unique sort
 keys, so the plan is identical on every device and run. On accelerators no value is read back to the
 host. On the CPU the rounds stop once a round moves nothing, which leaves the plan unchanged.
 
@@ -35,8 +35,8 @@ where a master sends the copies of its experts through two-level relay trees
 the copies arrive during its masters' GEMM, chunk by chunk, and the down projection (a third of
 the replica work) waits for the last chunk. In training (``gemm_passes = k = 3``) an assignment's time
 covers its forward and backward GEMMs, but the copies can hide only behind the forward, a ``1 / k``
-share: that formula then runs in forward units with ``k * sync``, and the backward's
-``(k - 1) * load`` is added before dividing by ``k``. Ranks without replicas take their load. The
+share. So the formula runs in forward units with ``k * sync``, and the backward's ``(k - 1) * load``
+is added before dividing by ``k``. Ranks without replicas take their load. The
 masters-only plan is always a candidate, so by this measure the chosen plan is never slower than
 no balancing. The copy cost changes only this choice, not the matching.
 """
