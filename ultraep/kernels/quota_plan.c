@@ -120,7 +120,7 @@ static int64_t order_by_value(const int64_t *value, int64_t n, int64_t *order, i
 /* Keeps sorted[0..*count) equal to the descending keys that order_by_value sorts for the positive
  * values, and writes their indices into order[0..*count). With num_touched < 0 it sorts all n
  * values. Otherwise only the indices in touched[] (each once, marked in is_touched[]) changed value
- * since the last call: the other keys keep their relative order, so the touched ones are sorted on
+ * since the last call. The other keys keep their relative order, so the touched ones are sorted on
  * their own and merged in, which gives the full sort's order. scratch has room for 2 * n words. */
 static void update_order(const int64_t *value, int64_t n, const int64_t *touched, int64_t num_touched,
                          const unsigned char *is_touched, int64_t *sorted, int64_t *count, int64_t *order,
@@ -137,7 +137,7 @@ static void update_order(const int64_t *value, int64_t n, const int64_t *touched
         sort_descending(sorted, positive_count, scratch);
         *count = positive_count;
     } else {
-        int64_t kept = 0, fresh = 0;
+        int64_t kept = 0, fresh = 0; /* untouched keys kept in place, then the touched ones re-keyed */
         for (int64_t k = 0; k < *count; ++k) {
             sorted[kept] = sorted[k];
             kept += !is_touched[n - 1 - (sorted[k] & mask)];
