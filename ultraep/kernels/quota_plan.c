@@ -2,7 +2,7 @@
  *
  * The PyTorch reference runs every candidate threshold in one batch of tensor operations; here each
  * candidate runs on its own, in plain loops. The steps, their order and every integer formula follow
- * the reference (see its module docstring for the method). Three shortcuts leave the result unchanged:
+ * the reference (see its module docstring for the method). Four shortcuts leave the result unchanged:
  *
  * - A candidate stops when one of its rounds moves nothing: its state is then unchanged, so every
  *   later round would repeat that round.
@@ -12,6 +12,8 @@
  * - After a candidate's first round only the ranks that gave or took load have a new excess or
  *   spare. The donor and receiver lines sort just those ranks and merge them into the others, which
  *   are still in order, so the lines match a full sort.
+ * - A candidate's first round depends only on its threshold and receiver order, so the candidates
+ *   of other anchors with that threshold and order reuse its sorted lines.
  *
  * Products that the reference computes in int64 are computed here in uint64 and cast back, so the
  * rare overflow wraps the same way instead of being undefined behaviour.
@@ -164,6 +166,16 @@ static void update_order(const int64_t *value, int64_t n, const int64_t *touched
     for (int64_t k = 0; k < *count; ++k) order[k] = n - 1 - (sorted[k] & mask);
 }
 
+/* Reads sorted keys from a cache filled by an earlier full update_order: copies them into sorted and
+ * writes their indices into order, as update_order would. */
+static void copy_order(const int64_t *cached, int64_t count, int64_t n, int64_t *sorted, int64_t *order) {
+    int bits = 0;
+    while (((int64_t)1 << bits) < n) ++bits;
+    const int64_t mask = ((int64_t)1 << bits) - 1;
+    memcpy(sorted, cached, (size_t)count * sizeof(int64_t));
+    for (int64_t k = 0; k < count; ++k) order[k] = n - 1 - (sorted[k] & mask);
+}
+
 /* Returns a lower bound of every plan's max rank load (_load_floor in quota.py). A rank ends with at
  * most its masters' load plus its S slots filled with the S largest experts of other ranks (its
  * capacity). The k smallest capacities leave at least total minus their sum to the other R - k ranks.
@@ -266,7 +278,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     const int64_t words = 2 * E /* expert_load, drain_expert */ + R /* master rank load */ + C /* thresholds */ +
                           C * state_words + R /* slots_used */ + 10 * R /* round scratch */ + 2 * (R > P ? R : P) /* sort keys */ + 2 * E /* pieces */ +
                           3 * E /* own, segment tables */ + 3 * C /* metrics */ + E /* fan-out */ +
-                          2 * E /* pieces by master quota */ + 3 * R /* sorted donor and receiver keys, touched ranks */;
+                          2 * E /* pieces by master quota */ + 3 * R /* sorted donor and receiver keys, touched ranks */ + E /* initial master quotas */ +
+                          3 * T * R + 3 * T /* first-round lines per threshold and receiver order, their lengths */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
     int64_t *cursor = mem;
@@ -303,7 +316,12 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(donor_keys, R);
     TAKE(recv_keys, R);
     TAKE(touched, R);
+    TAKE(initial_quota, E);
+    TAKE(first_donor_keys, T * R);
+    TAKE(first_recv_keys, RECEIVER_ORDERS * T * R);
+    TAKE(first_counts, 3 * T); /* donors per threshold, then receivers per order and threshold; -1 = not yet */
 #undef TAKE
+    for (int64_t i = 0; i < 3 * T; ++i) first_counts[i] = -1;
     unsigned char *is_touched = (unsigned char *)calloc((size_t)R, 1);
     if (is_touched == NULL) {
         free(mem);
@@ -351,6 +369,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         order_by_value(expert_load + r * P, P, drain_expert + r * P, keys);
         for (int64_t p = 0; p < P; ++p) drain_expert[r * P + p] += r * P;
     }
+    for (int64_t i = 0; i < E; ++i) initial_quota[i] = expert_load[drain_expert[i]];
 
     for (int64_t c = 0; c < C; ++c) {
         const int64_t threshold = thresholds[c];
@@ -369,7 +388,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             continue;
         }
         memcpy(rank_load, master_rank_load, (size_t)R * sizeof(int64_t));
-        for (int64_t i = 0; i < E; ++i) master_quota[i] = expert_load[drain_expert[i]];
+        memcpy(master_quota, initial_quota, (size_t)E * sizeof(int64_t));
         for (int64_t i = 0; i < R * S; ++i) {
             slot_pos[i] = -1;
             slot_quota[i] = 0;
@@ -383,8 +402,29 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
              * positive size are kept, each with its index on the reference's line of all
              * num_experts pieces. That is exact because a search on that line never stops on a
              * piece of size 0. */
-            for (int64_t r = 0; r < R; ++r) excess[r] = max64(rank_load[r] - threshold, 0);
-            update_order(excess, R, touched, num_touched, is_touched, donor_keys, &num_donors, donor_order, keys);
+            /* Excess, spare and receiver keys of every rank in the first round, then of the ranks that changed. */
+            const int64_t num_changed = num_touched < 0 ? R : num_touched;
+            for (int64_t t = 0; t < num_changed; ++t) {
+                const int64_t r = num_touched < 0 ? t : touched[t];
+                excess[r] = max64(rank_load[r] - threshold, 0);
+                spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
+                order_key[r] = least_spare_first && spare[r] > 0 ? total + 1 - spare[r] : spare[r];
+            }
+            /* The first round depends only on the threshold (and the receiver order), so every
+             * family reuses the lines that the first candidate with this threshold sorted. */
+            const int64_t step = c % T, order_slot = T + (least_spare_first ? T : 0) + step;
+            int64_t *first_donors = first_donor_keys + step * R;
+            int64_t *first_receivers = first_recv_keys + (order_slot - T) * R;
+            if (num_touched < 0 && first_counts[step] >= 0) {
+                num_donors = first_counts[step];
+                copy_order(first_donors, num_donors, R, donor_keys, donor_order);
+            } else {
+                update_order(excess, R, touched, num_touched, is_touched, donor_keys, &num_donors, donor_order, keys);
+                if (num_touched < 0) {
+                    memcpy(first_donors, donor_keys, (size_t)num_donors * sizeof(int64_t));
+                    first_counts[step] = num_donors;
+                }
+            }
             int64_t num_pieces = 0, end = 0;
             for (int64_t d = 0; d < num_donors; ++d) {
                 const int64_t *held = master_quota + donor_order[d] * P;
@@ -414,11 +454,16 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
              * BY_MASTER_QUOTA, the i-th receiver at the i-th ranked piece). Anchor points ascend, so
              * the active receivers are a prefix and one pass over the pieces finds them all. The
              * receivers after that prefix take nothing and change nothing. */
-            for (int64_t r = 0; r < R; ++r) {
-                spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
-                order_key[r] = least_spare_first && spare[r] > 0 ? total + 1 - spare[r] : spare[r];
+            if (num_touched < 0 && first_counts[order_slot] >= 0) {
+                num_receivers = first_counts[order_slot];
+                copy_order(first_receivers, num_receivers, R, recv_keys, recv_rank);
+            } else {
+                update_order(order_key, R, touched, num_touched, is_touched, recv_keys, &num_receivers, recv_rank, keys);
+                if (num_touched < 0) {
+                    memcpy(first_receivers, recv_keys, (size_t)num_receivers * sizeof(int64_t));
+                    first_counts[order_slot] = num_receivers;
+                }
             }
-            update_order(order_key, R, touched, num_touched, is_touched, recv_keys, &num_receivers, recv_rank, keys);
             for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
             int64_t offered_end = 0, num_active = 0, k = 0;
             for (int64_t i = 0; i < num_receivers; ++i) {
