@@ -546,24 +546,13 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         const int64_t *rank_load = states + c * state_words;
         const int64_t *master_quota = rank_load + R;
         const int64_t *slot_pos = master_quota + E;
-        const int64_t *slot_quota = slot_pos + R * S;
-        int64_t m = INT64_MIN, n = 0, l = 0;
+        int64_t m = INT64_MIN, n = 0;
         for (int64_t r = 0; r < R; ++r) m = max64(m, rank_load[r]);
         for (int64_t i = 0; i < R * S; ++i) n += slot_pos[i] >= 0;
-        if (prefer_local) {
-            for (int64_t i = 0; i < E; ++i) l += min64(master_quota[i], own[drain_expert[i]]);
-            for (int64_t r = 0; r < R; ++r) {
-                for (int64_t s = 0; s < S; ++s) {
-                    const int64_t pos = slot_pos[r * S + s];
-                    if (pos >= 0) l += min64(slot_quota[r * S + s], loads[r * E + drain_expert[pos]]);
-                }
-            }
-        }
         if (copy_cost > 0) m = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks, gemm_passes,
                                           fan);
         max_load[c] = m;
         num_replicas[c] = n;
-        local[c] = l;
         best_load = min64(best_load, m);
     }
     const int64_t limit = mul_wrap(total, target_q);
@@ -573,9 +562,26 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         if (good) fewest = min64(fewest, num_replicas[c]);
         else num_replicas[c] = -1; /* marks "not good" below */
     }
+    /* Local assignments decide only among the good plans with the fewest replicas. */
     int64_t max_local = -1;
-    for (int64_t c = 0; c < C; ++c)
-        if (num_replicas[c] == fewest) max_local = max64(max_local, local[c]);
+    for (int64_t c = 0; c < C; ++c) {
+        if (num_replicas[c] != fewest) continue;
+        const int64_t *master_quota = states + c * state_words + R;
+        const int64_t *slot_pos = master_quota + E;
+        const int64_t *slot_quota = slot_pos + R * S;
+        int64_t l = 0;
+        if (prefer_local) {
+            for (int64_t i = 0; i < E; ++i) l += min64(master_quota[i], own[drain_expert[i]]);
+            for (int64_t r = 0; r < R; ++r) {
+                for (int64_t s = 0; s < S; ++s) {
+                    const int64_t pos = slot_pos[r * S + s];
+                    if (pos >= 0) l += min64(slot_quota[r * S + s], loads[r * E + drain_expert[pos]]);
+                }
+            }
+        }
+        local[c] = l;
+        max_local = max64(max_local, l);
+    }
     int64_t lowest = INT64_MAX, best = 0;
     for (int64_t c = 0; c < C; ++c)
         if (num_replicas[c] == fewest && local[c] == max_local && max_load[c] < lowest) {
