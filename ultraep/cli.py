@@ -35,12 +35,16 @@ class CommandError(Exception):
 def read_loads(path: str) -> torch.Tensor:
     """Read a load matrix or vector from ``.npy`` or ``.json``; reject fractions, NaN and infinities."""
     file = pathlib.Path(path)
+    if file.is_dir():
+        raise CommandError(f"--loads {path!r} is a directory; pass a .npy or .json file")
     if not file.is_file():
         raise CommandError(f"--loads file {path!r} not found")
     if file.suffix == ".npy":
         try:
             array = np.load(file, allow_pickle=False)
-        except ValueError as error:
+        except EOFError as error:
+            raise CommandError(f"--loads file {path!r} is empty or truncated ({error}); save the array with numpy.save") from error
+        except (ValueError, OSError) as error:
             raise CommandError(f"--loads file {path!r} is not a plain .npy array: {error}") from error
     elif file.suffix == ".json":
         try:
@@ -52,13 +56,7 @@ def read_loads(path: str) -> torch.Tensor:
                 f"--loads file {path!r} contains a JSON {type(data).__name__}, but it must contain a list of counts "
                 "([num_experts]) or a list of rows ([num_ranks, num_experts])"
             )
-        flat = [value for row in data for value in (row if isinstance(row, list) else [row])]
-        flags = [value for value in flat if isinstance(value, bool)]
-        if flags:
-            raise CommandError(
-                f"--loads file {path!r} contains the JSON boolean {str(flags[0]).lower()}; loads must be whole "
-                "assignment counts such as 0 or 12"
-            )
+        _check_json_counts(data, path)
         if any(isinstance(row, list) for row in data):
             lengths = [len(row) if isinstance(row, list) else None for row in data]
             if len(set(lengths)) > 1:
@@ -111,6 +109,29 @@ _LAYOUT_FLAGS = (
     ("ExpertLayout.num_ranks", "--ranks"),
     ("num_ranks=", "--ranks "),
 )
+
+
+def _check_json_counts(data: list, path: str) -> None:
+    """Reject JSON entries that are not numbers (booleans, strings, null) or lie past MAX_TOTAL_LOAD."""
+    entries = []
+    for i, row in enumerate(data):
+        if isinstance(row, list):
+            entries.extend(([i, j], value) for j, value in enumerate(row))
+        else:
+            entries.append(([i], row))
+    for index, value in entries:
+        if isinstance(value, list):
+            continue  # a deeper list: the shape check names it
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CommandError(
+                f"--loads entry {index} in {path!r} is the JSON value {json.dumps(value)}; loads must be whole "
+                "assignment counts such as 0 or 12"
+            )
+        if isinstance(value, int) and not 0 <= value <= MAX_TOTAL_LOAD:
+            raise CommandError(
+                f"--loads entry {index} is {value}; loads must be counts in [0, {MAX_TOTAL_LOAD}] "
+                "(one microbatch's assignments)"
+            )
 
 
 def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:

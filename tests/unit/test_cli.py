@@ -56,7 +56,10 @@ def test_plan_accepts_json_vector(tmp_path, capsys):
         pytest.param(
             [1] * 8, ".json", ["--ranks", "3"], "num_experts=8 is not divisible by --ranks 3.*use --ranks 2 or 4", id="indivisible"
         ),
-        pytest.param([[1, True], [2, 2]], ".json", ["--ranks", "2"], "contains the JSON boolean true", id="boolean"),
+        pytest.param([[1, True], [2, 2]], ".json", ["--ranks", "2"], r"entry \[0, 1\] .* is the JSON value true", id="boolean"),
+        pytest.param([[1, "8"], [2, 2]], ".json", ["--ranks", "2"], r"entry \[0, 1\] .* is the JSON value \"8\"", id="string"),
+        pytest.param([[1, 2], [None, 2]], ".json", ["--ranks", "2"], r"entry \[1, 0\] .* is the JSON value null", id="null"),
+        pytest.param([[1, 10**30], [2, 2]], ".json", ["--ranks", "2"], r"entry \[0, 1\] is 10{30}; loads must be counts", id="huge_int"),
         pytest.param([[2**61] * 2] * 2, ".npy", ["--ranks", "2"], "loads must be counts in \\[0, 34359738368\\]", id="overflow"),
         pytest.param([[1, 2], [3]], ".json", ["--ranks", "2"], r"rows have \[2, 1\] entries", id="ragged"),
         pytest.param({"expert": 3}, ".json", ["--ranks", "2"], "contains a JSON dict, but it must contain a list of counts", id="object"),
@@ -77,6 +80,18 @@ def test_plan_bad_input_exits_with_message(tmp_path, capsys, content, suffix, ar
         main(["plan", "--loads", str(path), "--slots", "1", *argv])
     assert exit_info.value.code == 2
     assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_plan_empty_npy_and_directory_exit_with_message(tmp_path, capsys):
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    folder = tmp_path / "loads.json"
+    folder.mkdir()
+    for path, pattern in [(empty, "is empty or truncated"), (folder, "is a directory; pass a .npy or .json file")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", "--loads", str(path), "--ranks", "2", "--slots", "1"])
+        assert exit_info.value.code == 2
+        assert pattern in capsys.readouterr().err
 
 
 def test_plan_quota_settings_change_the_plan(tmp_path, capsys):

@@ -412,6 +412,11 @@ def test_simulate_command_writes_files(tmp_path, capsys):
     assert read_csv(tmp_path / "out.csv") == runs
 
 
+def test_planner_time_rejects_unknown_policy(tmp_path, capsys):
+    assert run_simulate(_args(tmp_path, planner_time_us=["qouta=0"])) == 2
+    assert re.search(r"no planner or policy named 'qouta'; use one of .*quota s=1", capsys.readouterr().err)
+
+
 def test_quota_setting_reaches_every_quota_policy(tmp_path, capsys):
     args = _args(tmp_path, quota_setting=["min_replica_quota=1000000", "prefer_local=false"])
     assert run_simulate(args) == 0

@@ -221,6 +221,13 @@ def _run(args: argparse.Namespace) -> int:
         quota_settings=quota_settings,
     )
     planner_time_s = _parse_planner_times(args.planner_time_us or [])
+    known = sorted({spec.label for spec in policies} | {spec.planner for spec in policies})
+    unknown = sorted(set(planner_time_s) - set(known))
+    if unknown:
+        raise ValueError(
+            f"--planner-time-us: this run has no planner or policy named {', '.join(repr(name) for name in unknown)}; "
+            f"use one of {', '.join(known)}"
+        )
     progress = False if args.no_progress else None
     if settings.mode == "train":
         training_words = (
