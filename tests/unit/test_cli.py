@@ -82,7 +82,7 @@ def test_plan_bad_input_exits_with_message(tmp_path, capsys, content, suffix, ar
     assert re.search(pattern, capsys.readouterr().err)
 
 
-def test_plan_empty_npy_and_directory_exit_with_message(tmp_path, capsys):
+def test_plan_rejects_empty_npy_and_directory(tmp_path, capsys):
     empty = tmp_path / "empty.npy"
     empty.write_bytes(b"")
     folder = tmp_path / "loads.json"
