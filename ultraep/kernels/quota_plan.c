@@ -48,6 +48,22 @@ static int64_t floor_div(int64_t a, int64_t b) {
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+/* Merges the descending runs x[0..nx) and y[0..ny) into out and returns nx + ny. Each step is
+ * branch-free, since which run wins is unpredictable. */
+static int64_t merge_descending(const int64_t *x, int64_t nx, const int64_t *y, int64_t ny, int64_t *out) {
+    int64_t a = 0, b = 0, k = 0;
+    while (a < nx && b < ny) {
+        const int64_t u = x[a], v = y[b];
+        const int64_t first = u > v;
+        out[k++] = first ? u : v;
+        a += first;
+        b += 1 - first;
+    }
+    while (a < nx) out[k++] = x[a++];
+    while (b < ny) out[k++] = y[b++];
+    return k;
+}
+
 /* Puts the larger of keys[i] and keys[j] first, without a branch. */
 static void order_pair(int64_t *keys, int64_t i, int64_t j) {
     const int64_t x = keys[i], y = keys[j];
@@ -74,17 +90,8 @@ static void sort_descending(int64_t *keys, int64_t n, int64_t *buffer) {
     int64_t *from = keys, *to = buffer;
     for (int64_t width = 4; width < n; width *= 2) {
         for (int64_t lo = 0; lo < n; lo += 2 * width) {
-            int64_t mid = min64(lo + width, n), hi = min64(lo + 2 * width, n);
-            int64_t a = lo, b = mid, k = lo;
-            while (a < mid && b < hi) { /* branch-free step: the compare is unpredictable */
-                const int64_t x = from[a], y = from[b];
-                const int64_t first = x > y;
-                to[k++] = first ? x : y;
-                a += first;
-                b += 1 - first;
-            }
-            while (a < mid) to[k++] = from[a++];
-            while (b < hi) to[k++] = from[b++];
+            const int64_t mid = min64(lo + width, n), hi = min64(lo + 2 * width, n);
+            merge_descending(from + lo, mid - lo, from + mid, hi - mid, to + lo);
         }
         int64_t *swap = from;
         from = to;
@@ -150,16 +157,7 @@ static void update_order(const int64_t *value, int64_t n, const int64_t *touched
             fresh += value[i] > 0;
         }
         sort_descending(scratch, fresh, scratch + n);
-        int64_t a = 0, b = 0, k = 0; /* merge into order, then copy back */
-        while (a < kept && b < fresh) {
-            const int64_t x = sorted[a], y = scratch[b];
-            const int64_t first = x > y;
-            order[k++] = first ? x : y;
-            a += first;
-            b += 1 - first;
-        }
-        while (a < kept) order[k++] = sorted[a++];
-        while (b < fresh) order[k++] = scratch[b++];
+        const int64_t k = merge_descending(sorted, kept, scratch, fresh, order); /* into order, then copy back */
         memcpy(sorted, order, (size_t)k * sizeof(int64_t));
         *count = k;
     }
