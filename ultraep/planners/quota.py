@@ -20,9 +20,10 @@ A few rounds repair the pieces that did not fit. The planner runs this in one ba
 ladder of thresholds, with each of the eight pairs of receiver order and anchor. The ladder runs from
 a lower bound of the optimum (the load floor, at least the mean) to the unbalanced maximum. The
 planner keeps the plan with the lowest max rank load. Among plans at or below the balance target it
-keeps the fewest replicas, then the most assignments served on their own rank. Everything is int64 tensor arithmetic with unique sort
-keys, so the plan is identical on every device and run. On accelerators no value is read back to the
-host. On the CPU the rounds stop once a round moves nothing, which leaves the plan unchanged.
+keeps the fewest replicas, then the most assignments served on their own rank. Everything is int64
+tensor arithmetic with unique sort keys, so the plan is identical on every device and run. On
+accelerators no value is read back to the host. On the CPU the rounds stop once a round moves
+nothing, which leaves the plan unchanged.
 
 Copy cost. Every replica costs a weight copy, and on small microbatches or large experts the copy
 can take longer than the load it moves. With ``QuotaConfig.copy_cost = c > 0`` (one copy's time in
