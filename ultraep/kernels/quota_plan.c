@@ -146,10 +146,10 @@ static void update_order(const int64_t *value, int64_t n, const int64_t *touched
         sort_descending(sorted, positive_count, scratch);
         *count = positive_count;
     } else {
-        int64_t kept = 0, fresh = 0; /* untouched keys kept in place, then the touched ones re-keyed */
+        int64_t untouched = 0, fresh = 0; /* untouched keys stay in order, the touched ones are re-keyed */
         for (int64_t k = 0; k < *count; ++k) {
-            sorted[kept] = sorted[k];
-            kept += !is_touched[n - 1 - (sorted[k] & mask)];
+            sorted[untouched] = sorted[k];
+            untouched += !is_touched[n - 1 - (sorted[k] & mask)];
         }
         for (int64_t t = 0; t < num_touched; ++t) {
             const int64_t i = touched[t];
@@ -157,7 +157,7 @@ static void update_order(const int64_t *value, int64_t n, const int64_t *touched
             fresh += value[i] > 0;
         }
         sort_descending(scratch, fresh, scratch + n);
-        const int64_t k = merge_descending(sorted, kept, scratch, fresh, order); /* into order, then copy back */
+        const int64_t k = merge_descending(sorted, untouched, scratch, fresh, order); /* into order, then copy back */
         memcpy(sorted, order, (size_t)k * sizeof(int64_t));
         *count = k;
     }
@@ -172,6 +172,24 @@ static void copy_order(const int64_t *cached, int64_t count, int64_t n, int64_t 
     const int64_t mask = ((int64_t)1 << bits) - 1;
     memcpy(sorted, cached, (size_t)count * sizeof(int64_t));
     for (int64_t k = 0; k < count; ++k) order[k] = n - 1 - (sorted[k] & mask);
+}
+
+/* Orders one line as update_order does. A candidate's first round (num_touched < 0) reads the line
+ * from first_keys when an earlier candidate with the same threshold and receiver order sorted it
+ * (*first_count >= 0), and otherwise sorts it and stores it there. */
+static void order_line(const int64_t *value, int64_t n, const int64_t *touched, int64_t num_touched,
+                       const unsigned char *is_touched, int64_t *sorted, int64_t *count, int64_t *order,
+                       int64_t *scratch, int64_t *first_keys, int64_t *first_count) {
+    if (num_touched < 0 && *first_count >= 0) {
+        *count = *first_count;
+        copy_order(first_keys, *count, n, sorted, order);
+        return;
+    }
+    update_order(value, n, touched, num_touched, is_touched, sorted, count, order, scratch);
+    if (num_touched < 0) {
+        memcpy(first_keys, sorted, (size_t)*count * sizeof(int64_t));
+        *first_count = *count;
+    }
 }
 
 /* Returns a lower bound of every plan's max rank load (_load_floor in quota.py). A rank ends with at
@@ -413,16 +431,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             const int64_t step = c % T, order_slot = T + (least_spare_first ? T : 0) + step;
             int64_t *first_donors = first_donor_keys + step * R;
             int64_t *first_receivers = first_recv_keys + (order_slot - T) * R;
-            if (num_touched < 0 && first_counts[step] >= 0) {
-                num_donors = first_counts[step];
-                copy_order(first_donors, num_donors, R, donor_keys, donor_order);
-            } else {
-                update_order(excess, R, touched, num_touched, is_touched, donor_keys, &num_donors, donor_order, keys);
-                if (num_touched < 0) {
-                    memcpy(first_donors, donor_keys, (size_t)num_donors * sizeof(int64_t));
-                    first_counts[step] = num_donors;
-                }
-            }
+            order_line(excess, R, touched, num_touched, is_touched, donor_keys, &num_donors, donor_order, keys, first_donors,
+                       first_counts + step);
             int64_t num_pieces = 0, end = 0;
             for (int64_t d = 0; d < num_donors; ++d) {
                 const int64_t *held = master_quota + donor_order[d] * P;
@@ -452,16 +462,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
              * BY_MASTER_QUOTA, the i-th receiver at the i-th ranked piece). Anchor points ascend, so
              * the active receivers are a prefix and one pass over the pieces finds them all. The
              * receivers after that prefix take nothing and change nothing. */
-            if (num_touched < 0 && first_counts[order_slot] >= 0) {
-                num_receivers = first_counts[order_slot];
-                copy_order(first_receivers, num_receivers, R, recv_keys, recv_rank);
-            } else {
-                update_order(order_key, R, touched, num_touched, is_touched, recv_keys, &num_receivers, recv_rank, keys);
-                if (num_touched < 0) {
-                    memcpy(first_receivers, recv_keys, (size_t)num_receivers * sizeof(int64_t));
-                    first_counts[order_slot] = num_receivers;
-                }
-            }
+            order_line(order_key, R, touched, num_touched, is_touched, recv_keys, &num_receivers, recv_rank, keys,
+                       first_receivers, first_counts + order_slot);
             for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
             int64_t offered_end = 0, num_active = 0, k = 0;
             for (int64_t i = 0; i < num_receivers; ++i) {
