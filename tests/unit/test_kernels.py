@@ -111,14 +111,18 @@ PLAN_CASES = [
         config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8),
     ),
     # Hand-checked in test_quota.py: only the by-master-quota anchor reaches the first plan's peak, the
-    # capacity floor sets the second one's, the first-chunk term and the relay sender count decide the
-    # next two, and the training passes the last one.
+    # capacity floor sets the second one's and the over-drain swap the third one's. The first-chunk
+    # term and the relay sender count decide the next two, and the training passes the last one.
     PlanCase(
         "ep6_e6_s1_by_master_quota", 6, 1, 1, "first_row", first_row=(22, 11, 17, 10, 11, 22),
         config=QuotaConfig(balance_target=1.0),
     ),
     PlanCase(
         "ep3_e6_s1_capacity_floor", 3, 2, 1, "first_row", first_row=(30, 30, 0, 0, 30, 20),
+        config=QuotaConfig(balance_target=1.0),
+    ),
+    PlanCase(
+        "ep4_e8_s1_over_drain_swap", 4, 2, 1, "first_row", first_row=(0, 44, 17, 19, 0, 0, 0, 0),
         config=QuotaConfig(balance_target=1.0),
     ),
     PlanCase(

@@ -363,6 +363,22 @@ def test_master_quota_anchor_reaches_mean(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
+def test_one_slot_donor_swap(backend):
+    # Four ranks with two experts and one slot each; rank 0 produces every assignment. Expert loads
+    # are 0, 44 | 17, 19 | 0, 0 | 0, 0 (mean 20). Ranks 2 and 3 take at most 20 each in their one
+    # slot, so rank 0 and rank 1 cannot both shed to them: one of them would need two experts. The
+    # plan at 20 swaps: rank 0 sheds 40 of expert 1 (its excess 24 plus the over-drain) to ranks 2
+    # and 3, then takes 16 of expert 3 from rank 1 into its own slot. Donors that shed only their
+    # excess end at 21.
+    loads = torch.zeros(4, 8, dtype=torch.int64)
+    loads[0] = torch.tensor([0, 44, 17, 19, 0, 0, 0, 0])
+    plan = QuotaPlanner(QuotaConfig(balance_target=1.0), backend=backend)(loads, ExpertLayout(4, 2, 1))
+    assert plan.rank_load().tolist() == [20, 20, 20, 20]
+    assert plan.replica_expert_ids.view(-1).tolist() == [3, -1, 1, 1]
+    assert plan.quota.tolist() == [0, 4, 16, 17, 3, 0, 0, 0, 20, 0, 0, 20]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
 def test_ladder_starts_at_capacity_floor(backend):
     # Three ranks with two experts and one slot each; rank 0 produces every assignment. Expert loads
     # are 30, 30 | 0, 0 | 30, 20, so the rank loads are 60, 0 and 50 (rounded-up mean 37). Rank 1 can

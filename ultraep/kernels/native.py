@@ -115,7 +115,7 @@ def _library() -> ctypes.CDLL | Exception:
             return error
     function = library.ultraep_quota_plan
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 10 + [ctypes.c_void_p] * 2
+    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 12 + [ctypes.c_void_p] * 2
     return library
 
 
@@ -173,6 +173,8 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
         gap_steps.numel(),
         anchors.data_ptr(),
         anchors.numel(),
+        quota_module._num_drains(slots),
+        quota_module._to_fixed_point(quota_module._OVER_DRAIN),
         scale,
         config.min_replica_quota,
         fraction_q,

@@ -3,9 +3,9 @@
 Reference: :func:`ultraep.planners.quota.plan_reference` (``_match_rounds``, ``_select_candidate``,
 ``_local_assignments``). The kernel gives the same plan bit for bit.
 
-The reference tries every (receiver order, receiver anchor, threshold) triple as a candidate. Each
-program of the launch runs a tile of ``T_P2`` thresholds of one receiver family (order and anchor)
-side by side, as the reference batches them:
+The reference tries every (donor drain, receiver order, receiver anchor, threshold) combination as a
+candidate. Each program of the launch runs a tile of ``T_P2`` thresholds of one family (drain, order
+and anchor) side by side, as the reference batches them:
 its tensors are ``[T_P2, ...]`` with every dim padded to a power of two. Padded ranks carry no load
 and no spare, padded master slots carry quota 0, and padded candidates are never chosen. Each
 program writes its candidates' scores and state to scratch and takes a ticket from an atomic
@@ -40,8 +40,10 @@ from ultraep.planners.quota import (
     _GAP_STEPS,
     _MEAN_STEPS,
     _BY_MASTER_QUOTA,
+    _OVER_DRAIN,
     _RECEIVER_ORDERS,
     QuotaConfig,
+    _num_drains,
     _to_fixed_point,
     default_num_rounds,
 )
@@ -130,6 +132,8 @@ def _quota_plan_kernel(
     NUM_MEAN_STEPS: tl.constexpr,
     ANCHORS: tl.constexpr,  # receiver anchors in quarters of the receiver's interval, or BY_MASTER_QUOTA
     RECEIVER_ORDERS: tl.constexpr,  # receiver orders tried with each anchor
+    NUM_DRAINS: tl.constexpr,  # donor drains tried with each receiver family (1, or 2 with one slot)
+    OVER_DRAIN: tl.constexpr,  # what the second drain sheds beyond the excess, in 1 / FRACTION_SCALE of the mean
     FRACTION_SCALE: tl.constexpr,
     PREFER_LOCAL: tl.constexpr,
     T_P2: tl.constexpr,  # candidates per program: a tile of consecutive thresholds of one receiver family
@@ -150,7 +154,9 @@ def _quota_plan_kernel(
     NUM_ANCHORS: tl.constexpr = len(ANCHORS)
     NUM_TILES: tl.constexpr = (NUM_THRESHOLDS + T_P2 - 1) // T_P2  # threshold tiles per receiver family
     # A receiver family is (order, anchor): order 0 takes receivers most spare first, order 1 least first.
-    NUM_PROGRAMS: tl.constexpr = RECEIVER_ORDERS * NUM_ANCHORS * NUM_TILES
+    # Each runs with every donor drain, so a family here is (drain, order, anchor).
+    RECEIVER_FAMILIES: tl.constexpr = RECEIVER_ORDERS * NUM_ANCHORS
+    NUM_PROGRAMS: tl.constexpr = NUM_DRAINS * RECEIVER_FAMILIES * NUM_TILES
     Q_P2: tl.constexpr = R_P2 * M_P2  # length of the donor piece line (R_P2 donors x M_P2 masters)
     SLOTS_PER_RANK: tl.constexpr = EXPERTS_PER_RANK + SLOTS
 
@@ -209,7 +215,9 @@ def _quota_plan_kernel(
     anchor = 0
     for i in tl.static_range(NUM_ANCHORS):
         anchor = tl.where(family % NUM_ANCHORS == i, ANCHORS[i], anchor)
-    least_spare_first = family >= NUM_ANCHORS
+    least_spare_first = family % RECEIVER_FAMILIES >= NUM_ANCHORS
+    # Assignments an over-draining donor sheds beyond its excess. The plain drain sheds none extra.
+    over_drain = tl.where(family >= RECEIVER_FAMILIES, (total * OVER_DRAIN) // (NUM_RANKS * FRACTION_SCALE), 0)
 
     # Drain order: each donor drains its masters by descending load, lower local index first on
     # ties. Sorting the unique key load * m + (m - 1 - j) yields both the load and j.
@@ -237,7 +245,8 @@ def _quota_plan_kernel(
         # Step 2: donor pieces, hottest master first within a donor, largest excess first.
         excess = tl.maximum(rank_load - threshold_col, 0)  # [T_P2, R_P2]
         drained_before = tl.cumsum(master_quota, axis=2) - master_quota
-        pieces = tl.minimum(tl.maximum(excess[:, :, None] - drained_before, 0), master_quota)
+        shed = excess + tl.where(excess > 0, over_drain, 0)
+        pieces = tl.minimum(tl.maximum(shed[:, :, None] - drained_before, 0), master_quota)
         donor_key = _sort_rows(excess * R_P2 + rank_tiebreak, LOG_R, True, INTERPRETED)
         donor_rank = (R_P2 - 1 - donor_key % R_P2).to(tl.int32)  # [T_P2, R_P2]: rank at donor line index
         donor_index = tl.broadcast_to(donor_rank[:, :, None], [T_P2, R_P2, M_P2])
@@ -397,7 +406,9 @@ def _quota_plan_kernel(
         all_rows = tl.arange(0, P_P2 * T_P2)  # [P_P2 * T_P2]
         row_program = all_rows // T_P2
         row_threshold = (row_program % NUM_TILES) * T_P2 + all_rows % T_P2
-        row_ok = (row_program < NUM_PROGRAMS) & (row_threshold < NUM_THRESHOLDS)
+        # The second drain's families run on the mean steps only, so their other rows are padding.
+        row_thresholds = tl.where(row_program // NUM_TILES >= RECEIVER_FAMILIES, NUM_MEAN_STEPS, NUM_THRESHOLDS)
+        row_ok = (row_program < NUM_PROGRAMS) & (row_threshold < row_thresholds)
         all_peak = tl.load(summary_ptr + all_rows * 3 + 0, mask=row_ok, other=0, cache_modifier=".cg")
         all_replicas = tl.load(summary_ptr + all_rows * 3 + 1, mask=row_ok, other=0, cache_modifier=".cg")
         all_local = tl.load(summary_ptr + all_rows * 3 + 2, mask=row_ok, other=0, cache_modifier=".cg")
@@ -471,7 +482,8 @@ def _launch_config(
         raise ValueError(f"candidates_per_program must be a power of two >= 1, got {candidates_per_program}")
     else:
         t_p2 = min(all_thresholds, candidates_per_program)
-    num_programs = _RECEIVER_ORDERS * len(_ANCHORS) * triton.cdiv(len(steps), t_p2)
+    num_drains = _num_drains(layout.redundant_slots_per_rank)
+    num_programs = num_drains * _RECEIVER_ORDERS * len(_ANCHORS) * triton.cdiv(len(steps), t_p2)
 
     constexprs = {
         "NUM_RANKS": layout.num_ranks,
@@ -481,6 +493,8 @@ def _launch_config(
         "NUM_MEAN_STEPS": len(_MEAN_STEPS),
         "ANCHORS": tuple(int(a) for a in _ANCHORS),
         "RECEIVER_ORDERS": _RECEIVER_ORDERS,
+        "NUM_DRAINS": num_drains,
+        "OVER_DRAIN": _to_fixed_point(_OVER_DRAIN),
         "FRACTION_SCALE": _FRACTION_SCALE,
         "PREFER_LOCAL": bool(config.prefer_local),
         "T_P2": t_p2,

@@ -12,8 +12,9 @@
  * - After a candidate's first round only the ranks that gave or took load have a new excess or
  *   spare. The donor and receiver lines sort just those ranks and merge them into the others, which
  *   are still in order, so the lines match a full sort.
- * - A candidate's first round depends only on its threshold and receiver order, so the candidates
- *   of other anchors with that threshold and order reuse its sorted lines.
+ * - The donor and receiver lines of a candidate's first round depend only on its threshold and
+ *   receiver order, so the candidates of other anchors and drains with that threshold and order
+ *   reuse the lines the first one sorted.
  *
  * Products that the reference computes in int64 are computed here in uint64 and cast back, so the
  * rare overflow wraps the same way instead of being undefined behaviour.
@@ -270,6 +271,8 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
  * mean_steps:       [num_mean_steps] fixed-point fractions of the mean rank load.
  * gap_steps:        [num_gap_steps] fixed-point fractions of the gap to the unbalanced maximum.
  * anchors:          [num_anchors] receiver anchor points in quarters, or BY_MASTER_QUOTA.
+ * num_drains:       1, or 2 to run every receiver family again, on the mean steps only, with donors
+ *                   that shed over_drain_q (fixed point, of the mean rank load) beyond their excess.
  * copy_cost, copy_overlap, copy_chunks, gemm_passes: QuotaConfig's copy model; copy_cost 0 compares plain peaks.
  * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
  * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
@@ -277,17 +280,21 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
  */
 int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_per_rank, int64_t slots,
                        const int64_t *mean_steps, int64_t num_mean_steps, const int64_t *gap_steps,
-                       int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors, int64_t fraction_scale,
+                       int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors, int64_t num_drains,
+                       int64_t over_drain_q, int64_t fraction_scale,
                        int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
                        int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
                        int64_t gemm_passes, int64_t *out_slot_expert, int64_t *out_quota) {
-    if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 ||
+    if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 || num_drains < 1 ||
+        over_drain_q < 0 ||
         num_mean_steps + num_gap_steps < 1 || fraction_scale < 1 || copy_cost < 0 || copy_chunks < 1 ||
         gemm_passes < 1)
         return ERR_ARGS;
     const int64_t R = num_ranks, P = experts_per_rank, S = slots, E = R * P;
-    /* Candidate (o, a, t): receiver order o (most, then least spare first), anchor a, threshold t. */
-    const int64_t T = num_mean_steps + num_gap_steps, F = RECEIVER_ORDERS * num_anchors, C = T * F;
+    /* Candidate (o, a, t): receiver order o (most, then least spare first), anchor a, threshold t.
+     * With a second drain, over-draining donors run (o, a, t) again for the mean steps t. */
+    const int64_t T = num_mean_steps + num_gap_steps, RF = RECEIVER_ORDERS * num_anchors;
+    const int64_t C = T * RF + (num_drains > 1 ? num_mean_steps * RF : 0);
 
     /* One allocation for everything: per-candidate final states plus per-round scratch. */
     const int64_t state_words = R + E + 2 * R * S; /* rank_load, master_quota (drain order), slot_pos, slot_quota */
@@ -365,9 +372,9 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         thresholds[t] = min64(floor_load + floor_div(mul_wrap(total, mean_steps[t]), R * fraction_scale), top);
     for (int64_t t = 0; t < num_gap_steps; ++t)
         thresholds[num_mean_steps + t] = min64(floor_load + floor_div(mul_wrap(gap, gap_steps[t]), fraction_scale), top);
-    for (int64_t f = 1; f < F; ++f)
-        for (int64_t t = 0; t < T; ++t) thresholds[f * T + t] = thresholds[t];
+    for (int64_t c = T; c < C; ++c) thresholds[c] = thresholds[c < T * RF ? c % T : (c - T * RF) % num_mean_steps];
     const int64_t min_quota = max64(floor_div(mul_wrap(total, fraction_q), R * fraction_scale), min_replica_quota);
+    const int64_t over_drain = floor_div(mul_wrap(total, over_drain_q), R * fraction_scale);
 
     for (int64_t r = 0; r < R; ++r) {
         for (int64_t p = 0; p < P; ++p) {
@@ -389,15 +396,18 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
 
     for (int64_t c = 0; c < C; ++c) {
         const int64_t threshold = thresholds[c];
-        const int64_t family = c / T, anchor = anchors[family % num_anchors];
-        const int least_spare_first = family >= num_anchors;
+        const int64_t family = c < T * RF ? c / T : RF + (c - T * RF) / num_mean_steps;
+        const int64_t step = c < T * RF ? c % T : (c - T * RF) % num_mean_steps; /* threshold index */
+        const int64_t anchor = anchors[family % num_anchors];
+        const int least_spare_first = family % RF >= num_anchors;
+        const int64_t over = family >= RF ? over_drain : 0;
         int64_t *rank_load = states + c * state_words;
         int64_t *master_quota = rank_load + R;
         int64_t *slot_pos = master_quota + E;
         int64_t *slot_quota = slot_pos + R * S;
         /* A candidate with the threshold and anchor of an earlier one ends in the same state. */
         int64_t same = -1;
-        for (int64_t prev = family * T; prev < c && same < 0; ++prev)
+        for (int64_t prev = c - step; prev < c && same < 0; ++prev)
             if (thresholds[prev] == threshold) same = prev;
         if (same >= 0) {
             memcpy(rank_load, states + same * state_words, (size_t)state_words * sizeof(int64_t));
@@ -426,9 +436,9 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                 spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
                 order_key[r] = least_spare_first && spare[r] > 0 ? total + 1 - spare[r] : spare[r];
             }
-            /* The first round depends only on the threshold (and the receiver order), so every
+            /* The first round's lines depend only on the threshold (and the receiver order), so every
              * family reuses the lines that the first candidate with this threshold sorted. */
-            const int64_t step = c % T, order_slot = T + (least_spare_first ? T : 0) + step;
+            const int64_t order_slot = T + (least_spare_first ? T : 0) + step;
             int64_t *first_donors = first_donor_keys + step * R;
             int64_t *first_receivers = first_recv_keys + (order_slot - T) * R;
             order_line(excess, R, touched, num_touched, is_touched, donor_keys, &num_donors, donor_order, keys, first_donors,
@@ -437,6 +447,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             for (int64_t d = 0; d < num_donors; ++d) {
                 const int64_t *held = master_quota + donor_order[d] * P;
                 int64_t left = excess[donor_order[d]];
+                if (left > 0) left += over;
                 for (int64_t p = 0; p < P && left > 0; ++p) {
                     const int64_t piece = min64(left, held[p]);
                     if (piece > 0) {
