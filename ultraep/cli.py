@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens-per-rank", type=int, help="tokens per rank in one microbatch; default: up to 4096")
     demo.add_argument("--microbatches", type=int, default=DEMO_MAX_MICROBATCHES, help="at most this many microbatches per EP size (default 4)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    demo.set_defaults(func=run_demo)
+    demo.set_defaults(func=run_demo, command_parser=demo)
 
     plan = commands.add_parser("plan", help="plan one load matrix and write the plan as JSON")
     plan.add_argument("--loads", required=True, help=".npy or .json: [num_ranks, num_experts] or [num_experts] counts")
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a QuotaConfig setting for the quota planner, e.g. copy_cost=900 or balance_target=1.0; repeat for more",
     )
     plan.add_argument("--out", help="write the plan JSON here instead of standard output")
-    plan.set_defaults(func=run_plan)
+    plan.set_defaults(func=run_plan, command_parser=plan)
 
     try:
         from ultraep.sim.command import add_simulate_arguments, run_simulate
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         simulate = commands.add_parser("simulate", help="replay traces through a throughput model, policies side by side")
         add_simulate_arguments(simulate)
-        simulate.set_defaults(func=run_simulate)
+        simulate.set_defaults(func=run_simulate, command_parser=simulate)
     return parser
 
 
@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("ranks", "slots", "tokens_per_rank", "microbatches"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "slots" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'slots' else 1}, got {value}")
+            # The subcommand's parser, so the usage line shows that command's flags.
+            args.command_parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'slots' else 1}, got {value}")
     try:
         return args.func(args)
     except CommandError as error:

@@ -66,6 +66,7 @@ def test_plan_accepts_json_vector(tmp_path, capsys):
         pytest.param([], ".json", ["--ranks", "2"], r"is empty \(shape \[0\]\)", id="empty"),
         pytest.param([[1, 2]] * 3, ".json", ["--ranks", "2"], "--loads has 3 rows but --ranks is 2", id="rows"),
         pytest.param("x", ".csv", ["--ranks", "2"], "must end in .npy or .json, got '.csv'", id="suffix"),
+        pytest.param([[1, 2], [3, 4]], ".json", ["--ranks", "0"], "usage: ultraep plan .*ultraep plan: error: --ranks must be >= 1, got 0", id="zero_ranks"),
     ],
 )
 def test_plan_bad_input_exits_with_message(tmp_path, capsys, content, suffix, argv, pattern):
@@ -79,7 +80,7 @@ def test_plan_bad_input_exits_with_message(tmp_path, capsys, content, suffix, ar
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--loads", str(path), "--slots", "1", *argv])
     assert exit_info.value.code == 2
-    assert re.search(pattern, capsys.readouterr().err)
+    assert re.search(pattern, capsys.readouterr().err, re.DOTALL)
 
 
 def test_plan_rejects_empty_npy_and_directory(tmp_path, capsys):
