@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import torch
 from ultraep.evaluate import evaluate_planner, format_table
 from ultraep.layout import MAX_TOTAL_LOAD, ExpertLayout, as_load_matrix, check_load_matrix
 from ultraep.plan import PlanInvariantError, check_plan
+from ultraep.planners.quota import QuotaConfig
 from ultraep.planners.registry import PLANNER_NAMES, make_planner
 
 logger = logging.getLogger(__name__)
@@ -163,10 +165,8 @@ def run_plan(args: argparse.Namespace) -> int:
             raise CommandError(
                 f"--quota-setting applies only to --planner quota, got --planner {args.planner}. Drop it or use --planner quota"
             )
-        from ultraep.sim.command import _parse_quota_settings
-
         try:
-            settings = dict(_parse_quota_settings(args.quota_setting))
+            settings = dict(parse_quota_settings(args.quota_setting))
         except ValueError as error:
             raise CommandError(str(error)) from error
     try:
@@ -269,6 +269,54 @@ def run_demo(args: argparse.Namespace) -> int:
     print()
     print("imbalance = max rank load / mean rank load (1.0 is perfect); plan ms = planner wall time on one CPU thread.")
     return 0
+
+
+def parse_quota_settings(items: list[str], implied: dict | None = None) -> tuple[tuple[str, object], ...]:
+    """Parse ``NAME=VALUE`` items into QuotaConfig settings, typed by the field's default.
+
+    implied: settings the run adds where the items name none (the automatic copy settings); they
+    take part in the validity check only, so a combination they complete is accepted.
+    """
+    fields = {f.name: f for f in dataclasses.fields(QuotaConfig)}
+    settings = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or name not in fields:
+            raise ValueError(
+                f"--quota-setting takes NAME=VALUE with NAME one of {sorted(fields)}, e.g. min_replica_quota=1000; got {item!r}"
+            )
+        default = fields[name].default
+        if isinstance(default, bool):
+            kind, parse = "true or false", _parse_bool
+        elif isinstance(default, float):
+            kind, parse = "float", float
+        elif default is None:  # num_rounds: an int, or None for the planner's default
+            kind, parse = "int or none", _parse_optional_int
+        else:
+            kind, parse = "int", int
+        try:
+            value = parse(text)
+        except ValueError as error:
+            raise ValueError(f"--quota-setting {name} takes {kind}, got {text!r}") from error
+        if name in settings:
+            raise ValueError(f"--quota-setting {name} is given twice ({settings[name]!r} and {value!r}). Give it once")
+        settings[name] = value
+    try:
+        QuotaConfig(**{**(implied or {}), **settings})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--quota-setting: {error}") from error
+    return tuple(sorted(settings.items()))
+
+
+def _parse_optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 # Argument parsing.

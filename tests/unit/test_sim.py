@@ -407,6 +407,7 @@ def test_simulate_command_writes_files(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "SYNTHETIC" in printed
     assert "speedup over none" in printed
+    assert "bytes moved/layer: replica weight copies" in printed
     runs = read_json(tmp_path / "out.json")
     assert [row.policy for row in runs[0].rows] == ["none", "eplb s=1", "lp_reroute s=1", "quota s=1", "quota s=1 layer-buffers"]
     assert read_csv(tmp_path / "out.csv") == runs
@@ -808,9 +809,9 @@ def test_lower_bound_below_plans_beating_ideal():
 
 
 def test_quota_setting_chunks_with_implied_overlap():
-    from ultraep.sim.command import _parse_quota_settings
+    from ultraep.cli import parse_quota_settings
 
     # --copy-cost auto with --overlap-sync supplies copy_overlap=True, which copy_chunks=8 needs.
-    assert _parse_quota_settings(["copy_chunks=8"], {"copy_overlap": True}) == (("copy_chunks", 8),)
+    assert parse_quota_settings(["copy_chunks=8"], {"copy_overlap": True}) == (("copy_chunks", 8),)
     with pytest.raises(ValueError, match=r"--quota-setting: QuotaConfig.copy_chunks=8 needs copy_overlap=True"):
-        _parse_quota_settings(["copy_chunks=8"])
+        parse_quota_settings(["copy_chunks=8"])

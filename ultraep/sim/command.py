@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ultraep.cli import parse_quota_settings
 from ultraep.planners.quota import QuotaConfig
 from ultraep.sim.cost import MODES, SYNC_SCHEMES, CostSettings
 from ultraep.sim.hardware import HARDWARE, Efficiency, get_hardware
@@ -211,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     # With --copy-cost auto, copy_overlap comes from --overlap-sync unless the user sets it.
     implied = {"copy_overlap": args.overlap_sync} if args.copy_cost == "auto" else {}
-    quota_settings = _parse_quota_settings(args.quota_setting or [], implied)
+    quota_settings = parse_quota_settings(args.quota_setting or [], implied)
     policies = default_policies(
         _parse_slots(args.quota_slots, "--quota-slots"),
         _parse_slots(args.baseline_slots, "--baseline-slots"),
@@ -268,6 +269,11 @@ def _run(args: argparse.Namespace) -> int:
         + (f"set with --planner-time-us for {set_words}; every other planner" if set_words else "every planner")
         + f" on the critical path uses the median wall time of its calls measured on this host's CPU with {args.threads} "
         "thread(s). On a GPU system the planner runs on the GPU, so pass a GPU measurement as --planner-time-us quota=<us>."
+    )
+    print(
+        "bytes moved/layer: replica weight copies (forward sync, and in training the backward re-sync) plus replica "
+        "gradients sent back to their masters, summed over ranks, per layer and microbatch; eplb and lp_reroute "
+        "spread their refresh after each optimizer step over the microbatches of a step."
     )
 
     # Step 2: workloads, planning and evaluation.
@@ -440,54 +446,6 @@ def _copy_cost_words(copy_cost: str, quota_settings: tuple[tuple[str, object], .
     if named:
         return f"quota copy settings only from --quota-setting ({', '.join(named)}); "
     return "quota treats copies as free; "
-
-
-def _parse_quota_settings(items: list[str], implied: dict | None = None) -> tuple[tuple[str, object], ...]:
-    """Parse ``NAME=VALUE`` items into QuotaConfig settings, typed by the field's default.
-
-    implied: settings the run adds where the items name none (the automatic copy settings); they
-    take part in the validity check only, so a combination they complete is accepted.
-    """
-    fields = {f.name: f for f in dataclasses.fields(QuotaConfig)}
-    settings = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        name, text = name.strip(), text.strip()
-        if not sep or name not in fields:
-            raise ValueError(
-                f"--quota-setting takes NAME=VALUE with NAME one of {sorted(fields)}, e.g. min_replica_quota=1000; got {item!r}"
-            )
-        default = fields[name].default
-        if isinstance(default, bool):
-            kind, parse = "true or false", _parse_bool
-        elif isinstance(default, float):
-            kind, parse = "float", float
-        elif default is None:  # num_rounds: an int, or None for the planner's default
-            kind, parse = "int or none", _parse_optional_int
-        else:
-            kind, parse = "int", int
-        try:
-            value = parse(text)
-        except ValueError as error:
-            raise ValueError(f"--quota-setting {name} takes {kind}, got {text!r}") from error
-        if name in settings:
-            raise ValueError(f"--quota-setting {name} is given twice ({settings[name]!r} and {value!r}). Give it once")
-        settings[name] = value
-    try:
-        QuotaConfig(**{**(implied or {}), **settings})
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"--quota-setting: {error}") from error
-    return tuple(sorted(settings.items()))
-
-
-def _parse_optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise ValueError(f"expected true or false, got {text!r}")
-    return text.lower() == "true"
 
 
 def _join(values) -> str:
