@@ -113,7 +113,7 @@ _RECEIVER_ORDERS = 2
 # Donor drains (module docstring). With one redundant slot per rank the planner also runs every
 # receiver family with donors that shed _OVER_DRAIN of the mean rank load beyond their excess. On the
 # 960 Qwen1.5-MoE EP10 step matrices this cut the one-slot plans more than 1% above the load floor
-# from 24 to 7, and the worst from 3.1% to 2.2%. It also lowered the one-slot mean imbalance on the
+# from 24 to 7, and the worst from 3.1% to 2.25%. It also lowered the one-slot mean imbalance on the
 # Switch-base-128, Qwen1.5-MoE and Zipf EP16 loads of the planner benchmark. With two slots the plans
 # there were already within 0.05% of the mean, so the second drain, which doubles the candidates,
 # runs only with one slot. Of 0.3, 0.4, 0.5, 0.6 and 0.75 of the mean (tried with the most-spare-first
