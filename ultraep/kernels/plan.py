@@ -52,6 +52,8 @@ __all__ = ["plan_quota_triton"]
 
 # Sentinel above any load, quota or count the kernel compares (all stay below 2**62).
 _BIG = tl.constexpr(2**62)
+# Words per candidate in the summary scratch (see the kernel's summary_ptr).
+SUMMARY_WORDS = tl.constexpr(5)
 COSTED_PEAK_LIMIT = tl.constexpr(_COSTED_PEAK_LIMIT)
 BY_MASTER_QUOTA = tl.constexpr(_BY_MASTER_QUOTA)
 
@@ -112,7 +114,8 @@ def _quota_plan_kernel(
     loads_ptr,  # [NUM_RANKS, NUM_RANKS * EXPERTS_PER_RANK] int64, contiguous: the load matrix
     replica_out_ptr,  # [NUM_RANKS, SLOTS] int64 out: logical expert of each redundant slot, -1 = empty
     quota_out_ptr,  # [NUM_RANKS * (EXPERTS_PER_RANK + SLOTS)] int64 out: quota of each physical slot
-    summary_ptr,  # [NUM_PROGRAMS * T_P2, 3] int64 scratch: peak rank load, replicas, local assignments
+    summary_ptr,  # [NUM_PROGRAMS * T_P2, SUMMARY_WORDS] int64 scratch: compared peak, replicas, local
+    # assignments, max rank load and threshold
     master_scratch_ptr,  # [NUM_PROGRAMS * T_P2, R_P2 * M_P2] int64 scratch: master quotas in drain order
     slot_expert_scratch_ptr,  # [NUM_PROGRAMS * T_P2, R_P2 * S_P2] int32 scratch: expert per redundant slot
     slot_quota_scratch_ptr,  # [NUM_PROGRAMS * T_P2, R_P2 * S_P2] int64 scratch: quota per redundant slot
@@ -356,6 +359,7 @@ def _quota_plan_kernel(
 
     # Step 6: publish this program's candidates: what the choice needs, and the state to copy out.
     peak = tl.max(rank_load, axis=1)  # [T_P2]
+    plain_peak = peak
     if COPY_AWARE:
         # The peak with the weight sync counted, as _costed_peak in quota.py.
         copies_in = tl.sum((slot_pos >= 0).to(tl.int64), axis=2)  # [T_P2, R_P2]
@@ -383,9 +387,11 @@ def _quota_plan_kernel(
         replica_local = tl.where(slot_expert >= 0, tl.minimum(slot_quota, replica_tokens), 0)
         local = master_local + tl.sum(tl.sum(replica_local, axis=2), axis=1)
     rows = pid * T_P2 + tile_idx  # [T_P2]: scratch row of each candidate
-    tl.store(summary_ptr + rows * 3 + 0, peak)
-    tl.store(summary_ptr + rows * 3 + 1, num_replicas)
-    tl.store(summary_ptr + rows * 3 + 2, local)
+    tl.store(summary_ptr + rows * SUMMARY_WORDS + 0, peak)
+    tl.store(summary_ptr + rows * SUMMARY_WORDS + 1, num_replicas)
+    tl.store(summary_ptr + rows * SUMMARY_WORDS + 2, local)
+    tl.store(summary_ptr + rows * SUMMARY_WORDS + 3, plain_peak)
+    tl.store(summary_ptr + rows * SUMMARY_WORDS + 4, thresholds)
     master_cols = tl.arange(0, Q_P2)[None, :]
     tl.store(master_scratch_ptr + rows[:, None] * Q_P2 + master_cols, tl.reshape(master_quota, [T_P2, Q_P2]))
     slot_cols = tl.arange(0, R_P2 * S_P2)[None, :]
@@ -407,11 +413,16 @@ def _quota_plan_kernel(
         row_program = all_rows // T_P2
         row_threshold = (row_program % NUM_TILES) * T_P2 + all_rows % T_P2
         # The second drain's families run on the mean steps only, so their other rows are padding.
-        row_thresholds = tl.where(row_program // NUM_TILES >= RECEIVER_FAMILIES, NUM_MEAN_STEPS, NUM_THRESHOLDS)
-        row_ok = (row_program < NUM_PROGRAMS) & (row_threshold < row_thresholds)
-        all_peak = tl.load(summary_ptr + all_rows * 3 + 0, mask=row_ok, other=0, cache_modifier=".cg")
-        all_replicas = tl.load(summary_ptr + all_rows * 3 + 1, mask=row_ok, other=0, cache_modifier=".cg")
-        all_local = tl.load(summary_ptr + all_rows * 3 + 2, mask=row_ok, other=0, cache_modifier=".cg")
+        row_over = row_program // NUM_TILES >= RECEIVER_FAMILIES
+        row_ok = (row_program < NUM_PROGRAMS) & (row_threshold < tl.where(row_over, NUM_MEAN_STEPS, NUM_THRESHOLDS))
+        all_peak = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 0, mask=row_ok, other=0, cache_modifier=".cg")
+        all_replicas = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 1, mask=row_ok, other=0, cache_modifier=".cg")
+        all_local = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 2, mask=row_ok, other=0, cache_modifier=".cg")
+        all_plain_peak = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 3, mask=row_ok, other=0, cache_modifier=".cg")
+        all_threshold = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 4, mask=row_ok, other=0, cache_modifier=".cg")
+        # A second-drain candidate counts only below every first-drain plan's max rank load.
+        best_first_drain = tl.min(tl.where(row_ok & ~row_over, all_plain_peak, _BIG), axis=0)
+        row_ok = row_ok & (~row_over | (all_threshold < best_first_drain))
         best_peak = tl.min(tl.where(row_ok, all_peak, _BIG), axis=0)
         good = row_ok & ((all_peak == best_peak) | (all_peak * (NUM_RANKS * FRACTION_SCALE) <= total * target_q))
         fewest = tl.min(tl.where(good, all_replicas, _BIG), axis=0)
@@ -549,7 +560,7 @@ def plan_quota_triton(
     replica_expert_ids = torch.empty((layout.num_ranks, layout.redundant_slots_per_rank), dtype=torch.int64, device=device)
     quota = torch.empty(layout.num_slots, dtype=torch.int64, device=device)
     rows = launch.scratch_rows
-    summary = torch.empty((rows, 3), dtype=torch.int64, device=device)
+    summary = torch.empty((rows, SUMMARY_WORDS), dtype=torch.int64, device=device)
     master_scratch = torch.empty((rows, c["R_P2"] * c["M_P2"]), dtype=torch.int64, device=device)
     slot_expert_scratch = torch.empty((rows, c["R_P2"] * c["S_P2"]), dtype=torch.int32, device=device)
     slot_quota_scratch = torch.empty((rows, c["R_P2"] * c["S_P2"]), dtype=torch.int64, device=device)

@@ -300,7 +300,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     const int64_t state_words = R + E + 2 * R * S; /* rank_load, master_quota (drain order), slot_pos, slot_quota */
     const int64_t words = 2 * E /* expert_load, drain_expert */ + R /* master rank load */ + C /* thresholds */ +
                           C * state_words + R /* slots_used */ + 10 * R /* round scratch */ + 2 * (R > P ? R : P) /* sort keys */ + 2 * E /* pieces */ +
-                          3 * E /* own, segment tables */ + 3 * C /* metrics */ + E /* fan-out */ +
+                          3 * E /* own, segment tables */ + 4 * C /* metrics */ + E /* fan-out */ +
                           2 * E /* pieces by master quota */ + 3 * R /* sorted donor and receiver keys, touched ranks */ + E /* initial master quotas */ +
                           3 * T * R + 3 * T /* first-round lines per threshold and receiver order, their lengths */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
@@ -334,6 +334,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(max_load, C);
     TAKE(num_replicas, C);
     TAKE(local, C);
+    TAKE(skipped, C);
     TAKE(fan, E);
     TAKE(ranked, 2 * E);
     TAKE(donor_keys, R);
@@ -394,8 +395,21 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     }
     for (int64_t i = 0; i < E; ++i) initial_quota[i] = expert_load[drain_expert[i]];
 
+    /* Lowest max rank load of the first drain's plans. The reference leaves second-drain candidates at or
+     * above it out of the choice, so they are not planned here. */
+    int64_t best_first_drain = INT64_MAX;
     for (int64_t c = 0; c < C; ++c) {
         const int64_t threshold = thresholds[c];
+        if (c == T * RF) {
+            for (int64_t prev = 0; prev < T * RF; ++prev) {
+                const int64_t *prev_load = states + prev * state_words;
+                int64_t peak = INT64_MIN;
+                for (int64_t r = 0; r < R; ++r) peak = max64(peak, prev_load[r]);
+                best_first_drain = min64(best_first_drain, peak);
+            }
+        }
+        skipped[c] = c >= T * RF && threshold >= best_first_drain;
+        if (skipped[c]) continue;
         const int64_t family = c < T * RF ? c / T : RF + (c - T * RF) / num_mean_steps;
         const int64_t step = c < T * RF ? c % T : (c - T * RF) % num_mean_steps; /* threshold index */
         const int64_t anchor = anchors[family % num_anchors];
@@ -554,6 +568,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         for (int64_t p = 0; p < P; ++p) own[r * P + p] = loads[r * E + r * P + p];
     int64_t best_load = INT64_MAX;
     for (int64_t c = 0; c < C; ++c) {
+        if (skipped[c]) continue;
         const int64_t *rank_load = states + c * state_words;
         const int64_t *master_quota = rank_load + R;
         const int64_t *slot_pos = master_quota + E;
@@ -569,7 +584,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     const int64_t limit = mul_wrap(total, target_q);
     int64_t fewest = INT64_MAX;
     for (int64_t c = 0; c < C; ++c) {
-        int good = max_load[c] == best_load || mul_wrap(max_load[c], R * fraction_scale) <= limit;
+        int good = !skipped[c] && (max_load[c] == best_load || mul_wrap(max_load[c], R * fraction_scale) <= limit);
         if (good) fewest = min64(fewest, num_replicas[c]);
         else num_replicas[c] = -1; /* marks "not good" below */
     }

@@ -19,7 +19,8 @@ assignments. One round of matching runs without loops over experts or ranks:
 A few rounds repair the pieces that did not fit. With one redundant slot per rank every receiver
 family also runs with over-draining donors, which shed half the mean rank load beyond their excess:
 a donor just above the threshold then gives a whole hot expert away and takes a piece of another donor
-into its own slot in the next round, the swap that a lone slot often needs.
+into its own slot in the next round, the swap that a lone slot often needs. These candidates take
+part only at thresholds below the lowest max rank load that the plain drain reached.
 
 The planner runs this in one batch for a fixed ladder of thresholds, with each of the eight pairs of
 receiver order and anchor (the second drain runs on the ladder's first part). The ladder runs from
@@ -115,9 +116,9 @@ _RECEIVER_ORDERS = 2
 # 960 Qwen1.5-MoE EP10 step matrices this cut the one-slot plans more than 1% above the load floor
 # from 24 to 7, and the worst from 3.1% to 2.25%. It also lowered the one-slot mean imbalance on the
 # Switch-base-128, Qwen1.5-MoE and Zipf EP16 loads of the planner benchmark. With two slots the plans
-# there were already within 0.05% of the mean, so the second drain, which doubles the candidates,
-# runs only with one slot. Of 0.3, 0.4, 0.5, 0.6 and 0.75 of the mean (tried with the most-spare-first
-# families), 0.5 left the fewest of those 960 above 1%.
+# there were already within 0.05% of the mean, so the second drain runs only with one slot. Of 0.3,
+# 0.4, 0.5, 0.6 and 0.75 of the mean (tried with the most-spare-first families), 0.5 left the fewest
+# of those 960 above 1%.
 _OVER_DRAIN = 0.5
 
 
@@ -272,6 +273,7 @@ class _CandidateState:
     slot_expert: torch.Tensor  # [num_candidates, num_ranks, redundant_slots_per_rank], -1 = empty
     slot_quota: torch.Tensor  # [num_candidates, num_ranks, redundant_slots_per_rank]
     total: torch.Tensor  # 0-dim, total load
+    over_drain: torch.Tensor  # [num_candidates] bool, candidates of the second donor drain
 
 
 def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> _CandidateState:
@@ -409,7 +411,8 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     # Back from drain positions to logical expert ids.
     slot_expert = torch.where(slot_pos >= 0, drain_expert[slot_pos.clamp(min=0)], -1)
     master_quota = torch.empty_like(master_quota).scatter_(1, drain_expert.expand(num_candidates, -1), master_quota)
-    return _CandidateState(thresholds, rank_load, master_quota, slot_expert, slot_quota, total)
+    over_family = family[:, 0] >= receiver_families
+    return _CandidateState(thresholds, rank_load, master_quota, slot_expert, slot_quota, total, over_family)
 
 
 def load_floor(loads: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
@@ -573,11 +576,17 @@ def _select_candidate(state: _CandidateState, loads: torch.Tensor, layout: Exper
     max_load = _costed_peak(state, layout, config) if config.copy_cost else state.rank_load.max(dim=1).values
     num_replicas = (state.slot_expert >= 0).sum(dim=(1, 2))
 
+    # A candidate of the second drain takes part only if its threshold lies below every first-drain
+    # plan's max rank load. So the compiled planner can skip it, which it does in most loads.
+    plain_peak = state.rank_load.max(dim=1).values
+    best_first_drain = torch.where(state.over_drain, plain_peak.max() + 1, plain_peak).min()
+    valid = ~state.over_drain | (state.thresholds < best_first_drain)
+
     # Plans at or below the balance target, or tied with the best, are equally good.
-    best_load = max_load.min()
+    best_load = torch.where(valid, max_load, max_load.max() + 1).min()
     target_q = _to_fixed_point(config.balance_target)
     scaled = max_load * (num_ranks * _FRACTION_SCALE)
-    good = (max_load == best_load) | (scaled <= state.total * target_q)
+    good = valid & ((max_load == best_load) | (scaled <= state.total * target_q))
     fewest = torch.where(good, num_replicas, num_replicas.max() + 1).min()
     good = good & (num_replicas == fewest)
 
