@@ -577,7 +577,7 @@ def _select_candidate(state: _CandidateState, loads: torch.Tensor, layout: Exper
     num_replicas = (state.slot_expert >= 0).sum(dim=(1, 2))
 
     # A candidate of the second drain takes part only if its threshold lies below every first-drain
-    # plan's max rank load. So the compiled planner can skip it, which it does in most loads.
+    # plan's max rank load, so the compiled planner does not plan the others.
     plain_peak = state.rank_load.max(dim=1).values
     best_first_drain = torch.where(state.over_drain, plain_peak.max() + 1, plain_peak).min()
     valid = ~state.over_drain | (state.thresholds < best_first_drain)
