@@ -49,8 +49,11 @@ def read_loads(path: str) -> torch.Tensor:
         except (ValueError, OSError) as error:
             raise CommandError(f"--loads file {path!r} is not a plain .npy array: {error}") from error
     elif file.suffix == ".json":
+        text = file.read_text()
+        if not text.strip():
+            raise CommandError(f"--loads file {path!r} is empty; write the counts as a JSON list such as [[5, 3], [1, 1]]")
         try:
-            data = json.loads(file.read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as error:
             raise CommandError(f"--loads file {path!r} is not valid JSON: {error}") from error
         if not isinstance(data, list):
@@ -138,12 +141,21 @@ def _check_json_counts(data: list, path: str) -> None:
 
 def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:
     try:
-        return ExpertLayout.from_num_experts(num_experts, ranks, slots)
+        layout = ExpertLayout.from_num_experts(num_experts, ranks, slots)
     except (ValueError, TypeError) as error:
         message = str(error)
         for field, flag in _LAYOUT_FLAGS:
             message = message.replace(field, flag)
         raise CommandError(message) from error
+    # A rank holds at most one instance of each expert of the other ranks, so more slots stay empty
+    # and would only cost memory (the planners allocate per slot).
+    other_experts = num_experts - layout.experts_per_rank
+    if slots > max(other_experts, 1):
+        raise CommandError(
+            f"--slots {slots} is too many: a rank holds at most one instance of each of the {other_experts} expert(s) "
+            f"on other ranks; use --slots {max(other_experts, 1)} or fewer"
+        )
+    return layout
 
 
 # ultraep plan
@@ -378,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CommandError as error:
-        parser.exit(2, f"ultraep: error: {error}\n")
+        parser.exit(2, f"{args.command_parser.prog}: error: {error}\n")
     return 0
 
 

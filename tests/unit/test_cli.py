@@ -66,6 +66,11 @@ def test_plan_accepts_json_vector(tmp_path, capsys):
         pytest.param([], ".json", ["--ranks", "2"], r"is empty \(shape \[0\]\)", id="empty"),
         pytest.param([[1, 2]] * 3, ".json", ["--ranks", "2"], "--loads has 3 rows but --ranks is 2", id="rows"),
         pytest.param("x", ".csv", ["--ranks", "2"], "must end in .npy or .json, got '.csv'", id="suffix"),
+        pytest.param(
+            [[1, 2], [3, 4]], ".json", ["--ranks", "2", "--slots", "1000000000"],
+            r"--slots 1000000000 is too many: .* of the 1 expert\(s\) on other ranks; use --slots 1 or fewer", id="huge_slots",
+        ),
+        pytest.param(None, ".json", ["--ranks", "2"], "is empty; write the counts as a JSON list", id="empty_json_file"),
         pytest.param([[1, 2], [3, 4]], ".json", ["--ranks", "0"], "usage: ultraep plan .*ultraep plan: error: --ranks must be >= 1, got 0", id="zero_ranks"),
     ],
 )
@@ -74,7 +79,7 @@ def test_plan_bad_input_exits_with_message(tmp_path, capsys, content, suffix, ar
     if suffix == ".npy":
         np.save(path, np.asarray(content))
     elif suffix == ".json":
-        path.write_text(json.dumps(content))
+        path.write_text("" if content is None else json.dumps(content))
     else:
         path.write_text(content)
     with pytest.raises(SystemExit) as exit_info:
@@ -92,7 +97,9 @@ def test_plan_rejects_empty_npy_and_directory(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["plan", "--loads", str(path), "--ranks", "2", "--slots", "1"])
         assert exit_info.value.code == 2
-        assert pattern in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith("ultraep plan: error: --loads ")
+        assert pattern in err
 
 
 def test_plan_quota_settings_change_the_plan(tmp_path, capsys):

@@ -271,6 +271,10 @@ def _run(args: argparse.Namespace) -> int:
         "thread(s). On a GPU system the planner runs on the GPU, so pass a GPU measurement as --planner-time-us quota=<us>."
     )
     print(
+        "Policies: s=N is N redundant slots per rank; layer-buffers keeps one set of slot buffers per layer between "
+        "microbatches. ideal = every rank at the mean load with no balancing cost."
+    )
+    print(
         "bytes moved/layer: replica weight copies (forward sync, and in training the backward re-sync) plus replica "
         "gradients sent back to their masters, summed over ranks, per layer and microbatch; eplb and lp_reroute "
         "spread their refresh after each optimizer step over the microbatches of a step."
