@@ -147,12 +147,12 @@ def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:
         for field, flag in _LAYOUT_FLAGS:
             message = message.replace(field, flag)
         raise CommandError(message) from error
-    # A rank holds at most one instance of each expert of the other ranks, so more slots stay empty
+    # A rank hosts at most one instance of each expert of the other ranks, so more slots stay empty
     # and would only cost memory (the planners allocate per slot).
     other_experts = num_experts - layout.experts_per_rank
     if slots > max(other_experts, 1):
         raise CommandError(
-            f"--slots {slots} is too many: a rank holds at most one instance of each of the {other_experts} expert(s) "
+            f"--slots {slots} is too many: a rank hosts at most one instance of each of the {other_experts} expert(s) "
             f"on other ranks; use --slots {max(other_experts, 1)} or fewer"
         )
     return layout
