@@ -150,10 +150,11 @@ def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:
     # A rank hosts at most one instance of each expert of the other ranks, so more slots stay empty
     # and would only cost memory (the planners allocate per slot).
     other_experts = num_experts - layout.experts_per_rank
-    if slots > max(other_experts, 1):
+    most_slots = max(other_experts, 1)
+    if slots > most_slots:
         raise CommandError(
             f"--slots {slots} is too many: a rank hosts at most one instance of each of the {other_experts} expert(s) "
-            f"on other ranks; use --slots {max(other_experts, 1)} or fewer"
+            f"on other ranks; use --slots {most_slots} or fewer"
         )
     return layout
 
@@ -286,7 +287,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def parse_quota_settings(items: list[str], implied: dict | None = None) -> tuple[tuple[str, object], ...]:
     """Parse ``NAME=VALUE`` items into QuotaConfig settings, typed by the field's default.
 
-    implied: settings the run adds where the items name none (the automatic copy settings); they
+    implied: settings the run adds where the items name none (the automatic copy settings). They
     take part in the validity check only, so a combination they complete is accepted.
     """
     fields = {f.name: f for f in dataclasses.fields(QuotaConfig)}

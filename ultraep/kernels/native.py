@@ -139,7 +139,8 @@ def _settings(config: QuotaConfig) -> tuple:
     anchors = torch.tensor(quota_module._ANCHORS, dtype=torch.int64)
     fraction_q = to_fixed_point(config.min_replica_fraction)
     target_q = to_fixed_point(config.balance_target)
-    return mean_steps, gap_steps, anchors, quota_module._FRACTION_SCALE, fraction_q, target_q
+    over_drain_q = to_fixed_point(quota_module._OVER_DRAIN)
+    return mean_steps, gap_steps, anchors, quota_module._FRACTION_SCALE, fraction_q, target_q, over_drain_q
 
 
 def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
@@ -158,7 +159,7 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
     if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
         return masters_only_plan(loads, layout)
     num_ranks, experts_per_rank, slots = layout.num_ranks, layout.experts_per_rank, layout.redundant_slots_per_rank
-    mean_steps, gap_steps, anchors, scale, fraction_q, target_q = _settings(config)
+    mean_steps, gap_steps, anchors, scale, fraction_q, target_q, over_drain_q = _settings(config)
     num_rounds = quota_module.default_num_rounds(config, slots)
     slot_expert = torch.empty((num_ranks, slots), dtype=torch.int64)
     quota = torch.empty(layout.num_slots, dtype=torch.int64)
@@ -174,7 +175,7 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
         anchors.data_ptr(),
         anchors.numel(),
         quota_module._num_drains(slots),
-        quota_module._to_fixed_point(quota_module._OVER_DRAIN),
+        over_drain_q,
         scale,
         config.min_replica_quota,
         fraction_q,

@@ -309,8 +309,9 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     family = family[:, None]  # [num_candidates, 1]
     anchor = consts.anchors[family % len(_ANCHORS)]  # [num_candidates, 1]
     least_spare_first = family % receiver_families >= len(_ANCHORS)
+    second_drain = family >= receiver_families  # [num_candidates, 1]
     # Assignments an over-draining donor sheds beyond its excess. The plain drain sheds none extra.
-    over_drain = torch.where(family >= receiver_families, (total * consts.over_drain) // (num_ranks * _FRACTION_SCALE), 0)
+    over_drain = torch.where(second_drain, (total * consts.over_drain) // (num_ranks * _FRACTION_SCALE), 0)
     by_master_quota = anchor == _BY_MASTER_QUOTA  # [num_candidates, 1]
     num_candidates = thresholds.numel()
     threshold_col = thresholds[:, None]
@@ -411,8 +412,7 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     # Back from drain positions to logical expert ids.
     slot_expert = torch.where(slot_pos >= 0, drain_expert[slot_pos.clamp(min=0)], -1)
     master_quota = torch.empty_like(master_quota).scatter_(1, drain_expert.expand(num_candidates, -1), master_quota)
-    over_family = family[:, 0] >= receiver_families
-    return _CandidateState(thresholds, rank_load, master_quota, slot_expert, slot_quota, total, over_family)
+    return _CandidateState(thresholds, rank_load, master_quota, slot_expert, slot_quota, total, second_drain[:, 0])
 
 
 def load_floor(loads: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
