@@ -566,22 +566,37 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
      * local assignments, then lowest max load, then the first index. */
     for (int64_t r = 0; r < R; ++r)
         for (int64_t p = 0; p < P; ++p) own[r * P + p] = loads[r * E + r * P + p];
-    int64_t best_load = INT64_MAX;
+    const int64_t limit = mul_wrap(total, target_q);
+    int64_t best_load = INT64_MAX, first = -1;
     for (int64_t c = 0; c < C; ++c) {
         if (skipped[c]) continue;
         const int64_t *rank_load = states + c * state_words;
-        const int64_t *master_quota = rank_load + R;
-        const int64_t *slot_pos = master_quota + E;
+        const int64_t *slot_pos = rank_load + R + E;
         int64_t m = INT64_MIN, n = 0;
         for (int64_t r = 0; r < R; ++r) m = max64(m, rank_load[r]);
         for (int64_t i = 0; i < R * S; ++i) n += slot_pos[i] >= 0;
-        if (copy_cost > 0) m = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks, gemm_passes,
-                                          fan);
         max_load[c] = m;
         num_replicas[c] = n;
-        best_load = min64(best_load, m);
+        if (first < 0 || m < max_load[first]) first = c;
     }
-    const int64_t limit = mul_wrap(total, target_q);
+    if (copy_cost > 0) {
+        /* A costed peak is never below the plain one. A candidate whose plain peak lies above both the
+         * lowest costed peak so far and the balance target can be neither the best nor good, so its
+         * costed peak is not computed; its plain peak stays above the best and the target. The
+         * candidate with the lowest plain peak goes first, to set a low bar. */
+        for (int64_t k = -1; k < C; ++k) {
+            const int64_t c = k < 0 ? first : k;
+            if (skipped[c] || (k >= 0 && c == first)) continue;
+            if (max_load[c] > best_load && mul_wrap(max_load[c], R * fraction_scale) > limit) continue;
+            const int64_t *rank_load = states + c * state_words;
+            const int64_t *master_quota = rank_load + R;
+            const int64_t *slot_pos = master_quota + E;
+            max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks, gemm_passes, fan);
+            best_load = min64(best_load, max_load[c]);
+        }
+    } else {
+        best_load = max_load[first];
+    }
     int64_t fewest = INT64_MAX;
     for (int64_t c = 0; c < C; ++c) {
         int good = !skipped[c] && (max_load[c] == best_load || mul_wrap(max_load[c], R * fraction_scale) <= limit);
