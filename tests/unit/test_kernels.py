@@ -126,6 +126,10 @@ PLAN_CASES = [
         config=QuotaConfig(balance_target=1.0),
     ),
     PlanCase(
+        "ep5_e10_s1_best_fit", 5, 2, 1, "first_row", first_row=(47, 18, 0, 0, 11, 9, 0, 0, 0, 0),
+        config=QuotaConfig(balance_target=1.0),
+    ),
+    PlanCase(
         "ep3_e3_s1_copy_first_chunk", 3, 1, 1, "first_row", first_row=(2, 35, 57),
         config=QuotaConfig(copy_cost=15, copy_overlap=True, copy_chunks=3),
     ),

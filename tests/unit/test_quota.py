@@ -379,6 +379,22 @@ def test_one_slot_donor_swap(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
+def test_one_slot_best_fit(backend):
+    # Five ranks with two experts and one slot each; rank 0 produces every assignment. Expert loads
+    # are 47, 18 | 0, 0 | 11, 9 | 0, 0 | 0, 0 (mean 17). At 17 the donors shed 48 and 3, and ranks 1,
+    # 3 and 4 have 17 of spare each, so each must take exactly 17. Best fit gives rank 1 the bin
+    # that just covers its spare, expert 1 (18), and ranks 3 and 4 two pieces of expert 0 (47).
+    # Rank 0 drops to 14 and takes 3 of expert 5 from rank 2. Without the best-fit receivers the
+    # plan ends at 19.
+    loads = torch.zeros(5, 10, dtype=torch.int64)
+    loads[0] = torch.tensor([47, 18, 0, 0, 11, 9, 0, 0, 0, 0])
+    plan = QuotaPlanner(QuotaConfig(balance_target=1.0), backend=backend)(loads, ExpertLayout(5, 2, 1))
+    assert plan.rank_load().tolist() == [17, 17, 17, 17, 17]
+    assert plan.replica_expert_ids.view(-1).tolist() == [5, 1, -1, 0, 0]
+    assert plan.quota.tolist() == [13, 1, 3, 0, 0, 17, 11, 6, 0, 0, 0, 17, 0, 0, 17]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
 def test_ladder_starts_at_capacity_floor(backend):
     # Three ranks with two experts and one slot each; rank 0 produces every assignment. Expert loads
     # are 30, 30 | 0, 0 | 30, 20, so the rank loads are 60, 0 and 50 (rounded-up mean 37). Rank 1 can

@@ -115,7 +115,7 @@ def _library() -> ctypes.CDLL | Exception:
             return error
     function = library.ultraep_quota_plan
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_int64] * 12 + [ctypes.c_void_p] * 2
+    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 4 + [ctypes.c_int64] * 12 + [ctypes.c_void_p] * 2
     return library
 
 
@@ -137,10 +137,11 @@ def _settings(config: QuotaConfig) -> tuple:
     mean_steps = torch.tensor([to_fixed_point(f) for f in quota_module._MEAN_STEPS], dtype=torch.int64)
     gap_steps = torch.tensor([to_fixed_point(f) for f in quota_module._GAP_STEPS], dtype=torch.int64)
     anchors = torch.tensor(quota_module._ANCHORS, dtype=torch.int64)
+    best_fit_steps = torch.tensor([to_fixed_point(f) for f in quota_module._BEST_FIT_STEPS], dtype=torch.int64)
     fraction_q = to_fixed_point(config.min_replica_fraction)
     target_q = to_fixed_point(config.balance_target)
     over_drain_q = to_fixed_point(quota_module._OVER_DRAIN)
-    return mean_steps, gap_steps, anchors, quota_module._FRACTION_SCALE, fraction_q, target_q, over_drain_q
+    return mean_steps, gap_steps, anchors, best_fit_steps, quota_module._FRACTION_SCALE, fraction_q, target_q, over_drain_q
 
 
 def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
@@ -159,7 +160,7 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
     if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
         return masters_only_plan(loads, layout)
     num_ranks, experts_per_rank, slots = layout.num_ranks, layout.experts_per_rank, layout.redundant_slots_per_rank
-    mean_steps, gap_steps, anchors, scale, fraction_q, target_q, over_drain_q = _settings(config)
+    mean_steps, gap_steps, anchors, best_fit_steps, scale, fraction_q, target_q, over_drain_q = _settings(config)
     num_rounds = quota_module.default_num_rounds(config, slots)
     slot_expert = torch.empty((num_ranks, slots), dtype=torch.int64)
     quota = torch.empty(layout.num_slots, dtype=torch.int64)
@@ -174,6 +175,8 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
         gap_steps.numel(),
         anchors.data_ptr(),
         anchors.numel(),
+        best_fit_steps.data_ptr(),
+        best_fit_steps.numel(),
         quota_module._num_drains(slots),
         over_drain_q,
         scale,

@@ -4,8 +4,9 @@ Reference: :func:`ultraep.planners.quota.plan_reference` (``_match_rounds``, ``_
 ``_local_assignments``). The kernel gives the same plan bit for bit.
 
 The reference tries every (donor drain, receiver order, receiver anchor, threshold) combination as a
-candidate. Each program of the launch runs a tile of ``T_P2`` thresholds of one family (drain, order
-and anchor) side by side, as the reference batches them:
+candidate, and then the best-fit receivers on their own thresholds. Each program of the launch runs a
+tile of ``T_P2`` thresholds of one family (drain, order and anchor, or best fit) side by side, as the
+reference batches them:
 its tensors are ``[T_P2, ...]`` with every dim padded to a power of two. Padded ranks carry no load
 and no spare, padded master slots carry quota 0, and padded candidates are never chosen. Each
 program writes its candidates' scores and state to scratch and takes a ticket from an atomic
@@ -35,6 +36,7 @@ from ultraep.plan import Plan
 from ultraep.planners.base import masters_only_plan
 from ultraep.planners.quota import (
     _ANCHORS,
+    _BEST_FIT_STEPS,
     _FRACTION_SCALE,
     _COSTED_PEAK_LIMIT,
     _GAP_STEPS,
@@ -110,6 +112,71 @@ def _sort_rows(x, LOG_N: tl.constexpr, DESCENDING: tl.constexpr, INTERPRETED: tl
 
 
 @triton.jit
+def _best_fit_choice(
+    rank_load,  # [T_P2, R_P2] int64
+    threshold_col,  # [T_P2, 1] int64
+    master_quota,  # [T_P2, R_P2, M_P2] int64, drain order
+    recv_spare,  # [T_P2, R_P2] int64, receiver line order
+    min_quota,
+    flat_position,  # [T_P2, R_P2, M_P2]: drain position r * M_P2 + p
+    line_idx,  # [1, R_P2]
+    T_P2: tl.constexpr,
+    R_P2: tl.constexpr,
+    Q_P2: tl.constexpr,
+    LOG_R: tl.constexpr,
+    LOG_Q: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    """Return one best-fit round (reference: _best_fit_round) in receiver line order.
+
+    The bins are the donors' masters that still hold quota, sorted by quota, then drain position.
+    Each receiver takes the first bin whose quota covers its spare, or the fullest bin when none does.
+    A bin serves its receivers in line order with whole spares while they fit; the first one takes
+    the whole bin when its spare does not fit. Returns (drain position [T_P2, R_P2] int32, amount
+    [T_P2, R_P2] int64, and the keys bin * R_P2 + line index of the receivers sorted ascending,
+    [T_P2, R_P2] int64 with _BIG for receivers without a bin).
+    """
+    donor = (rank_load > threshold_col)[:, :, None]
+    bin_key = tl.where(donor & (master_quota > 0), master_quota * Q_P2 + flat_position, _BIG)
+    bin_key = _sort_rows(tl.reshape(bin_key, [T_P2, Q_P2]), LOG_Q, False, INTERPRETED)  # [T_P2, Q_P2] ascending
+    num_bins = tl.sum((bin_key < _BIG).to(tl.int32), axis=1)[:, None]  # [T_P2, 1]
+    first_fit = _count_not_above(bin_key, recv_spare * Q_P2 - 1, Q_P2, LOG_Q)  # bins whose quota is below the spare
+    pick = tl.maximum(tl.where(first_fit < num_bins, first_fit, num_bins - 1), 0)
+    fit_key = tl.gather(bin_key, pick, 1)  # [T_P2, R_P2]
+    active = (recv_spare > 0) & (num_bins > 0)
+    position = tl.where(active, fit_key % Q_P2, 0).to(tl.int32)
+    bin_quota = tl.where(active, fit_key // Q_P2, 0)
+    # Spares offered to the same bin before each receiver: sort the receivers by (bin, line index).
+    offered = tl.where(active, recv_spare, 0)
+    bin_line_key = tl.where(active, position.to(tl.int64) * R_P2 + line_idx, _BIG)
+    bin_line_sorted = _sort_rows(bin_line_key, LOG_R, False, INTERPRETED)  # [T_P2, R_P2]
+    sorted_line = (bin_line_sorted % R_P2).to(tl.int32)
+    offered_through = tl.cumsum(tl.where(bin_line_sorted < _BIG, tl.gather(offered, sorted_line, 1), 0), axis=1)
+    sorted_index = _count_not_above(bin_line_sorted, bin_line_key - 1, R_P2, LOG_R)  # receivers sorted before
+    group_index = _count_not_above(bin_line_sorted, position.to(tl.int64) * R_P2 - 1, R_P2, LOG_R)
+    through_before = tl.where(sorted_index > 0, tl.gather(offered_through, tl.maximum(sorted_index - 1, 0), 1), 0)
+    group_before = tl.where(group_index > 0, tl.gather(offered_through, tl.maximum(group_index - 1, 0), 1), 0)
+    before = through_before - group_before
+    amount = tl.where(before == 0, tl.minimum(offered, bin_quota), tl.where(before + offered <= bin_quota, offered, 0))
+    amount = tl.where(amount >= min_quota, amount, 0)
+    return position, amount, bin_line_sorted
+
+
+@triton.jit
+def _sum_by_bin(bin_line_sorted, values, T_P2: tl.constexpr, R_P2: tl.constexpr, Q_P2: tl.constexpr, LOG_R: tl.constexpr):
+    """Return [T_P2, Q_P2] int64: per drain position, the sum of ``values`` ([T_P2, R_P2], receiver line
+    order) over the receivers whose keys in ``bin_line_sorted`` (from _best_fit_choice) name that bin."""
+    sorted_line = (bin_line_sorted % R_P2).to(tl.int32)
+    through = tl.cumsum(tl.where(bin_line_sorted < _BIG, tl.gather(values, sorted_line, 1), 0), axis=1)
+    probe = tl.broadcast_to(tl.arange(0, Q_P2)[None, :].to(tl.int64) * R_P2, [T_P2, Q_P2])
+    first = _count_not_above(bin_line_sorted, probe - 1, R_P2, LOG_R)  # [T_P2, Q_P2]
+    end = _count_not_above(bin_line_sorted, probe + (R_P2 - 1), R_P2, LOG_R)
+    upto_end = tl.where(end > 0, tl.gather(through, tl.maximum(end - 1, 0), 1), 0)
+    upto_first = tl.where(first > 0, tl.gather(through, tl.maximum(first - 1, 0), 1), 0)
+    return upto_end - upto_first
+
+
+@triton.jit
 def _quota_plan_kernel(
     loads_ptr,  # [NUM_RANKS, NUM_RANKS * EXPERTS_PER_RANK] int64, contiguous: the load matrix
     replica_out_ptr,  # [NUM_RANKS, SLOTS] int64 out: logical expert of each redundant slot, -1 = empty
@@ -133,6 +200,7 @@ def _quota_plan_kernel(
     SLOTS: tl.constexpr,  # redundant slots per rank (>= 1)
     STEPS: tl.constexpr,  # threshold ladder: mean steps, then gap steps, in units of 1 / FRACTION_SCALE
     NUM_MEAN_STEPS: tl.constexpr,
+    BEST_FIT_STEPS: tl.constexpr,  # the best-fit family's thresholds, in units of 1 / FRACTION_SCALE of the mean
     ANCHORS: tl.constexpr,  # receiver anchors in quarters of the receiver's interval, or BY_MASTER_QUOTA
     RECEIVER_ORDERS: tl.constexpr,  # receiver orders tried with each anchor
     NUM_DRAINS: tl.constexpr,  # donor drains tried with each receiver family (1, or 2 with one slot)
@@ -155,11 +223,15 @@ def _quota_plan_kernel(
     NUM_EXPERTS: tl.constexpr = NUM_RANKS * EXPERTS_PER_RANK
     NUM_THRESHOLDS: tl.constexpr = len(STEPS)
     NUM_ANCHORS: tl.constexpr = len(ANCHORS)
-    NUM_TILES: tl.constexpr = (NUM_THRESHOLDS + T_P2 - 1) // T_P2  # threshold tiles per receiver family
+    NUM_BEST_FIT: tl.constexpr = len(BEST_FIT_STEPS)
+    MAX_STEPS: tl.constexpr = NUM_THRESHOLDS if NUM_THRESHOLDS > NUM_BEST_FIT else NUM_BEST_FIT
+    NUM_TILES: tl.constexpr = (MAX_STEPS + T_P2 - 1) // T_P2  # threshold tiles per family
     # A receiver family is (order, anchor): order 0 takes receivers most spare first, order 1 least first.
-    # Each runs with every donor drain, so a family here is (drain, order, anchor).
+    # Each runs with every donor drain, so a family here is (drain, order, anchor). The best-fit
+    # receivers are one more family, the last.
     RECEIVER_FAMILIES: tl.constexpr = RECEIVER_ORDERS * NUM_ANCHORS
-    NUM_PROGRAMS: tl.constexpr = NUM_DRAINS * RECEIVER_FAMILIES * NUM_TILES
+    BEST_FIT_FAMILY: tl.constexpr = NUM_DRAINS * RECEIVER_FAMILIES
+    NUM_PROGRAMS: tl.constexpr = (BEST_FIT_FAMILY + 1) * NUM_TILES
     Q_P2: tl.constexpr = R_P2 * M_P2  # length of the donor piece line (R_P2 donors x M_P2 masters)
     SLOTS_PER_RANK: tl.constexpr = EXPERTS_PER_RANK + SLOTS
 
@@ -206,21 +278,25 @@ def _quota_plan_kernel(
     floor_load = tl.max(tl.where(rank_ok & (total > below), (total - below + rest - 1) // rest, 0), axis=0)
     max_load = tl.max(master_rank_load, axis=0)
     gap = tl.maximum(max_load - floor_load, 0)
+    family = pid // NUM_TILES
+    best_fit = family == BEST_FIT_FAMILY
     step_q = tl.zeros([T_P2], tl.int64)
     for i in tl.static_range(NUM_THRESHOLDS):
-        step_q = tl.where(candidates == i, STEPS[i], step_q)
+        step_q = tl.where((candidates == i) & ~best_fit, STEPS[i], step_q)
+    for i in tl.static_range(NUM_BEST_FIT):
+        step_q = tl.where((candidates == i) & best_fit, BEST_FIT_STEPS[i], step_q)
     mean_part = (total * step_q) // (NUM_RANKS * FRACTION_SCALE)
     gap_part = (gap * step_q) // FRACTION_SCALE
-    thresholds = tl.minimum(floor_load + tl.where(candidates < NUM_MEAN_STEPS, mean_part, gap_part), max_load)
+    on_mean = best_fit | (candidates < NUM_MEAN_STEPS)
+    thresholds = tl.minimum(floor_load + tl.where(on_mean, mean_part, gap_part), max_load)
     threshold_col = thresholds[:, None]  # [T_P2, 1]
     min_quota = tl.maximum((total * fraction_q) // (NUM_RANKS * FRACTION_SCALE), min_replica_quota)
-    family = pid // NUM_TILES
     anchor = 0
     for i in tl.static_range(NUM_ANCHORS):
         anchor = tl.where(family % NUM_ANCHORS == i, ANCHORS[i], anchor)
     least_spare_first = family % RECEIVER_FAMILIES >= NUM_ANCHORS
     # Assignments an over-draining donor sheds beyond its excess. The plain drain sheds none extra.
-    over_drain = tl.where(family >= RECEIVER_FAMILIES, (total * OVER_DRAIN) // (NUM_RANKS * FRACTION_SCALE), 0)
+    over_drain = tl.where((family >= RECEIVER_FAMILIES) & ~best_fit, (total * OVER_DRAIN) // (NUM_RANKS * FRACTION_SCALE), 0)
 
     # Drain order: each donor drains its masters by descending load, lower local index first on
     # ties. Sorting the unique key load * m + (m - 1 - j) yields both the load and j.
@@ -285,6 +361,27 @@ def _quota_plan_kernel(
         position = tl.where(by_master_quota, ranked_position, position)
         segment = tl.where(by_master_quota, tl.broadcast_to(line_idx, [T_P2, R_P2]).to(segment.dtype), segment)
 
+        # Best fit (reference: _best_fit_round). The interpreter runs programs one at a time in Python,
+        # so there only the best-fit programs run it; compiled, every program does.
+        # NOTE: the compiled kernel thus runs these sorts and searches in every program; their GPU cost
+        # is not measured.
+        if INTERPRETED:
+            if best_fit:
+                fit_position, fit_amount, bin_line_sorted = _best_fit_choice(
+                    rank_load, threshold_col, master_quota, recv_spare, min_quota, flat_position, line_idx,
+                    T_P2, R_P2, Q_P2, LOG_R, LOG_Q, INTERPRETED,
+                )
+            else:
+                fit_position = position
+                fit_amount = recv_spare * 0
+                bin_line_sorted = tl.full([T_P2, R_P2], _BIG, tl.int64)
+        else:
+            fit_position, fit_amount, bin_line_sorted = _best_fit_choice(
+                rank_load, threshold_col, master_quota, recv_spare, min_quota, flat_position, line_idx,
+                T_P2, R_P2, Q_P2, LOG_R, LOG_Q, INTERPRETED,
+            )
+        position = tl.where(best_fit, fit_position.to(position.dtype), position)
+
         # Receivers of one piece are adjacent on the line (pieces ascend along it), so counting
         # receivers per piece locates each receiver's group: served[q] = receivers of pieces <= q.
         segment_key = tl.where(active, segment, Q_P2)  # [T_P2, R_P2], non-decreasing along the line
@@ -300,6 +397,7 @@ def _quota_plan_kernel(
         quota_at = tl.gather(tl.reshape(master_quota, [T_P2, Q_P2]), position, 1)
         amount = tl.minimum(tl.maximum(quota_at - offered_before + group_base, 0), offered)
         amount = tl.where(amount >= min_quota, amount, 0)  # [T_P2, R_P2] in receiver order
+        amount = tl.where(best_fit, fit_amount, amount)
         take = amount > 0
 
         # Step 5: pick the redundant slot; a receiver that already holds the expert grows that replica.
@@ -339,6 +437,13 @@ def _quota_plan_kernel(
         taker = (tl.gather(taker_key, tl.minimum(takers_before, R_P2 - 1), 1) % R_P2).to(tl.int32)
         taken_by_position = tl.reshape(tl.where(has_taker, tl.gather(amount, taker, 1), 0), [T_P2, R_P2, M_P2])
         drained = tl.where(by_master_quota, taken_by_position, drained)
+        # Best fit: a bin may have several takers, adjacent in the (bin, line index) order.
+        if INTERPRETED:
+            if best_fit:
+                drained = tl.reshape(_sum_by_bin(bin_line_sorted, amount, T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+        else:
+            fit_drained = tl.reshape(_sum_by_bin(bin_line_sorted, amount, T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+            drained = tl.where(best_fit, fit_drained, drained)
         master_quota -= drained
         rank_load -= tl.sum(drained, axis=2)
         if COPY_AWARE:
@@ -349,7 +454,14 @@ def _quota_plan_kernel(
             new_before = tl.where(line_pos > 0, tl.gather(new_through, tl.maximum(line_pos - 1, 0), 1), 0)
             new_by_line = tl.reshape(tl.gather(new_through, line_pos, 1) - new_before, [T_P2, R_P2, M_P2])
             new_by_position = tl.reshape(tl.where(has_taker, tl.gather(new_slot, taker, 1), 0), [T_P2, R_P2, M_P2])
-            fan += tl.where(by_master_quota, new_by_position, new_by_line)
+            new_by_master = tl.where(by_master_quota, new_by_position, new_by_line)
+            if INTERPRETED:
+                if best_fit:
+                    new_by_master = tl.reshape(_sum_by_bin(bin_line_sorted, new_slot.to(tl.int64), T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+            else:
+                new_by_fit = tl.reshape(_sum_by_bin(bin_line_sorted, new_slot.to(tl.int64), T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+                new_by_master = tl.where(best_fit, new_by_fit, new_by_master)
+            fan += new_by_master
         round_idx += 1
 
     # Logical expert of each redundant slot, per candidate.
@@ -412,15 +524,17 @@ def _quota_plan_kernel(
         all_rows = tl.arange(0, P_P2 * T_P2)  # [P_P2 * T_P2]
         row_program = all_rows // T_P2
         row_threshold = (row_program % NUM_TILES) * T_P2 + all_rows % T_P2
-        # The second drain's families run on the mean steps only, so their other rows are padding.
-        row_over = row_program // NUM_TILES >= RECEIVER_FAMILIES
-        row_ok = (row_program < NUM_PROGRAMS) & (row_threshold < tl.where(row_over, NUM_MEAN_STEPS, NUM_THRESHOLDS))
+        # The second drain's families run on the mean steps only and the best-fit family on its own
+        # steps, so their other rows are padding.
+        row_over = row_program // NUM_TILES >= RECEIVER_FAMILIES  # second drain and best fit
+        row_steps = tl.where(row_program // NUM_TILES == BEST_FIT_FAMILY, NUM_BEST_FIT, tl.where(row_over, NUM_MEAN_STEPS, NUM_THRESHOLDS))
+        row_ok = (row_program < NUM_PROGRAMS) & (row_threshold < row_steps)
         all_peak = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 0, mask=row_ok, other=0, cache_modifier=".cg")
         all_replicas = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 1, mask=row_ok, other=0, cache_modifier=".cg")
         all_local = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 2, mask=row_ok, other=0, cache_modifier=".cg")
         all_plain_peak = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 3, mask=row_ok, other=0, cache_modifier=".cg")
         all_threshold = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 4, mask=row_ok, other=0, cache_modifier=".cg")
-        # A second-drain candidate counts only below every first-drain plan's max rank load.
+        # A second-drain or best-fit candidate counts only below every first-drain plan's max rank load.
         best_first_drain = tl.min(tl.where(row_ok & ~row_over, all_plain_peak, _BIG), axis=0)
         row_ok = row_ok & (~row_over | (all_threshold < best_first_drain))
         best_peak = tl.min(tl.where(row_ok, all_peak, _BIG), axis=0)
@@ -484,7 +598,7 @@ def _launch_config(
     m_p2 = _pow2(layout.experts_per_rank)
     s_p2 = _pow2(layout.redundant_slots_per_rank)
     q_p2 = r_p2 * m_p2
-    all_thresholds = _pow2(len(steps))
+    all_thresholds = _pow2(max(len(steps), len(_BEST_FIT_STEPS)))
 
     if candidates_per_program is None:
         # Under the interpreter each program costs the same Python overhead, so fewer run faster.
@@ -495,8 +609,10 @@ def _launch_config(
         t_p2 = min(all_thresholds, candidates_per_program)
     num_drains = _num_drains(layout.redundant_slots_per_rank)
     # NOTE: with one slot the second drain doubles the programs, and they also plan the gap steps (8 of
-    # the 21 thresholds), which the choice ignores. The GPU time this costs has not been measured.
-    num_programs = num_drains * _RECEIVER_ORDERS * len(_ANCHORS) * triton.cdiv(len(steps), t_p2)
+    # the 21 thresholds), which the choice ignores. The best-fit family adds one family of programs, and
+    # every program plans the longer of the two ladders. The GPU time this costs has not been measured.
+    num_tiles = triton.cdiv(max(len(steps), len(_BEST_FIT_STEPS)), t_p2)
+    num_programs = (num_drains * _RECEIVER_ORDERS * len(_ANCHORS) + 1) * num_tiles
 
     constexprs = {
         "NUM_RANKS": layout.num_ranks,
@@ -504,6 +620,7 @@ def _launch_config(
         "SLOTS": layout.redundant_slots_per_rank,
         "STEPS": steps,
         "NUM_MEAN_STEPS": len(_MEAN_STEPS),
+        "BEST_FIT_STEPS": tuple(_to_fixed_point(f) for f in _BEST_FIT_STEPS),
         "ANCHORS": tuple(int(a) for a in _ANCHORS),
         "RECEIVER_ORDERS": _RECEIVER_ORDERS,
         "NUM_DRAINS": num_drains,

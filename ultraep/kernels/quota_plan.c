@@ -266,11 +266,56 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
     return min64(peak, COSTED_PEAK_LIMIT);
 }
 
+/* One round of best-fit receivers (_best_fit_round in quota.py). The bins are the donors' masters that
+ * still hold quota, as keys quota << bits | position sorted descending; the keys at or above
+ * spare << bits are a prefix, and its last one is the bin with the least quota that covers the spare,
+ * lower position first on ties. With none, the receiver takes the first, fullest bin. A bin serves
+ * its receivers in line order with whole spares while they fit; the first one takes the whole bin
+ * when its spare does not fit. Writes position, donor_rank, offered and amount of the receivers in
+ * line order and returns how many it matched. bins: [2 * R * P] scratch; bin_offered: [R * P] zeros,
+ * left zero. */
+static int64_t best_fit_round(const int64_t *master_quota, const int64_t *spare,
+                              const int64_t *recv_rank, int64_t num_receivers, const int64_t *donor_order,
+                              int64_t num_donors, int64_t P, int position_bits, int64_t min_quota, int64_t *bins,
+                              int64_t *bin_offered, int64_t *position, int64_t *donor_rank, int64_t *offered,
+                              int64_t *amount) {
+    const int64_t mask = ((int64_t)1 << position_bits) - 1;
+    int64_t num_bins = 0;
+    for (int64_t d = 0; d < num_donors; ++d) {
+        const int64_t r = donor_order[d];
+        for (int64_t p = 0; p < P; ++p)
+            if (master_quota[r * P + p] > 0) bins[num_bins++] = (master_quota[r * P + p] << position_bits) | (r * P + p);
+    }
+    if (num_bins == 0) return 0;
+    sort_descending(bins, num_bins, bins + num_bins);
+    for (int64_t i = 0; i < num_receivers; ++i) {
+        const int64_t target = spare[recv_rank[i]] << position_bits;
+        int64_t low = 0, high = num_bins; /* counts the keys >= target */
+        while (low < high) {
+            const int64_t mid = (low + high) / 2;
+            if (bins[mid] >= target) low = mid + 1;
+            else high = mid;
+        }
+        const int64_t key = bins[low > 0 ? low - 1 : 0], bin_quota = key >> position_bits;
+        position[i] = key & mask;
+        donor_rank[i] = position[i] / P;
+        offered[i] = spare[recv_rank[i]];
+        const int64_t before = bin_offered[position[i]];
+        int64_t a = before == 0 ? min64(offered[i], bin_quota) : (before + offered[i] <= bin_quota ? offered[i] : 0);
+        bin_offered[position[i]] = before + offered[i];
+        amount[i] = a < min_quota ? 0 : a;
+    }
+    for (int64_t i = 0; i < num_receivers; ++i) bin_offered[position[i]] = 0;
+    return num_receivers;
+}
+
 /*
  * loads:            [num_ranks * num_experts] int64, row-major load matrix, entries >= 0.
  * mean_steps:       [num_mean_steps] fixed-point fractions of the mean rank load.
  * gap_steps:        [num_gap_steps] fixed-point fractions of the gap to the unbalanced maximum.
  * anchors:          [num_anchors] receiver anchor points in quarters, or BY_MASTER_QUOTA.
+ * best_fit_steps:   [num_best_fit_steps] fixed-point fractions of the mean rank load: the thresholds of
+ *                   the best-fit receivers, which run after every other candidate.
  * num_drains:       1, or 2 to run every receiver family again, on the mean steps only, with donors
  *                   that shed over_drain_q (fixed point, of the mean rank load) beyond their excess.
  * copy_cost, copy_overlap, copy_chunks, gemm_passes: QuotaConfig's copy model; copy_cost 0 compares plain peaks.
@@ -280,21 +325,26 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
  */
 int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_per_rank, int64_t slots,
                        const int64_t *mean_steps, int64_t num_mean_steps, const int64_t *gap_steps,
-                       int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors, int64_t num_drains,
+                       int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors,
+                       const int64_t *best_fit_steps, int64_t num_best_fit_steps, int64_t num_drains,
                        int64_t over_drain_q, int64_t fraction_scale,
                        int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
                        int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
                        int64_t gemm_passes, int64_t *out_slot_expert, int64_t *out_quota) {
     if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 || num_drains < 1 ||
-        over_drain_q < 0 ||
+        over_drain_q < 0 || num_best_fit_steps < 0 ||
         num_mean_steps + num_gap_steps < 1 || fraction_scale < 1 || copy_cost < 0 || copy_chunks < 1 ||
         gemm_passes < 1)
         return ERR_ARGS;
     const int64_t R = num_ranks, P = experts_per_rank, S = slots, E = R * P;
     /* Candidate (o, a, t): receiver order o (most, then least spare first), anchor a, threshold t.
-     * With a second drain, over-draining donors run (o, a, t) again for the mean steps t. */
+     * With a second drain, over-draining donors run (o, a, t) again for the mean steps t. Then the
+     * best-fit receivers run on their own steps. */
     const int64_t T = num_mean_steps + num_gap_steps, RF = RECEIVER_ORDERS * num_anchors;
-    const int64_t C = T * RF + (num_drains > 1 ? num_mean_steps * RF : 0);
+    const int64_t best_fit_start = T * RF + (num_drains > 1 ? num_mean_steps * RF : 0);
+    const int64_t C = best_fit_start + num_best_fit_steps;
+    /* First-round lines are cached per threshold step: the ladder's T steps, then the best-fit steps. */
+    const int64_t TC = T + num_best_fit_steps;
 
     /* One allocation for everything: per-candidate final states plus per-round scratch. */
     const int64_t state_words = R + E + 2 * R * S; /* rank_load, master_quota (drain order), slot_pos, slot_quota */
@@ -302,7 +352,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                           C * state_words + R /* slots_used */ + 10 * R /* round scratch */ + 2 * (R > P ? R : P) /* sort keys */ + 2 * E /* pieces */ +
                           3 * E /* own, segment tables */ + 4 * C /* metrics */ + E /* fan-out */ +
                           2 * E /* pieces by master quota */ + 3 * R /* sorted donor and receiver keys, touched ranks */ + E /* initial master quotas */ +
-                          3 * T * R + 3 * T /* first-round lines per threshold and receiver order, their lengths */;
+                          3 * TC * R + 3 * TC /* first-round lines per threshold and receiver order, their lengths */ +
+                          E /* spares offered per best-fit bin */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
     int64_t *cursor = mem;
@@ -341,11 +392,13 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(recv_keys, R);
     TAKE(touched, R);
     TAKE(initial_quota, E);
-    TAKE(first_donor_keys, T * R);
-    TAKE(first_recv_keys, RECEIVER_ORDERS * T * R);
-    TAKE(first_counts, 3 * T); /* donors per threshold, then receivers per order and threshold; -1 = not yet */
+    TAKE(first_donor_keys, TC * R);
+    TAKE(first_recv_keys, RECEIVER_ORDERS * TC * R);
+    TAKE(first_counts, 3 * TC); /* donors per threshold, then receivers per order and threshold; -1 = not yet */
+    TAKE(bin_offered, E);
 #undef TAKE
-    for (int64_t i = 0; i < 3 * T; ++i) first_counts[i] = -1;
+    for (int64_t i = 0; i < 3 * TC; ++i) first_counts[i] = -1;
+    memset(bin_offered, 0, (size_t)E * sizeof(int64_t));
     unsigned char *is_touched = (unsigned char *)calloc((size_t)R, 1);
     if (is_touched == NULL) {
         free(mem);
@@ -373,7 +426,9 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         thresholds[t] = min64(floor_load + floor_div(mul_wrap(total, mean_steps[t]), R * fraction_scale), top);
     for (int64_t t = 0; t < num_gap_steps; ++t)
         thresholds[num_mean_steps + t] = min64(floor_load + floor_div(mul_wrap(gap, gap_steps[t]), fraction_scale), top);
-    for (int64_t c = T; c < C; ++c) thresholds[c] = thresholds[c < T * RF ? c % T : (c - T * RF) % num_mean_steps];
+    for (int64_t c = T; c < best_fit_start; ++c) thresholds[c] = thresholds[c < T * RF ? c % T : (c - T * RF) % num_mean_steps];
+    for (int64_t t = 0; t < num_best_fit_steps; ++t)
+        thresholds[best_fit_start + t] = min64(floor_load + floor_div(mul_wrap(total, best_fit_steps[t]), R * fraction_scale), top);
     const int64_t min_quota = max64(floor_div(mul_wrap(total, fraction_q), R * fraction_scale), min_replica_quota);
     const int64_t over_drain = floor_div(mul_wrap(total, over_drain_q), R * fraction_scale);
 
@@ -410,11 +465,15 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         }
         skipped[c] = c >= T * RF && threshold >= best_first_drain;
         if (skipped[c]) continue;
-        const int64_t family = c < T * RF ? c / T : RF + (c - T * RF) / num_mean_steps;
-        const int64_t step = c < T * RF ? c % T : (c - T * RF) % num_mean_steps; /* threshold index */
+        const int best_fit = c >= best_fit_start;
+        const int64_t family = best_fit ? 2 * RF : c < T * RF ? c / T : RF + (c - T * RF) / num_mean_steps;
+        /* Threshold index within the candidate's block, and its slot in the first-round line cache. */
+        const int64_t step = best_fit ? c - best_fit_start : c < T * RF ? c % T : (c - T * RF) % num_mean_steps;
+        const int64_t cache_step =
+            best_fit && !(step < num_mean_steps && best_fit_steps[step] == mean_steps[step]) ? T + step : step;
         const int64_t anchor = anchors[family % num_anchors];
         const int least_spare_first = family % RF >= num_anchors;
-        const int64_t over = family >= RF ? over_drain : 0;
+        const int64_t over = family >= RF && !best_fit ? over_drain : 0;
         int64_t *rank_load = states + c * state_words;
         int64_t *master_quota = rank_load + R;
         int64_t *slot_pos = master_quota + E;
@@ -452,11 +511,11 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             }
             /* The first round's lines depend only on the threshold (and the receiver order), so every
              * family reuses the lines that the first candidate with this threshold sorted. */
-            const int64_t order_slot = T + (least_spare_first ? T : 0) + step;
-            int64_t *first_donors = first_donor_keys + step * R;
-            int64_t *first_receivers = first_recv_keys + (order_slot - T) * R;
+            const int64_t order_slot = TC + (least_spare_first ? TC : 0) + cache_step;
+            int64_t *first_donors = first_donor_keys + cache_step * R;
+            int64_t *first_receivers = first_recv_keys + (order_slot - TC) * R;
             order_line(excess, R, touched, num_touched, is_touched, donor_keys, &num_donors, donor_order, keys, first_donors,
-                       first_counts + step);
+                       first_counts + cache_step);
             int64_t num_pieces = 0, end = 0;
             for (int64_t d = 0; d < num_donors; ++d) {
                 const int64_t *held = master_quota + donor_order[d] * P;
@@ -491,7 +550,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                        first_receivers, first_counts + order_slot);
             for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
             int64_t offered_end = 0, num_active = 0, k = 0;
-            for (int64_t i = 0; i < num_receivers; ++i) {
+            /* best_fit_round matches the receivers of best-fit candidates. */
+            for (int64_t i = 0; i < (best_fit ? 0 : num_receivers); ++i) {
                 const int64_t recv_spare = spare[recv_rank[i]];
                 if (anchor == BY_MASTER_QUOTA) {
                     /* One piece per receiver, so each receiver is a group of its own. */
@@ -516,13 +576,19 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             /* Step 4: fill each receiver up to the threshold, capped by the master's remaining
              * quota. Receivers served by one piece draw from it in line order. */
             int64_t before = 0, base = 0, moved = 0;
-            for (int64_t i = 0; i < num_active; ++i) {
-                if (i == 0 || segment[i] != segment[i - 1]) base = before;
-                int64_t a = min64(max64(master_quota[position[i]] - before + base, 0), offered[i]);
-                before += offered[i];
-                if (a < min_quota) a = 0;
-                amount[i] = a;
-                moved |= a > 0;
+            if (best_fit) {
+                num_active = best_fit_round(master_quota, spare, recv_rank, num_receivers, donor_order, num_donors, P,
+                                            position_bits, min_quota, ranked, bin_offered, position, donor_rank, offered, amount);
+                for (int64_t i = 0; i < num_active; ++i) moved |= amount[i] > 0;
+            } else {
+                for (int64_t i = 0; i < num_active; ++i) {
+                    if (i == 0 || segment[i] != segment[i - 1]) base = before;
+                    int64_t a = min64(max64(master_quota[position[i]] - before + base, 0), offered[i]);
+                    before += offered[i];
+                    if (a < min_quota) a = 0;
+                    amount[i] = a;
+                    moved |= a > 0;
+                }
             }
             if (!moved) break;
 
