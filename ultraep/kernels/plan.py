@@ -131,8 +131,8 @@ def _best_fit_choice(
 
     The bins are the donors' masters that still hold quota, sorted by quota, then drain position.
     Each receiver takes the first bin whose quota covers its spare, or the fullest bin when none does.
-    A bin serves its receivers in line order with whole spares while they fit; the first one takes
-    the whole bin when its spare does not fit. Returns (drain position [T_P2, R_P2] int32, amount
+    A bin serves its receivers in line order with whole spares while they fit. When the first one's
+    spare does not fit, it takes the whole bin. Returns (drain position [T_P2, R_P2] int32, amount
     [T_P2, R_P2] int64, and the keys bin * R_P2 + line index of the receivers sorted ascending,
     [T_P2, R_P2] int64 with _BIG for receivers without a bin).
     """

@@ -270,8 +270,8 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
  * still hold quota, as keys quota << bits | position sorted descending; the keys at or above
  * spare << bits are a prefix, and its last one is the bin with the least quota that covers the spare,
  * lower position first on ties. With none, the receiver takes the first, fullest bin. A bin serves
- * its receivers in line order with whole spares while they fit; the first one takes the whole bin
- * when its spare does not fit. Writes position, donor_rank, offered and amount of the receivers in
+ * its receivers in line order with whole spares while they fit. When the first one's spare does not
+ * fit, it takes the whole bin. Writes position, donor_rank, offered and amount of the receivers in
  * line order and returns how many it matched. bins: [2 * R * P] scratch; bin_offered: [R * P] zeros,
  * left zero. */
 static int64_t best_fit_round(const int64_t *master_quota, const int64_t *spare,
@@ -465,12 +465,19 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         }
         skipped[c] = c >= T * RF && threshold >= best_first_drain;
         if (skipped[c]) continue;
+        /* The candidate's family and threshold index within its block, and the threshold's slot in the
+         * first-round line cache. */
         const int best_fit = c >= best_fit_start;
-        const int64_t family = best_fit ? 2 * RF : c < T * RF ? c / T : RF + (c - T * RF) / num_mean_steps;
-        /* Threshold index within the candidate's block, and its slot in the first-round line cache. */
-        const int64_t step = best_fit ? c - best_fit_start : c < T * RF ? c % T : (c - T * RF) % num_mean_steps;
-        const int64_t cache_step =
-            best_fit && !(step < num_mean_steps && best_fit_steps[step] == mean_steps[step]) ? T + step : step;
+        int64_t family = c / T, step = c % T;
+        if (best_fit) {
+            family = 2 * RF;
+            step = c - best_fit_start;
+        } else if (c >= T * RF) {
+            family = RF + (c - T * RF) / num_mean_steps;
+            step = (c - T * RF) % num_mean_steps;
+        }
+        int64_t cache_step = step;
+        if (best_fit && !(step < num_mean_steps && best_fit_steps[step] == mean_steps[step])) cache_step = T + step;
         const int64_t anchor = anchors[family % num_anchors];
         const int least_spare_first = family % RF >= num_anchors;
         const int64_t over = family >= RF && !best_fit ? over_drain : 0;
@@ -646,9 +653,9 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         if (first < 0 || m < max_load[first]) first = c;
     }
     if (copy_cost > 0) {
-        /* A costed peak is never below the plain one. A candidate whose plain peak lies above both the
-         * lowest costed peak so far and the balance target can be neither the best nor good, so its
-         * costed peak is not computed; its plain peak stays above the best and the target. The
+        /* A costed peak is never below the plain one. Take a candidate whose plain peak lies above both
+         * the lowest costed peak so far and the balance target: it can be neither the best nor good, so
+         * its costed peak is not computed, and its plain peak stays above the best and the target. The
          * candidate with the lowest plain peak goes first, to set a low bar. */
         for (int64_t k = -1; k < C; ++k) {
             const int64_t c = k < 0 ? first : k;

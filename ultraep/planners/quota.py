@@ -455,8 +455,8 @@ def _best_fit_round(
     The bins are the masters of the donors (ranks above the threshold) that still hold quota. Every
     receiver with spare picks the bin with the least quota that covers its spare (lower drain position
     first on ties), or the fullest bin when none does. A bin serves the receivers that picked it in
-    line order, each with its whole spare, as long as the spares so far fit; the first one in line
-    of a bin that no spare fits takes the whole bin.
+    line order, each with its whole spare, as long as the spares so far fit. When the first one's
+    spare does not fit, it takes the whole bin.
     """
     num_candidates, num_ranks = rank_load.shape
     num_experts = layout.num_experts
