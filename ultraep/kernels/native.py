@@ -46,7 +46,7 @@ CACHE_DIR_ENV_VAR = "ULTRAEP_CACHE_DIR"
 """Environment variable naming the folder for the compiled library."""
 
 _SOURCE = Path(__file__).with_name("quota_plan.c")
-_COMPILE_FLAGS = ("-O2", "-std=c99", "-shared", "-fPIC")
+_COMPILE_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 _ERRORS = {1: "bad arguments", 2: "out of memory"}
 _lock = threading.Lock()
 
