@@ -330,8 +330,8 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     anchor = consts.anchors[family % len(_ANCHORS)]  # [num_candidates, 1]
     least_spare_first = family % receiver_families >= len(_ANCHORS)
     late = family >= receiver_families  # [num_candidates, 1]: second drain and best fit
-    best_fit = family >= 2 * receiver_families  # [num_candidates, 1]
-    second_drain = late & ~best_fit
+    second_drain = late & (family < 2 * receiver_families)
+    best_fit_rows = slice(family.shape[0] - best_fit_thresholds.numel(), None)
     # Assignments an over-draining donor sheds beyond its excess. The plain drain sheds none extra.
     over_drain = torch.where(second_drain, (total * consts.over_drain) // (num_ranks * _FRACTION_SCALE), 0)
     by_master_quota = anchor == _BY_MASTER_QUOTA  # [num_candidates, 1]
@@ -397,7 +397,11 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
         position = torch.where(by_master_quota, ranked_position, position)
         donor_rank = torch.where(by_master_quota, ranked_position // experts_per_rank, donor_rank)
         segment = torch.where(by_master_quota, line_index, segment)
-        bf_position, bf_amount = _best_fit_round(rank_load, threshold_col, master_quota, recv_spare, min_quota, layout, consts)
+        # The best-fit candidates are the last rows; only they run its round.
+        fit_position, fit_amount = _best_fit_round(
+            rank_load[best_fit_rows], threshold_col[best_fit_rows], master_quota[best_fit_rows], recv_spare[best_fit_rows],
+            min_quota, layout, consts,
+        )
 
         # Step 4: fill each receiver up to the threshold, capped by what the master still holds;
         # receivers served by one piece draw from it in line order.
@@ -408,9 +412,9 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
         group_base = torch.cummax(offered_before * group_start, dim=1).values
         amount = torch.minimum((master_quota.gather(1, position) - offered_before + group_base).clamp_(min=0), offered)
         amount.mul_(amount >= min_quota)
-        amount = torch.where(best_fit, bf_amount, amount)
-        position = torch.where(best_fit, bf_position, position)
-        donor_rank = torch.where(best_fit, bf_position // experts_per_rank, donor_rank)
+        amount[best_fit_rows] = fit_amount
+        position[best_fit_rows] = fit_position
+        donor_rank[best_fit_rows] = fit_position // experts_per_rank
 
         # Step 5: write replicas; a receiver that already holds the expert grows that replica.
         take = amount > 0
