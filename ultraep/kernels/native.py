@@ -1,6 +1,6 @@
 """Quota planner compiled from C for CPU tensors: the reference's plan, bit for bit, in microseconds.
 
-The PyTorch reference (:func:`ultraep.planners.quota.plan_reference`) issues 580-860 small tensor
+The PyTorch reference (:func:`ultraep.planners.quota.plan_reference`) issues 1,000-1,400 small tensor
 operations per plan, which costs milliseconds on a CPU. ``quota_plan.c`` runs the same steps in plain
 loops. It is compiled on first use with the system C compiler (``$CC`` if set, else ``cc`` or ``gcc``)
 into a cache folder (``$ULTRAEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/ultraep``, else
@@ -109,7 +109,7 @@ def _library() -> ctypes.CDLL | Exception:
                 _build(path)
             library = ctypes.CDLL(str(path))
         except (OSError, RuntimeError) as error:
-            message = f"native quota planner unavailable, the PyTorch reference plans on the CPU (40-50x slower): {error}"
+            message = f"native quota planner unavailable, the PyTorch reference plans on the CPU (50-70x slower): {error}"
             logger.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             return error
