@@ -27,6 +27,7 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/planner.py --out docs/benchmarks_planner.md
+	$(VENV)/bin/python benchmarks/planner_hard.py --out docs/benchmarks_planner_hard.md
 	$(VENV)/bin/python benchmarks/runtime.py
 	$(VENV)/bin/python benchmarks/simulate.py --out docs/benchmarks_simulate.md --no-progress
 
