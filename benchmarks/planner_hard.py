@@ -69,7 +69,7 @@ def main() -> None:
         f"Per shape, {args.seeds} seeds of `hot_rank_loads` (top-1, {args.tokens_per_rank} tokens per rank, one or two hot "
         "ranks). quota plans with balance_target=1.0. \"to floor\" divides quota's max rank load by the load floor "
         "(`ultraep.planners.quota.load_floor`), a lower bound of the optimum. The MILP columns take, per shape and "
-        f"slot count, the {args.hardest} seeds with the highest ratio to the floor and divide quota's max rank load "
+        f"slot count, the {args.hardest} seeds with the highest ratio to the floor. They divide quota's max rank load "
         "by the MILP's lower bound (equal to its optimum where proven) and by the max rank load of the best MILP "
         "plan found. Where the optimum is not proven, the gap to the optimum lies between the two.\n",
         "| ranks x experts/rank | slots | seeds | to floor (mean) | worst | above 1.01 | quota / MILP bound (mean) | worst | "

@@ -653,10 +653,10 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         if (first < 0 || m < max_load[first]) first = c;
     }
     if (copy_cost > 0) {
-        /* A costed peak is never below the plain one. Take a candidate whose plain peak lies above both
-         * the lowest costed peak so far and the balance target: it can be neither the best nor good, so
-         * its costed peak is not computed, and its plain peak stays above the best and the target. The
-         * candidate with the lowest plain peak goes first, to set a low bar. */
+        /* A costed peak is never below the plain one. So a candidate whose plain peak lies above both the
+         * lowest costed peak so far and the balance target can be neither the best nor good. Its costed
+         * peak is not computed, and its plain peak stays above the best and the target. The candidate
+         * with the lowest plain peak goes first, to set a low bar. */
         for (int64_t k = -1; k < C; ++k) {
             const int64_t c = k < 0 ? first : k;
             if (skipped[c] || (k >= 0 && c == first)) continue;
