@@ -406,11 +406,8 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
         # Step 4: fill each receiver up to the threshold, capped by what the master still holds;
         # receivers served by one piece draw from it in line order.
         offered = recv_spare.mul_(active)
-        offered_before = offered.cumsum(dim=1).sub_(offered)
-        group_start = torch.ones_like(active)
-        group_start[:, 1:] = segment[:, 1:] != segment[:, :-1]
-        group_base = torch.cummax(offered_before * group_start, dim=1).values
-        amount = torch.minimum((master_quota.gather(1, position) - offered_before + group_base).clamp_(min=0), offered)
+        before = _offered_before_in_group(offered, segment)
+        amount = torch.minimum((master_quota.gather(1, position) - before).clamp_(min=0), offered)
         amount.mul_(amount >= min_quota)
         amount[best_fit_rows] = fit_amount
         position[best_fit_rows] = fit_position
@@ -462,7 +459,7 @@ def _best_fit_round(
     line order, each with its whole spare, as long as the spares so far fit. When the first one's
     spare does not fit, it takes the whole bin.
     """
-    num_candidates, num_ranks = rank_load.shape
+    num_ranks = rank_load.shape[1]
     num_experts = layout.num_experts
     big = torch.iinfo(torch.int64).max
     donor = rank_load > threshold_col  # [num_candidates, num_ranks]
@@ -481,15 +478,22 @@ def _best_fit_round(
     offered = recv_spare * active
     group_key = torch.where(active, position * num_ranks + consts.line_index, big)
     grouped = torch.sort(group_key, dim=1)
-    offered_sorted = offered.gather(1, grouped.indices)
-    before_sorted = offered_sorted.cumsum(dim=1) - offered_sorted
-    group_start = torch.ones_like(active)
-    group_start[:, 1:] = grouped.values[:, 1:] // num_ranks != grouped.values[:, :-1] // num_ranks
-    before_sorted = before_sorted - torch.cummax(before_sorted * group_start, dim=1).values
+    before_sorted = _offered_before_in_group(offered.gather(1, grouped.indices), grouped.values // num_ranks)
     before = torch.empty_like(before_sorted).scatter_(1, grouped.indices, before_sorted)
     amount = torch.where(before == 0, torch.minimum(offered, bin_quota), offered * (before + offered <= bin_quota))
     amount = amount * (amount >= min_quota)
     return position, amount
+
+
+def _offered_before_in_group(offered: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Return what the receivers before each one in its group offered, along dim 1.
+
+    offered: [rows, n] int64, >= 0. group: [rows, n], equal ids adjacent along dim 1.
+    """
+    offered_before = offered.cumsum(dim=1) - offered
+    group_start = torch.ones_like(group, dtype=torch.bool)
+    group_start[:, 1:] = group[:, 1:] != group[:, :-1]
+    return offered_before - torch.cummax(offered_before * group_start, dim=1).values
 
 
 def load_floor(loads: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
@@ -657,8 +661,8 @@ def _select_candidate(state: _CandidateState, loads: torch.Tensor, layout: Exper
     max_load = _costed_peak(state, layout, config) if config.copy_cost else state.rank_load.max(dim=1).values
     num_replicas = (state.slot_expert >= 0).sum(dim=(1, 2))
 
-    # A candidate of the second drain takes part only if its threshold lies below every first-drain
-    # plan's max rank load, so the compiled planner does not plan the others.
+    # A candidate of the second drain or of best fit takes part only if its threshold lies below every
+    # first-drain plan's max rank load, so the compiled planner does not plan the others.
     plain_peak = state.rank_load.max(dim=1).values
     best_first_drain = torch.where(state.late, plain_peak.max() + 1, plain_peak).min()
     valid = ~state.late | (state.thresholds < best_first_drain)
