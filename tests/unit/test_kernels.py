@@ -55,6 +55,7 @@ class PlanCase:
     config: QuotaConfig = QuotaConfig()
     candidates_per_program: int | None = None
     first_row: tuple[int, ...] = ()  # loads "first_row": rank 0 produces these, the other ranks nothing
+    rows: tuple[tuple[int, ...], ...] = ()  # loads "rows": rank r produces rows[r]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,17 @@ PLAN_CASES = [
         "ep2_e2_s1_copy_training_passes", 2, 1, 1, "first_row", first_row=(100, 90),
         config=QuotaConfig(copy_cost=60, copy_overlap=True, gemm_passes=3),
     ),
+    # Hand-checked in test_quota.py: the ladder's parts overlap, and the first drain goes by threshold.
+    PlanCase(
+        "ep4_e12_s2_copy_cost_ladder_overlap", 4, 3, 2, "rows",
+        rows=(
+            (31, 181, 33, 105, 51, 63, 82, 21, 238, 42, 55, 122),
+            (37, 175, 38, 106, 35, 44, 80, 33, 224, 44, 75, 133),
+            (41, 171, 35, 99, 49, 60, 80, 32, 235, 40, 56, 126),
+            (19, 182, 30, 111, 40, 63, 79, 26, 231, 47, 75, 121),
+        ),
+        config=QuotaConfig(balance_target=1.0, copy_cost=180, copy_overlap=True, copy_chunks=4, gemm_passes=3),
+    ),
     PlanCase(
         "ep16_e64_s2_copy_cost_training_4_chunks",
         16, 4, 2, "zipf", seed=13, config=QuotaConfig(copy_cost=400, copy_overlap=True, copy_chunks=4, gemm_passes=3),
@@ -209,6 +221,8 @@ def _make_loads(case: PlanCase) -> torch.Tensor:
     elif case.loads == "first_row":
         loads = torch.zeros(shape, dtype=torch.int64)
         loads[0] = torch.tensor(case.first_row)
+    elif case.loads == "rows":
+        loads = torch.tensor(case.rows)
     elif case.loads == "large":
         # Total just under MAX_TOTAL_LOAD = 2**35, so int64 products run near their bound.
         loads = torch.randint(2**22, 2**23, shape, generator=gen)

@@ -469,3 +469,48 @@ def test_copy_cost_counts_relay_senders(backend):
     plan = QuotaPlanner(QuotaConfig(copy_cost=32, copy_overlap=True), backend=backend)(loads, ExpertLayout(5, 1, 1))
     assert plan.replica_expert_ids.view(-1).tolist() == [-1, -1, 1, -1, 1]
     assert plan.quota.tolist() == [14, 0, 48, 0, 20, 23, 12, 0, 25, 18]
+
+
+def test_first_drain_steps_stop_above_bar():
+    # Ten ranks, mean rank load 1000, balance target 1.0. By threshold the steps run 0 (1000), 1 (1010),
+    # 3 (1020), 2 (1030), 5 (1030, a tie after step 2), 4 (1040), then 6-20. Step 0 meets the target;
+    # the lowest peak so far then falls 1050, 1035, 1035, 1030. Step 5 ties the bar of 1030 and takes
+    # part. Step 4 lies above it, so it and every step after drop out, though those peak at 900.
+    from ultraep.planners import quota
+
+    num_steps = len(quota._MEAN_STEPS) + len(quota._GAP_STEPS)
+    families = quota._RECEIVER_ORDERS * len(quota._ANCHORS)
+    step_threshold = [1000, 1010, 1030, 1020, 1040, 1030] + [1050 + 10 * k for k in range(num_steps - 6)]
+    step_peak = [1050, 1035, 1030, 1040, 1045, 1060] + [900] * (num_steps - 6)
+    num_late = 5
+    # Family 0 has each step's lowest peak, and the other families peak 7 higher.
+    max_load = torch.tensor([p + 7 * (f > 0) for f in range(families) for p in step_peak] + [800] * num_late)
+    thresholds = torch.tensor(step_threshold * families + [1000] * num_late)
+    late = torch.tensor([False] * (families * num_steps) + [True] * num_late)
+    empty = torch.zeros(late.numel(), 0, dtype=torch.int64)
+    state = quota._CandidateState(thresholds, empty, empty, empty[:, :, None], empty[:, :, None], torch.tensor(10_000), late)
+    first_drain = quota._first_drain_steps(state, max_load, 10, quota._to_fixed_point(1.0))
+    taking_part = first_drain[: families * num_steps].view(families, num_steps)
+    assert [s for s in range(num_steps) if taking_part[0, s]] == [0, 1, 2, 3, 5]
+    assert bool((taking_part == taking_part[0]).all())
+    assert not bool(first_drain[families * num_steps :].any())
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_ladder_parts_overlap(backend):
+    # Four ranks with three experts and two slots each, copies costed as in training. The ladder's
+    # second part starts below the end of its first: the step at 1040 comes after steps up to 1054 in
+    # ladder order. Its plan peaks at 1043 with the sync counted and wins. Stopping the first drain at
+    # the first step in ladder order above the lowest peak so far would end at 1044.
+    loads = torch.tensor(
+        [
+            [31, 181, 33, 105, 51, 63, 82, 21, 238, 42, 55, 122],
+            [37, 175, 38, 106, 35, 44, 80, 33, 224, 44, 75, 133],
+            [41, 171, 35, 99, 49, 60, 80, 32, 235, 40, 56, 126],
+            [19, 182, 30, 111, 40, 63, 79, 26, 231, 47, 75, 121],
+        ]
+    )
+    config = QuotaConfig(balance_target=1.0, copy_cost=180, copy_overlap=True, copy_chunks=4, gemm_passes=3)
+    plan = QuotaPlanner(config, backend=backend)(loads, ExpertLayout(4, 3, 2))
+    assert plan.replica_expert_ids.view(-1).tolist() == [-1, -1, 8, -1, -1, -1, 8, -1]
+    assert plan.rank_load().tolist() == [973, 1040, 1043, 1040]

@@ -534,8 +534,29 @@ def _quota_plan_kernel(
         all_local = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 2, mask=row_ok, other=0, cache_modifier=".cg")
         all_plain_peak = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 3, mask=row_ok, other=0, cache_modifier=".cg")
         all_threshold = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 4, mask=row_ok, other=0, cache_modifier=".cg")
+        # The first drain's steps count in ascending order of threshold (lower step first on ties)
+        # while each threshold lies at or below the balance target or the lowest peak of the steps
+        # before it (reference: _first_drain_steps). step_rank is a row's step's place in that order.
+        first_drain = row_ok & ~row_over
+        step_rank = row_threshold * 0
+        for step in tl.static_range(NUM_THRESHOLDS):
+            step_threshold = tl.max(tl.where(first_drain & (row_threshold == step), all_threshold, -1), axis=0)
+            before = (step_threshold < all_threshold) | ((step_threshold == all_threshold) & (step < row_threshold))
+            step_rank += before.to(step_rank.dtype)
+        bar = total * 0 + _BIG  # lowest peak of the steps so far
+        steps_taking_part = total * 0
+        still = total >= 0  # every step so far takes part
+        for place in tl.static_range(NUM_THRESHOLDS):
+            at_step = first_drain & (step_rank == place)
+            step_threshold = tl.max(tl.where(at_step, all_threshold, 0), axis=0)
+            takes_part = (step_threshold <= bar) | (step_threshold * (NUM_RANKS * FRACTION_SCALE) <= total * target_q)
+            still = still & takes_part
+            steps_taking_part += still.to(tl.int64)
+            bar = tl.where(still, tl.minimum(bar, tl.min(tl.where(at_step, all_peak, _BIG), axis=0)), bar)
+        row_ok = row_ok & (row_over | (step_rank < steps_taking_part))
+        first_drain = first_drain & (step_rank < steps_taking_part)
         # A second-drain or best-fit candidate counts only below every first-drain plan's max rank load.
-        best_first_drain = tl.min(tl.where(row_ok & ~row_over, all_plain_peak, _BIG), axis=0)
+        best_first_drain = tl.min(tl.where(first_drain, all_plain_peak, _BIG), axis=0)
         row_ok = row_ok & (~row_over | (all_threshold < best_first_drain))
         best_peak = tl.min(tl.where(row_ok, all_peak, _BIG), axis=0)
         good = row_ok & ((all_peak == best_peak) | (all_peak * (NUM_RANKS * FRACTION_SCALE) <= total * target_q))

@@ -353,7 +353,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                           3 * E /* own, segment tables */ + 4 * C /* metrics */ + E /* fan-out */ +
                           2 * E /* pieces by master quota */ + 3 * R /* sorted donor and receiver keys, touched ranks */ + E /* initial master quotas */ +
                           3 * TC * R + 3 * TC /* first-round lines per threshold and receiver order, their lengths */ +
-                          E /* spares offered per best-fit bin */;
+                          E /* spares offered per best-fit bin */ + 2 * C /* plain peaks, costed-peak flags */ +
+                          T /* first-drain steps by threshold */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
     int64_t *cursor = mem;
@@ -396,9 +397,13 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(first_recv_keys, RECEIVER_ORDERS * TC * R);
     TAKE(first_counts, 3 * TC); /* donors per threshold, then receivers per order and threshold; -1 = not yet */
     TAKE(bin_offered, E);
+    TAKE(plain_peak, C);
+    TAKE(costed_done, C);
+    TAKE(step_order, T);
 #undef TAKE
     for (int64_t i = 0; i < 3 * TC; ++i) first_counts[i] = -1;
     memset(bin_offered, 0, (size_t)E * sizeof(int64_t));
+    memset(costed_done, 0, (size_t)C * sizeof(int64_t));
     unsigned char *is_touched = (unsigned char *)calloc((size_t)R, 1);
     if (is_touched == NULL) {
         free(mem);
@@ -450,21 +455,37 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     }
     for (int64_t i = 0; i < E; ++i) initial_quota[i] = expert_load[drain_expert[i]];
 
-    /* Lowest max rank load of the first drain's plans. The reference leaves second-drain candidates at or
-     * above it out of the choice, so they are not planned here. */
-    int64_t best_first_drain = INT64_MAX;
-    for (int64_t c = 0; c < C; ++c) {
+    /* The first drain runs step by step in ascending order of threshold (lower step first on ties), every
+     * family at one step before the next step. A step takes part while its threshold lies at or below the
+     * balance target or at or below the lowest peak of the steps before it (bar). The reference leaves
+     * the first drain out of the choice from the first step that does neither, so those candidates are
+     * not planned. Then the second drain and best fit run, in candidate order. The reference also leaves
+     * those out at thresholds at or above the lowest max rank load of the first drain's plans, so they
+     * are not planned either. */
+    for (int64_t t = 0; t < T; ++t) {
+        int64_t at = t;
+        for (; at > 0 && thresholds[step_order[at - 1]] > thresholds[t]; --at) step_order[at] = step_order[at - 1];
+        step_order[at] = t;
+    }
+    const int64_t limit = mul_wrap(total, target_q);
+    int64_t best_first_drain = INT64_MAX, bar = INT64_MAX;
+    memset(skipped, 0, (size_t)C * sizeof(int64_t));
+    for (int64_t idx = 0; idx < C; ++idx) {
+        const int64_t c = idx < T * RF ? (idx % RF) * T + step_order[idx / RF] : idx;
         const int64_t threshold = thresholds[c];
-        if (c == T * RF) {
-            for (int64_t prev = 0; prev < T * RF; ++prev) {
-                const int64_t *prev_load = states + prev * state_words;
-                int64_t peak = INT64_MIN;
-                for (int64_t r = 0; r < R; ++r) peak = max64(peak, prev_load[r]);
-                best_first_drain = min64(best_first_drain, peak);
-            }
+        if (idx < T * RF && idx % RF == 0 && idx > 0 && threshold > bar && mul_wrap(threshold, R * fraction_scale) > limit) {
+            for (int64_t rest = idx; rest < T * RF; ++rest) skipped[(rest % RF) * T + step_order[rest / RF]] = 1;
+            idx = T * RF - 1;
+            continue;
         }
-        skipped[c] = c >= T * RF && threshold >= best_first_drain;
-        if (skipped[c]) continue;
+        if (idx == T * RF) {
+            for (int64_t prev = 0; prev < T * RF; ++prev)
+                if (!skipped[prev]) best_first_drain = min64(best_first_drain, plain_peak[prev]);
+        }
+        if (idx >= T * RF && threshold >= best_first_drain) {
+            skipped[c] = 1;
+            continue;
+        }
         /* The candidate's family and threshold index within its block, and the threshold's slot in the
          * first-round line cache. */
         const int best_fit = c >= best_fit_start;
@@ -491,147 +512,162 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             if (thresholds[prev] == threshold) same = prev;
         if (same >= 0) {
             memcpy(rank_load, states + same * state_words, (size_t)state_words * sizeof(int64_t));
-            continue;
-        }
-        memcpy(rank_load, master_rank_load, (size_t)R * sizeof(int64_t));
-        memcpy(master_quota, initial_quota, (size_t)E * sizeof(int64_t));
-        for (int64_t i = 0; i < R * S; ++i) {
-            slot_pos[i] = -1;
-            slot_quota[i] = 0;
-        }
-        memset(slots_used, 0, (size_t)R * sizeof(int64_t));
-        /* Ranks whose load or slots changed in the last round; -1 before the first round. */
-        int64_t num_touched = -1, num_donors = 0, num_receivers = 0;
-
-        for (int64_t round = 0; round < num_rounds; ++round) {
-            /* Step 2: donor pieces, hottest master first, largest donor first. Only the pieces of
-             * positive size are kept, each with its index on the reference's line of all
-             * num_experts pieces. That is exact because a search on that line never stops on a
-             * piece of size 0. */
-            /* Excess, spare and receiver keys of every rank in the first round, then of the ranks that changed. */
-            const int64_t num_changed = num_touched < 0 ? R : num_touched;
-            for (int64_t t = 0; t < num_changed; ++t) {
-                const int64_t r = num_touched < 0 ? t : touched[t];
-                excess[r] = max64(rank_load[r] - threshold, 0);
-                spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
-                order_key[r] = least_spare_first && spare[r] > 0 ? total + 1 - spare[r] : spare[r];
+        } else {
+            memcpy(rank_load, master_rank_load, (size_t)R * sizeof(int64_t));
+            memcpy(master_quota, initial_quota, (size_t)E * sizeof(int64_t));
+            for (int64_t i = 0; i < R * S; ++i) {
+                slot_pos[i] = -1;
+                slot_quota[i] = 0;
             }
-            /* The first round's lines depend only on the threshold (and the receiver order), so every
-             * family reuses the lines that the first candidate with this threshold sorted. */
-            const int64_t order_slot = TC + (least_spare_first ? TC : 0) + cache_step;
-            int64_t *first_donors = first_donor_keys + cache_step * R;
-            int64_t *first_receivers = first_recv_keys + (order_slot - TC) * R;
-            order_line(excess, R, touched, num_touched, is_touched, donor_keys, &num_donors, donor_order, keys, first_donors,
-                       first_counts + cache_step);
-            int64_t num_pieces = 0, end = 0;
-            for (int64_t d = 0; d < num_donors; ++d) {
-                const int64_t *held = master_quota + donor_order[d] * P;
-                int64_t left = excess[donor_order[d]];
-                if (left > 0) left += over;
-                for (int64_t p = 0; p < P && left > 0; ++p) {
-                    const int64_t piece = min64(left, held[p]);
-                    if (piece > 0) {
-                        end += piece;
-                        piece_end[num_pieces] = end;
-                        piece_segment[num_pieces] = d * P + p;
-                        ++num_pieces;
+            memset(slots_used, 0, (size_t)R * sizeof(int64_t));
+            /* Ranks whose load or slots changed in the last round; -1 before the first round. */
+            int64_t num_touched = -1, num_donors = 0, num_receivers = 0;
+
+            for (int64_t round = 0; round < num_rounds; ++round) {
+                /* Step 2: donor pieces, hottest master first, largest donor first. Only the pieces of
+                 * positive size are kept, each with its index on the reference's line of all
+                 * num_experts pieces. That is exact because a search on that line never stops on a
+                 * piece of size 0. */
+                /* Excess, spare and receiver keys of every rank in the first round, then of the ranks that changed. */
+                const int64_t num_changed = num_touched < 0 ? R : num_touched;
+                for (int64_t t = 0; t < num_changed; ++t) {
+                    const int64_t r = num_touched < 0 ? t : touched[t];
+                    excess[r] = max64(rank_load[r] - threshold, 0);
+                    spare[r] = slots_used[r] < S ? max64(threshold - rank_load[r], 0) : 0;
+                    order_key[r] = least_spare_first && spare[r] > 0 ? total + 1 - spare[r] : spare[r];
+                }
+                /* The first round's lines depend only on the threshold (and the receiver order), so every
+                 * family reuses the lines that the first candidate with this threshold sorted. */
+                const int64_t order_slot = TC + (least_spare_first ? TC : 0) + cache_step;
+                int64_t *first_donors = first_donor_keys + cache_step * R;
+                int64_t *first_receivers = first_recv_keys + (order_slot - TC) * R;
+                order_line(excess, R, touched, num_touched, is_touched, donor_keys, &num_donors, donor_order, keys, first_donors,
+                           first_counts + cache_step);
+                int64_t num_pieces = 0, end = 0;
+                for (int64_t d = 0; d < num_donors; ++d) {
+                    const int64_t *held = master_quota + donor_order[d] * P;
+                    int64_t left = excess[donor_order[d]];
+                    if (left > 0) left += over;
+                    for (int64_t p = 0; p < P && left > 0; ++p) {
+                        const int64_t piece = min64(left, held[p]);
+                        if (piece > 0) {
+                            end += piece;
+                            piece_end[num_pieces] = end;
+                            piece_segment[num_pieces] = d * P + p;
+                            ++num_pieces;
+                        }
+                        left -= held[p];
                     }
-                    left -= held[p];
                 }
-            }
-            /* By master quota: the pieces by their master's remaining quota, lower drain position
-             * first on ties, as keys quota << bits | (E - 1 - position). */
-            if (anchor == BY_MASTER_QUOTA) {
-                for (int64_t k = 0; k < num_pieces; ++k) {
-                    const int64_t drain_position = donor_order[segment_donor[piece_segment[k]]] * P + segment_local[piece_segment[k]];
-                    ranked[k] = (master_quota[drain_position] << position_bits) | (E - 1 - drain_position);
-                }
-                sort_descending(ranked, num_pieces, ranked + E);
-            }
-
-            /* Step 3: receivers, most spare first, each at its anchor point (or, with
-             * BY_MASTER_QUOTA, the i-th receiver at the i-th ranked piece). Anchor points ascend, so
-             * the active receivers are a prefix and one pass over the pieces finds them all. The
-             * receivers after that prefix take nothing and change nothing. */
-            order_line(order_key, R, touched, num_touched, is_touched, recv_keys, &num_receivers, recv_rank, keys,
-                       first_receivers, first_counts + order_slot);
-            for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
-            int64_t offered_end = 0, num_active = 0, k = 0;
-            /* best_fit_round matches the receivers of best-fit candidates. */
-            for (int64_t i = 0; i < (best_fit ? 0 : num_receivers); ++i) {
-                const int64_t recv_spare = spare[recv_rank[i]];
+                /* By master quota: the pieces by their master's remaining quota, lower drain position
+                 * first on ties, as keys quota << bits | (E - 1 - position). */
                 if (anchor == BY_MASTER_QUOTA) {
-                    /* One piece per receiver, so each receiver is a group of its own. */
-                    if (i >= num_pieces) break;
-                    segment[i] = i;
-                    position[i] = E - 1 - (ranked[i] & position_mask);
-                    donor_rank[i] = position[i] / P;
+                    for (int64_t k = 0; k < num_pieces; ++k) {
+                        const int64_t drain_position = donor_order[segment_donor[piece_segment[k]]] * P + segment_local[piece_segment[k]];
+                        ranked[k] = (master_quota[drain_position] << position_bits) | (E - 1 - drain_position);
+                    }
+                    sort_descending(ranked, num_pieces, ranked + E);
+                }
+
+                /* Step 3: receivers, most spare first, each at its anchor point (or, with
+                 * BY_MASTER_QUOTA, the i-th receiver at the i-th ranked piece). Anchor points ascend, so
+                 * the active receivers are a prefix and one pass over the pieces finds them all. The
+                 * receivers after that prefix take nothing and change nothing. */
+                order_line(order_key, R, touched, num_touched, is_touched, recv_keys, &num_receivers, recv_rank, keys,
+                           first_receivers, first_counts + order_slot);
+                for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
+                int64_t offered_end = 0, num_active = 0, k = 0;
+                /* best_fit_round matches the receivers of best-fit candidates. */
+                for (int64_t i = 0; i < (best_fit ? 0 : num_receivers); ++i) {
+                    const int64_t recv_spare = spare[recv_rank[i]];
+                    if (anchor == BY_MASTER_QUOTA) {
+                        /* One piece per receiver, so each receiver is a group of its own. */
+                        if (i >= num_pieces) break;
+                        segment[i] = i;
+                        position[i] = E - 1 - (ranked[i] & position_mask);
+                        donor_rank[i] = position[i] / P;
+                    } else {
+                        const int64_t point = offered_end + (recv_spare * anchor) / 4;
+                        offered_end += recv_spare;
+                        while (k < num_pieces && piece_end[k] <= point) ++k;
+                        if (k == num_pieces) break;
+                        const int64_t seg = piece_segment[k];
+                        segment[i] = seg;
+                        donor_rank[i] = donor_order[segment_donor[seg]];
+                        position[i] = donor_rank[i] * P + segment_local[seg];
+                    }
+                    offered[i] = recv_spare;
+                    ++num_active;
+                }
+
+                /* Step 4: fill each receiver up to the threshold, capped by the master's remaining
+                 * quota. Receivers served by one piece draw from it in line order. */
+                int64_t before = 0, base = 0, moved = 0;
+                if (best_fit) {
+                    num_active = best_fit_round(master_quota, spare, recv_rank, num_receivers, donor_order, num_donors, P,
+                                                position_bits, min_quota, ranked, bin_offered, position, donor_rank, offered, amount);
+                    for (int64_t i = 0; i < num_active; ++i) moved |= amount[i] > 0;
                 } else {
-                    const int64_t point = offered_end + (recv_spare * anchor) / 4;
-                    offered_end += recv_spare;
-                    while (k < num_pieces && piece_end[k] <= point) ++k;
-                    if (k == num_pieces) break;
-                    const int64_t seg = piece_segment[k];
-                    segment[i] = seg;
-                    donor_rank[i] = donor_order[segment_donor[seg]];
-                    position[i] = donor_rank[i] * P + segment_local[seg];
-                }
-                offered[i] = recv_spare;
-                ++num_active;
-            }
-
-            /* Step 4: fill each receiver up to the threshold, capped by the master's remaining
-             * quota. Receivers served by one piece draw from it in line order. */
-            int64_t before = 0, base = 0, moved = 0;
-            if (best_fit) {
-                num_active = best_fit_round(master_quota, spare, recv_rank, num_receivers, donor_order, num_donors, P,
-                                            position_bits, min_quota, ranked, bin_offered, position, donor_rank, offered, amount);
-                for (int64_t i = 0; i < num_active; ++i) moved |= amount[i] > 0;
-            } else {
-                for (int64_t i = 0; i < num_active; ++i) {
-                    if (i == 0 || segment[i] != segment[i - 1]) base = before;
-                    int64_t a = min64(max64(master_quota[position[i]] - before + base, 0), offered[i]);
-                    before += offered[i];
-                    if (a < min_quota) a = 0;
-                    amount[i] = a;
-                    moved |= a > 0;
-                }
-            }
-            if (!moved) break;
-
-            /* Step 5: write replicas. A receiver that already has a replica of the expert grows it. */
-            for (int64_t i = 0; i < num_active; ++i) {
-                const int64_t recv = recv_rank[i], a = amount[i];
-                if (a == 0) continue;
-                int64_t slot_idx = -1;
-                for (int64_t s = 0; s < S; ++s) {
-                    if (slot_pos[recv * S + s] == position[i]) {
-                        slot_idx = s;
-                        break;
+                    for (int64_t i = 0; i < num_active; ++i) {
+                        if (i == 0 || segment[i] != segment[i - 1]) base = before;
+                        int64_t a = min64(max64(master_quota[position[i]] - before + base, 0), offered[i]);
+                        before += offered[i];
+                        if (a < min_quota) a = 0;
+                        amount[i] = a;
+                        moved |= a > 0;
                     }
                 }
-                if (slot_idx < 0) {
-                    slot_idx = min64(slots_used[recv], S - 1);
-                    slots_used[recv] += 1;
+                if (!moved) break;
+
+                /* Step 5: write replicas. A receiver that already has a replica of the expert grows it. */
+                for (int64_t i = 0; i < num_active; ++i) {
+                    const int64_t recv = recv_rank[i], a = amount[i];
+                    if (a == 0) continue;
+                    int64_t slot_idx = -1;
+                    for (int64_t s = 0; s < S; ++s) {
+                        if (slot_pos[recv * S + s] == position[i]) {
+                            slot_idx = s;
+                            break;
+                        }
+                    }
+                    if (slot_idx < 0) {
+                        slot_idx = min64(slots_used[recv], S - 1);
+                        slots_used[recv] += 1;
+                    }
+                    slot_pos[recv * S + slot_idx] = position[i];
+                    slot_quota[recv * S + slot_idx] += a;
                 }
-                slot_pos[recv * S + slot_idx] = position[i];
-                slot_quota[recv * S + slot_idx] += a;
-            }
-            num_touched = 0;
-            for (int64_t i = 0; i < num_active; ++i) {
-                master_quota[position[i]] -= amount[i];
-                rank_load[recv_rank[i]] += amount[i];
-                rank_load[donor_rank[i]] -= amount[i];
-                if (amount[i] == 0) continue;
-                const int64_t changed[2] = {recv_rank[i], donor_rank[i]};
-                for (int j = 0; j < 2; ++j) {
-                    if (is_touched[changed[j]]) continue;
-                    is_touched[changed[j]] = 1;
-                    touched[num_touched++] = changed[j];
+                num_touched = 0;
+                for (int64_t i = 0; i < num_active; ++i) {
+                    master_quota[position[i]] -= amount[i];
+                    rank_load[recv_rank[i]] += amount[i];
+                    rank_load[donor_rank[i]] -= amount[i];
+                    if (amount[i] == 0) continue;
+                    const int64_t changed[2] = {recv_rank[i], donor_rank[i]};
+                    for (int j = 0; j < 2; ++j) {
+                        if (is_touched[changed[j]]) continue;
+                        is_touched[changed[j]] = 1;
+                        touched[num_touched++] = changed[j];
+                    }
                 }
             }
+            for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
         }
-        for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
+        int64_t m = INT64_MIN;
+        for (int64_t r = 0; r < R; ++r) m = max64(m, rank_load[r]);
+        plain_peak[c] = m;
+        max_load[c] = m;
+        if (idx < T * RF) {
+            /* The bar needs a step's lowest peak with the sync counted. A costed peak is never below
+             * the plain one, so it is computed only where the plain peak could lower the bar or the
+             * plan could meet the target. */
+            if (copy_cost > 0 && (m <= bar || mul_wrap(m, R * fraction_scale) <= limit)) {
+                max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks,
+                                          gemm_passes, fan);
+                costed_done[c] = 1;
+            }
+            bar = min64(bar, max_load[c]);
+        }
     }
     free(is_touched);
 
@@ -639,18 +675,15 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
      * local assignments, then lowest max load, then the first index. */
     for (int64_t r = 0; r < R; ++r)
         for (int64_t p = 0; p < P; ++p) own[r * P + p] = loads[r * E + r * P + p];
-    const int64_t limit = mul_wrap(total, target_q);
     int64_t best_load = INT64_MAX, first = -1;
     for (int64_t c = 0; c < C; ++c) {
         if (skipped[c]) continue;
-        const int64_t *rank_load = states + c * state_words;
-        const int64_t *slot_pos = rank_load + R + E;
-        int64_t m = INT64_MIN, n = 0;
-        for (int64_t r = 0; r < R; ++r) m = max64(m, rank_load[r]);
+        const int64_t *slot_pos = states + c * state_words + R + E;
+        int64_t n = 0;
         for (int64_t i = 0; i < R * S; ++i) n += slot_pos[i] >= 0;
-        max_load[c] = m;
         num_replicas[c] = n;
-        if (first < 0 || m < max_load[first]) first = c;
+        if (first < 0 || plain_peak[c] < plain_peak[first]) first = c;
+        if (costed_done[c]) best_load = min64(best_load, max_load[c]);
     }
     if (copy_cost > 0) {
         /* A costed peak is never below the plain one. So a candidate whose plain peak lies above both the
@@ -659,7 +692,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
          * with the lowest plain peak goes first, to set a low bar. */
         for (int64_t k = -1; k < C; ++k) {
             const int64_t c = k < 0 ? first : k;
-            if (skipped[c] || (k >= 0 && c == first)) continue;
+            if (skipped[c] || costed_done[c] || (k >= 0 && c == first)) continue;
             if (max_load[c] > best_load && mul_wrap(max_load[c], R * fraction_scale) > limit) continue;
             const int64_t *rank_load = states + c * state_words;
             const int64_t *master_quota = rank_load + R;
