@@ -1,0 +1,121 @@
+"""Time two builds of the compiled quota planner side by side in one process.
+
+Compiles ``ultraep/kernels/quota_plan.c`` and a second source (for example the one of an earlier commit),
+checks that both return the same plan on every workload, then alternates calls between them so that
+both see the same machine state. Both sources must export ``ultraep_quota_plan`` with the arguments
+that ``ultraep.kernels.native`` passes today.
+
+    git show HEAD~1:ultraep/kernels/quota_plan.c > /tmp/quota_plan_before.c
+    python benchmarks/planner_ab.py --before /tmp/quota_plan_before.c
+
+Prints a markdown table of median milliseconds per call and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from ultraep.kernels import native
+from ultraep.layout import ExpertLayout
+from ultraep.planners import quota
+from ultraep.traces import zipf_loads
+
+logger = logging.getLogger("planner_ab")
+
+
+def compile_library(source: pathlib.Path, folder: pathlib.Path, name: str) -> ctypes._CDLL:
+    """Compile ``source`` with the flags the package uses and return its planner function."""
+    target = folder / f"{name}.so"
+    command = [native._compiler(), *native._COMPILE_FLAGS, str(source), "-o", str(target)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"compiling {source} failed (exit {result.returncode}): {result.stderr.strip()}")
+    function = ctypes.CDLL(str(target)).ultraep_quota_plan
+    function.restype = ctypes.c_int
+    function.argtypes = native._library().ultraep_quota_plan.argtypes
+    return function
+
+
+def bind(function, loads: torch.Tensor, layout: ExpertLayout, config: quota.QuotaConfig):
+    """Return a no-argument call of ``function`` on one load matrix, and its output tensors."""
+    mean_steps, gap_steps, anchors, best_fit_steps, scale, fraction_q, target_q, over_drain_q = native._settings(config)
+    slots = layout.redundant_slots_per_rank
+    slot_expert = torch.empty((layout.num_ranks, slots), dtype=torch.int64)
+    slot_quota = torch.empty(layout.num_slots, dtype=torch.int64)
+    arguments = (
+        loads.data_ptr(), layout.num_ranks, layout.experts_per_rank, slots,
+        mean_steps.data_ptr(), mean_steps.numel(), gap_steps.data_ptr(), gap_steps.numel(),
+        anchors.data_ptr(), anchors.numel(), best_fit_steps.data_ptr(), best_fit_steps.numel(),
+        quota._num_drains(slots), over_drain_q, scale, config.min_replica_quota, fraction_q, target_q,
+        int(config.prefer_local), quota.default_num_rounds(config, slots), config.copy_cost,
+        int(config.copy_overlap), config.copy_chunks, config.gemm_passes, slot_expert.data_ptr(), slot_quota.data_ptr(),
+    )  # fmt: skip
+
+    def call() -> tuple[torch.Tensor, torch.Tensor]:
+        status = function(*arguments)
+        if status != 0:
+            raise RuntimeError(f"ultraep_quota_plan returned {status} for {layout}")
+        return slot_expert, slot_quota
+
+    return call
+
+
+def workloads():
+    """Yield (name, loads, layout, config): the planner benchmark's timing sizes, then copy-costed plans."""
+    for ranks, experts, slots in ((8, 64, 1), (16, 128, 2), (32, 256, 2), (64, 256, 1), (64, 256, 2)):
+        loads = zipf_loads(ranks, experts, 8192, 8, 1.0, num_microbatches=1, num_layers=1, seed=2)[0, 0]
+        layout = ExpertLayout.from_num_experts(experts, ranks, slots)
+        yield f"Zipf(1.0) EP{ranks} x {experts} x {slots}", loads.contiguous(), layout, quota.QuotaConfig()
+    training = quota.QuotaConfig(copy_cost=40, copy_overlap=True, copy_chunks=8, gemm_passes=3)
+    for slots in (1, 2):
+        loads = zipf_loads(64, 64, 4096, 8, 1.0, num_microbatches=1, num_layers=1, seed=3)[0, 0]
+        layout = ExpertLayout.from_num_experts(64, 64, slots)
+        yield f"Zipf(1.0) EP64 x 64 x {slots}, copy cost 40, training", loads.contiguous(), layout, training
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", type=pathlib.Path, required=True, help="the other quota_plan.c")
+    parser.add_argument("--calls", type=int, default=400, help="timed calls per build and workload")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.before.is_file():
+        raise SystemExit(f"--before {args.before} is not a file; write one with git show REV:ultraep/kernels/quota_plan.c")
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        builds = {
+            "before": compile_library(args.before, pathlib.Path(folder), "before"),
+            "now": compile_library(native._SOURCE, pathlib.Path(folder), "now"),
+        }
+        logger.info("| workload | before ms (median) | now ms (median) | before / now |")
+        logger.info("| --- | ---: | ---: | ---: |")
+        for name, loads, layout, config in workloads():
+            calls = {key: bind(function, loads, layout, config) for key, function in builds.items()}
+            before = [tensor.clone() for tensor in calls["before"]()]
+            now = calls["now"]()
+            if not all(torch.equal(a, b) for a, b in zip(before, now)):
+                raise SystemExit(f"the two builds return different plans on {name}")
+            times: dict[str, list[float]] = {"before": [], "now": []}
+            for index in range(args.calls + 10):
+                for key in ("before", "now") if index % 2 else ("now", "before"):
+                    start = time.perf_counter()
+                    calls[key]()
+                    if index >= 10:
+                        times[key].append(time.perf_counter() - start)
+            before_ms, now_ms = (statistics.median(times[key]) * 1e3 for key in ("before", "now"))
+            logger.info(f"| {name} | {before_ms:.3f} | {now_ms:.3f} | {before_ms / now_ms:.2f}x |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
