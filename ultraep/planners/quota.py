@@ -150,7 +150,7 @@ _BEST_FIT_STEPS = _MEAN_STEPS + (0.04, 0.05, 0.06, 0.07, 0.08, 0.10, 0.12, 0.15,
 # becomes a receiver in a later round, so chains of such moves need rounds to spare. Rounds stop once
 # one moves nothing, so spare rounds cost time only on loads that still move. With one slot per rank,
 # 7 instead of 5 took the worst of 300 hot-rank microbatches from 7.1% to 6.0% above the load floor at
-# 8 ranks x 4 experts and from 9.9% to 7.9% at 10 x 6; more than 7 changed none of them.
+# 8 ranks x 4 experts and from 9.9% to 7.9% at 10 x 6. More than 7 changed none of them.
 _EXTRA_ROUNDS = 7
 
 
