@@ -15,6 +15,7 @@ balancing does not change the model's math; only the order of some floating-poin
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -190,6 +191,11 @@ def main() -> None:
     if rank == 0:
         print("losses: " + " ".join(f"{value:.6f}" for value in losses))
         print(f"finished in {time.perf_counter() - started:.1f} s")
+    # The model, its autograd graph and the manager form reference cycles. Free them while the process
+    # group still exists, then tear the group down once every rank is done with it.
+    del model, manager, optimizer, logits, loss
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
