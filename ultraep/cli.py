@@ -236,6 +236,13 @@ def _demo_loads(args: argparse.Namespace):
         if tokens_per_rank < 1:
             logger.warning("the trace has %d tokens, too few for %d ranks; skipped", trace.num_tokens, ranks)
             continue
+        if ranks * tokens_per_rank > trace.num_tokens:
+            # The demo slices the trace without resampling, so the library's hint to resample does not apply.
+            raise CommandError(
+                f"--tokens-per-rank {tokens_per_rank} x {ranks} ranks needs {ranks * tokens_per_rank} tokens for one "
+                f"microbatch, but the trace holds {trace.num_tokens}; use --tokens-per-rank <= {trace.num_tokens // ranks} "
+                "(ultraep simulate resamples whole sequences for larger runs)"
+            )
         try:
             sliced = microbatch_loads(trace, ranks, tokens_per_rank)
         except ValueError as error:

@@ -162,6 +162,16 @@ def test_plan_missing_file_and_out_folder(tmp_path, capsys):
     assert "does not exist; create it first" in capsys.readouterr().err
 
 
+def test_demo_rejects_microbatch_larger_than_trace(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--ranks", "8", "--tokens-per-rank", "100000", "--no-progress"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "--tokens-per-rank 100000 x 8 ranks needs 800000 tokens" in message
+    assert "use --tokens-per-rank <= 4159" in message
+    assert "resample=True" not in message
+
+
 def test_demo_runs_on_bundled_trace(capsys):
     code, captured = _run(capsys, ["demo", "--ranks", "8", "--slots", "1", "--microbatches", "1", "--no-progress"])
     assert code == 0
