@@ -5,8 +5,8 @@ checks that both return the same plan on every workload, then alternates calls b
 both see the same machine state. Both sources must export ``ultraep_quota_plan`` with the arguments
 that ``ultraep.kernels.native`` passes today.
 
-    git show HEAD~1:ultraep/kernels/quota_plan.c > /tmp/quota_plan_before.c
-    python benchmarks/planner_ab.py --before /tmp/quota_plan_before.c
+    git show REV:ultraep/kernels/quota_plan.c > /tmp/quota_plan_before.c  # REV: a commit to compare with
+    .venv/bin/python benchmarks/planner_ab.py --before /tmp/quota_plan_before.c
 
 Prints a markdown table of median milliseconds per call and the ratio.
 """
