@@ -191,8 +191,8 @@ def main() -> None:
     if rank == 0:
         print("losses: " + " ".join(f"{value:.6f}" for value in losses))
         print(f"finished in {time.perf_counter() - started:.1f} s")
-    # The model, its autograd graph and the manager form reference cycles. Free them while the process
-    # group still exists, then tear the group down once every rank is done with it.
+    # Objects in reference cycles (two Parameters among them) collected at interpreter exit aborted a gloo
+    # rank now and then. Free them while the process group still exists, then tear the group down.
     del model, manager, optimizer, logits, loss
     gc.collect()
     dist.barrier()
