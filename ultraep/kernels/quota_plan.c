@@ -353,7 +353,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                           3 * E /* own, segment tables */ + 4 * C /* metrics */ + E /* fan-out */ +
                           2 * E /* pieces by master quota */ + 3 * R /* sorted donor and receiver keys, touched ranks */ + E /* initial master quotas */ +
                           3 * TC * R + 3 * TC /* first-round lines per threshold and receiver order, their lengths */ +
-                          E /* spares offered per best-fit bin */ + 2 * C /* plain peaks, costed-peak flags */ +
+                          E /* spares offered per best-fit bin */ + C /* plain peaks */ +
                           T /* first-drain steps by threshold */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
@@ -398,12 +398,10 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(first_counts, 3 * TC); /* donors per threshold, then receivers per order and threshold; -1 = not yet */
     TAKE(bin_offered, E);
     TAKE(plain_peak, C);
-    TAKE(costed_done, C);
     TAKE(step_order, T);
 #undef TAKE
     for (int64_t i = 0; i < 3 * TC; ++i) first_counts[i] = -1;
     memset(bin_offered, 0, (size_t)E * sizeof(int64_t));
-    memset(costed_done, 0, (size_t)C * sizeof(int64_t));
     unsigned char *is_touched = (unsigned char *)calloc((size_t)R, 1);
     if (is_touched == NULL) {
         free(mem);
@@ -457,7 +455,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
 
     /* The first drain runs step by step in ascending order of threshold (lower step first on ties), every
      * family at one step before the next step. A step takes part while its threshold lies at or below the
-     * balance target or at or below the lowest peak of the steps before it (bar). The reference leaves
+     * balance target or at or below the lowest peak of the steps before it (best_load). The reference leaves
      * the first drain out of the choice from the first step that does neither, so those candidates are
      * not planned. Then the second drain and best fit run, in candidate order. The reference also leaves
      * those out at thresholds at or above the lowest max rank load of the first drain's plans, so they
@@ -468,12 +466,13 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         step_order[at] = t;
     }
     const int64_t limit = mul_wrap(total, target_q);
-    int64_t best_first_drain = INT64_MAX, bar = INT64_MAX;
+    /* Lowest peak of the candidates planned so far; during the first drain, of the steps before. */
+    int64_t best_load = INT64_MAX, best_first_drain = INT64_MAX;
     memset(skipped, 0, (size_t)C * sizeof(int64_t));
     for (int64_t idx = 0; idx < C; ++idx) {
         const int64_t c = idx < T * RF ? (idx % RF) * T + step_order[idx / RF] : idx;
         const int64_t threshold = thresholds[c];
-        if (idx < T * RF && idx % RF == 0 && idx > 0 && threshold > bar && mul_wrap(threshold, R * fraction_scale) > limit) {
+        if (idx < T * RF && idx % RF == 0 && idx > 0 && threshold > best_load && mul_wrap(threshold, R * fraction_scale) > limit) {
             for (int64_t rest = idx; rest < T * RF; ++rest) skipped[(rest % RF) * T + step_order[rest / RF]] = 1;
             idx = T * RF - 1;
             continue;
@@ -657,17 +656,13 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         for (int64_t r = 0; r < R; ++r) m = max64(m, rank_load[r]);
         plain_peak[c] = m;
         max_load[c] = m;
-        if (idx < T * RF) {
-            /* The bar needs a step's lowest peak with the sync counted. A costed peak is never below
-             * the plain one, so it is computed only where the plain peak could lower the bar or the
-             * plan could meet the target. */
-            if (copy_cost > 0 && (m <= bar || mul_wrap(m, R * fraction_scale) <= limit)) {
-                max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks,
-                                          gemm_passes, fan);
-                costed_done[c] = 1;
-            }
-            bar = min64(bar, max_load[c]);
-        }
+        /* A costed peak is never below the plain one. So a candidate whose plain peak lies above both the
+         * lowest peak so far and the balance target can be neither the best nor good: its costed peak is
+         * not computed, and its plain peak stays above the best and the target. */
+        if (copy_cost > 0 && (m <= best_load || mul_wrap(m, R * fraction_scale) <= limit))
+            max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks,
+                                      gemm_passes, fan);
+        best_load = min64(best_load, max_load[c]);
     }
     free(is_touched);
 
@@ -675,33 +670,12 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
      * local assignments, then lowest max load, then the first index. */
     for (int64_t r = 0; r < R; ++r)
         for (int64_t p = 0; p < P; ++p) own[r * P + p] = loads[r * E + r * P + p];
-    int64_t best_load = INT64_MAX, first = -1;
     for (int64_t c = 0; c < C; ++c) {
         if (skipped[c]) continue;
         const int64_t *slot_pos = states + c * state_words + R + E;
         int64_t n = 0;
         for (int64_t i = 0; i < R * S; ++i) n += slot_pos[i] >= 0;
         num_replicas[c] = n;
-        if (first < 0 || plain_peak[c] < plain_peak[first]) first = c;
-        if (costed_done[c]) best_load = min64(best_load, max_load[c]);
-    }
-    if (copy_cost > 0) {
-        /* A costed peak is never below the plain one. So a candidate whose plain peak lies above both the
-         * lowest costed peak so far and the balance target can be neither the best nor good. Its costed
-         * peak is not computed, and its plain peak stays above the best and the target. The candidate
-         * with the lowest plain peak goes first, to set a low bar. */
-        for (int64_t k = -1; k < C; ++k) {
-            const int64_t c = k < 0 ? first : k;
-            if (skipped[c] || costed_done[c] || (k >= 0 && c == first)) continue;
-            if (max_load[c] > best_load && mul_wrap(max_load[c], R * fraction_scale) > limit) continue;
-            const int64_t *rank_load = states + c * state_words;
-            const int64_t *master_quota = rank_load + R;
-            const int64_t *slot_pos = master_quota + E;
-            max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks, gemm_passes, fan);
-            best_load = min64(best_load, max_load[c]);
-        }
-    } else {
-        best_load = max_load[first];
     }
     int64_t fewest = INT64_MAX;
     for (int64_t c = 0; c < C; ++c) {
