@@ -47,19 +47,10 @@ def compile_library(source: pathlib.Path, folder: pathlib.Path, name: str) -> ct
 
 
 def bind(function, loads: torch.Tensor, layout: ExpertLayout, config: quota.QuotaConfig):
-    """Return a no-argument call of ``function`` on one load matrix, and its output tensors."""
-    mean_steps, gap_steps, anchors, best_fit_steps, scale, fraction_q, target_q, over_drain_q = native._settings(config)
-    slots = layout.redundant_slots_per_rank
-    slot_expert = torch.empty((layout.num_ranks, slots), dtype=torch.int64)
+    """Return a function without arguments that calls ``function`` on one load matrix and returns the filled outputs."""
+    slot_expert = torch.empty((layout.num_ranks, layout.redundant_slots_per_rank), dtype=torch.int64)
     slot_quota = torch.empty(layout.num_slots, dtype=torch.int64)
-    arguments = (
-        loads.data_ptr(), layout.num_ranks, layout.experts_per_rank, slots,
-        mean_steps.data_ptr(), mean_steps.numel(), gap_steps.data_ptr(), gap_steps.numel(),
-        anchors.data_ptr(), anchors.numel(), best_fit_steps.data_ptr(), best_fit_steps.numel(),
-        quota._num_drains(slots), over_drain_q, scale, config.min_replica_quota, fraction_q, target_q,
-        int(config.prefer_local), quota.default_num_rounds(config, slots), config.copy_cost,
-        int(config.copy_overlap), config.copy_chunks, config.gemm_passes, slot_expert.data_ptr(), slot_quota.data_ptr(),
-    )  # fmt: skip
+    arguments = native.call_arguments(loads, layout, config, slot_expert, slot_quota)
 
     def call() -> tuple[torch.Tensor, torch.Tensor]:
         status = function(*arguments)

@@ -34,6 +34,7 @@ from ultraep.planners.quota import QuotaConfig
 
 __all__ = [
     "CACHE_DIR_ENV_VAR",
+    "call_arguments",
     "native_available",
     "native_library_path",
     "native_unavailable_reason",
@@ -144,30 +145,21 @@ def _settings(config: QuotaConfig) -> tuple:
     return mean_steps, gap_steps, anchors, best_fit_steps, quota_module._FRACTION_SCALE, fraction_q, target_q, over_drain_q
 
 
-def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
-    """Plan one layer and microbatch with the compiled quota planner.
+def call_arguments(
+    loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig, slot_expert: torch.Tensor, quota: torch.Tensor
+) -> tuple:
+    """Return the arguments of one ``ultraep_quota_plan`` call, in the C function's order.
 
-    loads: [num_ranks, num_experts] integer tensor on the CPU, validated by the caller, entries >= 0.
-    Returns the plan of ``plan_reference(loads, layout, config)``, bit for bit, on the CPU.
-    Raises ``RuntimeError`` when the library cannot be built or loaded.
+    loads: [num_ranks, num_experts] contiguous int64 CPU tensor. slot_expert: [num_ranks,
+    redundant_slots_per_rank] and quota: [num_slots], contiguous int64 CPU tensors the call fills.
+    The tuple holds raw pointers, so the caller keeps every tensor alive while it calls.
     """
-    library = _library()
-    if isinstance(library, Exception):
-        raise RuntimeError(f"the native quota planner is unavailable: {library}")
-    if loads.device.type != "cpu":
-        raise ValueError(f"the native quota planner takes CPU tensors, got loads on {loads.device}; use backend='auto'")
-    loads = loads.to(torch.int64).contiguous()
-    if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
-        return masters_only_plan(loads, layout)
-    num_ranks, experts_per_rank, slots = layout.num_ranks, layout.experts_per_rank, layout.redundant_slots_per_rank
+    slots = layout.redundant_slots_per_rank
     mean_steps, gap_steps, anchors, best_fit_steps, scale, fraction_q, target_q, over_drain_q = _settings(config)
-    num_rounds = quota_module.default_num_rounds(config, slots)
-    slot_expert = torch.empty((num_ranks, slots), dtype=torch.int64)
-    quota = torch.empty(layout.num_slots, dtype=torch.int64)
-    status = library.ultraep_quota_plan(
+    return (
         loads.data_ptr(),
-        num_ranks,
-        experts_per_rank,
+        layout.num_ranks,
+        layout.experts_per_rank,
         slots,
         mean_steps.data_ptr(),
         mean_steps.numel(),
@@ -184,7 +176,7 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
         fraction_q,
         target_q,
         int(config.prefer_local),
-        num_rounds,
+        quota_module.default_num_rounds(config, slots),
         config.copy_cost,
         int(config.copy_overlap),
         config.copy_chunks,
@@ -192,6 +184,26 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
         slot_expert.data_ptr(),
         quota.data_ptr(),
     )
+
+
+def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
+    """Plan one layer and microbatch with the compiled quota planner.
+
+    loads: [num_ranks, num_experts] integer tensor on the CPU, validated by the caller, entries >= 0.
+    Returns the plan of ``plan_reference(loads, layout, config)``, bit for bit, on the CPU.
+    Raises ``RuntimeError`` when the library cannot be built or loaded.
+    """
+    library = _library()
+    if isinstance(library, Exception):
+        raise RuntimeError(f"the native quota planner is unavailable: {library}")
+    if loads.device.type != "cpu":
+        raise ValueError(f"the native quota planner takes CPU tensors, got loads on {loads.device}; use backend='auto'")
+    loads = loads.to(torch.int64).contiguous()
+    if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
+        return masters_only_plan(loads, layout)
+    slot_expert = torch.empty((layout.num_ranks, layout.redundant_slots_per_rank), dtype=torch.int64)
+    quota = torch.empty(layout.num_slots, dtype=torch.int64)
+    status = library.ultraep_quota_plan(*call_arguments(loads, layout, config, slot_expert, quota))
     if status != 0:
         raise RuntimeError(f"the native quota planner failed with code {status} ({_ERRORS.get(status, 'unknown')}) for {layout}")
     return Plan(layout, slot_expert, quota)
