@@ -152,7 +152,7 @@ def call_arguments(
 
     loads: [num_ranks, num_experts] contiguous int64 CPU tensor. slot_expert: [num_ranks,
     redundant_slots_per_rank] and quota: [num_slots], contiguous int64 CPU tensors the call fills.
-    The tuple holds raw pointers, so the caller keeps every tensor alive while it calls.
+    The tuple contains raw pointers, so the caller keeps every tensor alive while it calls.
     """
     slots = layout.redundant_slots_per_rank
     mean_steps, gap_steps, anchors, best_fit_steps, scale, fraction_q, target_q, over_drain_q = _settings(config)

@@ -657,7 +657,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         plain_peak[c] = m;
         max_load[c] = m;
         /* A costed peak is never below the plain one. So a candidate whose plain peak lies above both the
-         * lowest peak so far and the balance target can be neither the best nor good: its costed peak is
+         * lowest peak so far and the balance target can be neither the best nor good. Its costed peak is
          * not computed, and its plain peak stays above the best and the target. */
         if (copy_cost > 0 && (m <= best_load || mul_wrap(m, R * fraction_scale) <= limit))
             max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks,
