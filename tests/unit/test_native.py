@@ -142,6 +142,71 @@ def test_planner_and_dispatch_use_native_on_cpu():
         assert torch.equal(plan.replica_expert_ids, expected.replica_expert_ids)
 
 
+def _calls_that_plan_natively(loads, layout):
+    """Every public way to plan CPU loads with the compiled planner, value checks on or off."""
+    return {
+        "plan_quota_native": lambda: plan_quota_native(loads, layout, QuotaConfig()),
+        "planner": lambda: QuotaPlanner()(loads, layout),
+        "planner_unchecked": lambda: QuotaPlanner(backend="native")(loads, layout, check_values=False),
+        "plan_quota_unchecked": lambda: plan_quota(loads, layout, backend="native", check_values=False),
+        "plan_quota_checked": lambda: plan_quota(loads, layout, backend="auto", check_values=True),
+    }
+
+
+@pytest.mark.parametrize(
+    ("entry", "pattern"),
+    [
+        pytest.param((1, 3, -5), r"loads\[1, 3\] = -5 is negative", id="negative"),
+        pytest.param((2, 0, MAX_TOTAL_LOAD + 1), rf"loads\[2, 0\] = {MAX_TOTAL_LOAD + 1} exceeds {MAX_TOTAL_LOAD}", id="entry_too_large"),
+        pytest.param((0, 1, -(2**62)), r"loads\[0, 1\] = -4611686018427387904 is negative", id="hugely_negative"),
+    ],
+)
+def test_native_checks_values_in_its_first_pass(entry, pattern):
+    # The C planner checks the values while it sums them, so the host skips its own pass; the error
+    # is the one check_load_matrix raises, whatever check_values says.
+    layout = ExpertLayout(4, 2, 1)
+    loads = torch.ones(4, 8, dtype=torch.int64)
+    loads[entry[0], entry[1]] = entry[2]
+    for call in _calls_that_plan_natively(loads, layout).values():
+        with pytest.raises(ValueError, match=pattern):
+            call()
+    # The masters-only shortcut never reaches the C code and checks on the host.
+    with pytest.raises(ValueError, match=pattern):
+        plan_quota_native(loads, ExpertLayout(4, 2, 0), QuotaConfig())
+
+
+def test_native_checks_the_total():
+    layout = ExpertLayout(4, 2, 1)
+    at_limit = torch.zeros(4, 8, dtype=torch.int64)
+    at_limit[0, 0] = MAX_TOTAL_LOAD // 2
+    at_limit[3, 7] = MAX_TOTAL_LOAD - MAX_TOTAL_LOAD // 2
+    for call in _calls_that_plan_natively(at_limit, layout).values():
+        assert int(call().quota.sum()) == MAX_TOTAL_LOAD
+    over = at_limit.clone()
+    over[2, 5] = 1
+    for call in _calls_that_plan_natively(over, layout).values():
+        with pytest.raises(ValueError, match=rf"total load {MAX_TOTAL_LOAD + 1} of loads exceeds {MAX_TOTAL_LOAD}"):
+            call()
+
+
+def test_packed_and_full_argument_calls_agree():
+    # plan_quota_native calls the C planner with its settings packed into one array; the benchmark's
+    # A/B timing calls it with all 26 arguments. Both must run the same planner.
+    from ultraep.kernels import native
+
+    library = native._library()
+    for shape, config in [((8, 4, 2), QuotaConfig()), ((16, 2, 1), CONFIGS[7]), ((5, 7, 3), CONFIGS[4])]:
+        layout = ExpertLayout(*shape)
+        loads = _skewed(layout.num_ranks, layout.num_experts, seed=11)
+        slot_expert = torch.empty(layout.num_ranks, layout.redundant_slots_per_rank, dtype=torch.int64)
+        quota = torch.empty(layout.num_slots, dtype=torch.int64)
+        assert library.ultraep_quota_plan(*native.call_arguments(loads, layout, config, slot_expert, quota)) == 0
+        packed = plan_quota_native(loads, layout, config)
+        assert torch.equal(packed.quota, quota), shape
+        assert torch.equal(packed.replica_expert_ids, slot_expert), shape
+        assert torch.equal(quota, plan_reference(loads, layout, config).quota), shape
+
+
 def test_native_backend_rejects_other_devices():
     with pytest.raises(RuntimeError, match="backend='native' runs on CPU tensors only, got tensors on meta"):
         resolve_backend("native", "meta", "plan")

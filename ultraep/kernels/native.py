@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ultraep.layout import ExpertLayout
+from ultraep.layout import ExpertLayout, check_load_matrix
 from ultraep.plan import Plan
 from ultraep.planners import quota as quota_module
 from ultraep.planners.base import masters_only_plan
@@ -48,7 +48,8 @@ CACHE_DIR_ENV_VAR = "ULTRAEP_CACHE_DIR"
 
 _SOURCE = Path(__file__).with_name("quota_plan.c")
 _COMPILE_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
-_ERRORS = {1: "bad arguments", 2: "out of memory"}
+_ERR_VALUES = 3
+_ERRORS = {1: "bad arguments", 2: "out of memory", _ERR_VALUES: "a load out of range"}
 _lock = threading.Lock()
 
 
@@ -117,6 +118,9 @@ def _library() -> ctypes.CDLL | Exception:
     function = library.ultraep_quota_plan
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 4 + [ctypes.c_int64] * 12 + [ctypes.c_void_p] * 2
+    packed = library.ultraep_quota_plan_packed
+    packed.restype = ctypes.c_int
+    packed.argtypes = [ctypes.c_void_p] * 8
     return library
 
 
@@ -145,29 +149,17 @@ def _settings(config: QuotaConfig) -> tuple:
     return mean_steps, gap_steps, anchors, best_fit_steps, quota_module._FRACTION_SCALE, fraction_q, target_q, over_drain_q
 
 
-def call_arguments(
-    loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig, slot_expert: torch.Tensor, quota: torch.Tensor
-) -> tuple:
-    """Return the arguments of one ``ultraep_quota_plan`` call, in the C function's order.
-
-    loads: [num_ranks, num_experts] contiguous int64 CPU tensor. slot_expert: [num_ranks,
-    redundant_slots_per_rank] and quota: [num_slots], contiguous int64 CPU tensors the call fills.
-    The tuple contains raw pointers, so the caller keeps every tensor alive while it calls.
-    """
+def _integer_settings(layout: ExpertLayout, config: QuotaConfig) -> tuple[int, ...]:
+    """The integer arguments of ``ultraep_quota_plan`` in their order, as ``ultraep_quota_plan_packed`` takes them."""
     slots = layout.redundant_slots_per_rank
     mean_steps, gap_steps, anchors, best_fit_steps, scale, fraction_q, target_q, over_drain_q = _settings(config)
     return (
-        loads.data_ptr(),
         layout.num_ranks,
         layout.experts_per_rank,
         slots,
-        mean_steps.data_ptr(),
         mean_steps.numel(),
-        gap_steps.data_ptr(),
         gap_steps.numel(),
-        anchors.data_ptr(),
         anchors.numel(),
-        best_fit_steps.data_ptr(),
         best_fit_steps.numel(),
         quota_module._num_drains(slots),
         over_drain_q,
@@ -181,15 +173,55 @@ def call_arguments(
         int(config.copy_overlap),
         config.copy_chunks,
         config.gemm_passes,
+    )
+
+
+def call_arguments(
+    loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig, slot_expert: torch.Tensor, quota: torch.Tensor
+) -> tuple:
+    """Return the arguments of one ``ultraep_quota_plan`` call, in the C function's order.
+
+    loads: [num_ranks, num_experts] contiguous int64 CPU tensor. slot_expert: [num_ranks,
+    redundant_slots_per_rank] and quota: [num_slots], contiguous int64 CPU tensors the call fills.
+    The tuple contains raw pointers, so the caller keeps every tensor alive while it calls.
+    """
+    mean_steps, gap_steps, anchors, best_fit_steps = _settings(config)[:4]
+    ints = _integer_settings(layout, config)
+    return (
+        loads.data_ptr(),
+        *ints[:3],
+        mean_steps.data_ptr(),
+        ints[3],
+        gap_steps.data_ptr(),
+        ints[4],
+        anchors.data_ptr(),
+        ints[5],
+        best_fit_steps.data_ptr(),
+        *ints[6:],
         slot_expert.data_ptr(),
         quota.data_ptr(),
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _packed_arguments(layout: ExpertLayout, config: QuotaConfig) -> tuple:
+    """The tensors that ``ultraep_quota_plan_packed`` reads for one layout and config, and their pointers.
+
+    Returns (tensors, pointers): the tensors stay alive with the cache entry, and the pointers are the
+    packed integer settings and the four step arrays, in the call's order after ``loads``.
+    """
+    mean_steps, gap_steps, anchors, best_fit_steps = _settings(config)[:4]
+    ints = torch.tensor(_integer_settings(layout, config), dtype=torch.int64)
+    tensors = (ints, mean_steps, gap_steps, anchors, best_fit_steps)
+    return tensors, tuple(tensor.data_ptr() for tensor in tensors)
+
+
 def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
     """Plan one layer and microbatch with the compiled quota planner.
 
-    loads: [num_ranks, num_experts] integer tensor on the CPU, validated by the caller, entries >= 0.
+    loads: [num_ranks, num_experts] integer tensor on the CPU, of the layout's shape (the caller checks
+      shape and dtype). The values are checked here, in the pass that sums them: a negative entry, or
+      an entry or total above ``MAX_TOTAL_LOAD``, raises the ``ValueError`` of ``check_load_matrix``.
     Returns the plan of ``plan_reference(loads, layout, config)``, bit for bit, on the CPU.
     Raises ``RuntimeError`` when the library cannot be built or loaded.
     """
@@ -200,10 +232,14 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
         raise ValueError(f"the native quota planner takes CPU tensors, got loads on {loads.device}; use backend='auto'")
     loads = loads.to(torch.int64).contiguous()
     if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
+        check_load_matrix(loads, layout)
         return masters_only_plan(loads, layout)
     slot_expert = torch.empty((layout.num_ranks, layout.redundant_slots_per_rank), dtype=torch.int64)
     quota = torch.empty(layout.num_slots, dtype=torch.int64)
-    status = library.ultraep_quota_plan(*call_arguments(loads, layout, config, slot_expert, quota))
+    pointers = _packed_arguments(layout, config)[1]
+    status = library.ultraep_quota_plan_packed(loads.data_ptr(), *pointers, slot_expert.data_ptr(), quota.data_ptr())
+    if status == _ERR_VALUES:
+        check_load_matrix(loads, layout)  # raises the error that names the entry
     if status != 0:
         raise RuntimeError(f"the native quota planner failed with code {status} ({_ERRORS.get(status, 'unknown')}) for {layout}")
     return Plan(layout, slot_expert, quota)

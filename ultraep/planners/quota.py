@@ -256,11 +256,36 @@ class QuotaPlanner(Planner):
         if config is not None and settings:
             raise TypeError(f"pass either config or settings, not both (got settings {sorted(settings)})")
         self.kernel_config: KernelConfig = _as_config(backend)
+        self._implementations: dict[torch.device, str] = {}
+
+    def __call__(self, loads: torch.Tensor, layout: ExpertLayout, *, check_values: bool = True) -> Plan:
+        """Validate the load matrix and plan, as :meth:`Planner.__call__` does.
+
+        On CPU tensors the compiled C planner checks the values in its first pass over the loads, with
+        the same errors, so the host reads the matrix once.
+        """
+        check_load_matrix(loads, layout, check_values=False)
+        implementation = self._implementation(loads.device)
+        if check_values and implementation != "native":
+            check_load_matrix(loads, layout)
+        return self._plan_with(implementation, loads, layout)
 
     def plan(self, loads: torch.Tensor, layout: ExpertLayout) -> Plan:
-        from ultraep.kernels.dispatch import _plan_with, resolve_backend
+        return self._plan_with(self._implementation(loads.device), loads, layout)
 
-        return _plan_with(resolve_backend(self.kernel_config, loads.device, "plan"), loads, layout, self.config)
+    def _implementation(self, device: torch.device) -> str:
+        """The backend that plans on ``device``, resolved once per device."""
+        implementation = self._implementations.get(device)
+        if implementation is None:
+            from ultraep.kernels.dispatch import resolve_backend
+
+            implementation = self._implementations[device] = resolve_backend(self.kernel_config, device, "plan")
+        return implementation
+
+    def _plan_with(self, implementation: str, loads: torch.Tensor, layout: ExpertLayout) -> Plan:
+        from ultraep.kernels.dispatch import _plan_with
+
+        return _plan_with(implementation, loads, layout, self.config)
 
 
 def plan_reference(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
