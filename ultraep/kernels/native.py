@@ -138,14 +138,13 @@ def native_unavailable_reason() -> str | None:
 @functools.lru_cache(maxsize=16)
 def _settings(config: QuotaConfig) -> tuple:
     """Integer settings and constant arrays for one config, kept alive with it."""
-    to_fixed_point = quota_module._to_fixed_point
-    mean_steps = torch.tensor([to_fixed_point(f) for f in quota_module._MEAN_STEPS], dtype=torch.int64)
-    gap_steps = torch.tensor([to_fixed_point(f) for f in quota_module._GAP_STEPS], dtype=torch.int64)
+    mean_steps = torch.tensor(quota_module._MEAN_STEPS_Q, dtype=torch.int64)
+    gap_steps = torch.tensor(quota_module._GAP_STEPS_Q, dtype=torch.int64)
     anchors = torch.tensor(quota_module._ANCHORS, dtype=torch.int64)
-    best_fit_steps = torch.tensor([to_fixed_point(f) for f in quota_module._BEST_FIT_STEPS], dtype=torch.int64)
-    fraction_q = to_fixed_point(config.min_replica_fraction)
-    target_q = to_fixed_point(config.balance_target)
-    over_drain_q = to_fixed_point(quota_module._OVER_DRAIN)
+    best_fit_steps = torch.tensor(quota_module._BEST_FIT_STEPS_Q, dtype=torch.int64)
+    fraction_q = quota_module._to_fixed_point(config.min_replica_fraction)
+    target_q = quota_module._to_fixed_point(config.balance_target)
+    over_drain_q = quota_module._OVER_DRAIN_Q
     return mean_steps, gap_steps, anchors, best_fit_steps, quota_module._FRACTION_SCALE, fraction_q, target_q, over_drain_q
 
 

@@ -36,13 +36,13 @@ from ultraep.plan import Plan
 from ultraep.planners.base import masters_only_plan
 from ultraep.planners.quota import (
     _ANCHORS,
-    _BEST_FIT_STEPS,
+    _BEST_FIT_STEPS_Q,
     _FRACTION_SCALE,
     _COSTED_PEAK_LIMIT,
-    _GAP_STEPS,
-    _MEAN_STEPS,
+    _GAP_STEPS_Q,
+    _MEAN_STEPS_Q,
     _BY_MASTER_QUOTA,
-    _OVER_DRAIN,
+    _OVER_DRAIN_Q,
     _RECEIVER_ORDERS,
     QuotaConfig,
     _num_drains,
@@ -597,8 +597,7 @@ def _pow2(value: int, minimum: int = 1) -> int:
 
 
 def _ladder() -> tuple[int, ...]:
-    # Same rounding as the reference's constants, so the thresholds agree to the last unit.
-    return tuple(_to_fixed_point(f) for f in (*_MEAN_STEPS, *_GAP_STEPS))
+    return _MEAN_STEPS_Q + _GAP_STEPS_Q
 
 
 @dataclasses.dataclass(frozen=True)
@@ -619,7 +618,7 @@ def _launch_config(
     m_p2 = _pow2(layout.experts_per_rank)
     s_p2 = _pow2(layout.redundant_slots_per_rank)
     q_p2 = r_p2 * m_p2
-    all_thresholds = _pow2(max(len(steps), len(_BEST_FIT_STEPS)))
+    all_thresholds = _pow2(max(len(steps), len(_BEST_FIT_STEPS_Q)))
 
     if candidates_per_program is None:
         # Under the interpreter each program costs the same Python overhead, so fewer run faster.
@@ -632,7 +631,7 @@ def _launch_config(
     # NOTE: with one slot the second drain doubles the programs, and they also plan the gap steps (8 of
     # the 21 thresholds), which the choice ignores. The best-fit family adds one family of programs, and
     # every program plans the longer of the two ladders. The GPU time this costs has not been measured.
-    num_tiles = triton.cdiv(max(len(steps), len(_BEST_FIT_STEPS)), t_p2)
+    num_tiles = triton.cdiv(max(len(steps), len(_BEST_FIT_STEPS_Q)), t_p2)
     num_programs = (num_drains * _RECEIVER_ORDERS * len(_ANCHORS) + 1) * num_tiles
 
     constexprs = {
@@ -640,12 +639,12 @@ def _launch_config(
         "EXPERTS_PER_RANK": layout.experts_per_rank,
         "SLOTS": layout.redundant_slots_per_rank,
         "STEPS": steps,
-        "NUM_MEAN_STEPS": len(_MEAN_STEPS),
-        "BEST_FIT_STEPS": tuple(_to_fixed_point(f) for f in _BEST_FIT_STEPS),
+        "NUM_MEAN_STEPS": len(_MEAN_STEPS_Q),
+        "BEST_FIT_STEPS": _BEST_FIT_STEPS_Q,
         "ANCHORS": tuple(int(a) for a in _ANCHORS),
         "RECEIVER_ORDERS": _RECEIVER_ORDERS,
         "NUM_DRAINS": num_drains,
-        "OVER_DRAIN": _to_fixed_point(_OVER_DRAIN),
+        "OVER_DRAIN": _OVER_DRAIN_Q,
         "FRACTION_SCALE": _FRACTION_SCALE,
         "PREFER_LOCAL": bool(config.prefer_local),
         "T_P2": t_p2,

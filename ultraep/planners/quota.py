@@ -164,6 +164,14 @@ def _to_fixed_point(fraction: float) -> int:
     return int(round(fraction * _FRACTION_SCALE))
 
 
+# The ladders and the over-drain in those units: every backend reads these, so their thresholds agree
+# to the last unit.
+_MEAN_STEPS_Q = tuple(_to_fixed_point(f) for f in _MEAN_STEPS)
+_GAP_STEPS_Q = tuple(_to_fixed_point(f) for f in _GAP_STEPS)
+_BEST_FIT_STEPS_Q = tuple(_to_fixed_point(f) for f in _BEST_FIT_STEPS)
+_OVER_DRAIN_Q = _to_fixed_point(_OVER_DRAIN)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuotaConfig:
     """Settings of the quota planner."""
@@ -599,10 +607,10 @@ def _constants(layout: ExpertLayout, device: torch.device) -> _Constants:
     segment = torch.arange(layout.num_experts, device=device)
     cached = _Constants(
         anchors=torch.tensor(_ANCHORS, dtype=torch.int64, device=device),
-        mean_steps=torch.tensor([_to_fixed_point(f) for f in _MEAN_STEPS], dtype=torch.int64, device=device),
-        best_fit_steps=torch.tensor([_to_fixed_point(f) for f in _BEST_FIT_STEPS], dtype=torch.int64, device=device),
-        over_drain=_to_fixed_point(_OVER_DRAIN),
-        gap_steps=torch.tensor([_to_fixed_point(f) for f in _GAP_STEPS], dtype=torch.int64, device=device),
+        mean_steps=torch.tensor(_MEAN_STEPS_Q, dtype=torch.int64, device=device),
+        best_fit_steps=torch.tensor(_BEST_FIT_STEPS_Q, dtype=torch.int64, device=device),
+        over_drain=_OVER_DRAIN_Q,
+        gap_steps=torch.tensor(_GAP_STEPS_Q, dtype=torch.int64, device=device),
         rank_tiebreak=torch.arange(num_ranks - 1, -1, -1, device=device),
         line_index=torch.arange(num_ranks, device=device),
         position_tiebreak=torch.arange(layout.num_experts - 1, -1, -1, device=device),
