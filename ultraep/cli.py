@@ -18,6 +18,7 @@ from ultraep.layout import MAX_TOTAL_LOAD, ExpertLayout, as_load_matrix, check_l
 from ultraep.plan import PlanInvariantError, check_plan
 from ultraep.planners.quota import QuotaConfig
 from ultraep.planners.registry import PLANNER_NAMES, make_planner
+from ultraep.traces.formats import NUM_EXPERTS_HINT
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,11 @@ def _check_json_counts(data: list, path: str) -> None:
             )
 
 
+def flag_for_num_experts(message: str) -> str:
+    """Return a trace loader's error with the fix worded for the command line."""
+    return message.replace(NUM_EXPERTS_HINT, "pass --num-experts N, the logical experts per layer")
+
+
 def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:
     try:
         layout = ExpertLayout.from_num_experts(num_experts, ranks, slots)
@@ -149,14 +155,21 @@ def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:
         raise CommandError(message) from error
     # A rank hosts at most one instance of each expert of the other ranks, so more slots stay empty
     # and would only cost memory (the planners allocate per slot).
-    other_experts = num_experts - layout.experts_per_rank
-    most_slots = max(other_experts, 1)
+    most_slots = _most_slots(num_experts, layout.num_ranks)
     if slots > most_slots:
-        raise CommandError(
-            f"--slots {slots} is too many: a rank hosts at most one instance of each of the {other_experts} expert(s) "
-            f"on other ranks; use --slots {most_slots} or fewer"
+        other_experts = num_experts - layout.experts_per_rank
+        reason = (
+            f"a rank hosts at most one instance of each of the {other_experts} expert(s) on other ranks"
+            if other_experts
+            else "with one rank every expert is a master there and no replica can be placed"
         )
+        raise CommandError(f"--slots {slots} is too many: {reason}; use --slots {most_slots} or fewer")
     return layout
+
+
+def _most_slots(num_experts: int, ranks: int) -> int:
+    """The most redundant slots per rank the CLI accepts: one per expert of the other ranks (at least 1)."""
+    return max(num_experts - num_experts // ranks, 1)
 
 
 # ultraep plan
@@ -212,10 +225,12 @@ def run_plan(args: argparse.Namespace) -> int:
 def _demo_loads(args: argparse.Namespace):
     from ultraep.traces import load_bundled_trace, load_trace, microbatch_loads
 
+    if args.num_experts is not None and not args.trace:
+        raise CommandError("--num-experts applies to a --trace file that does not store it; pass --trace FILE too")
     try:
-        trace = load_trace(args.trace) if args.trace else load_bundled_trace()
+        trace = load_trace(args.trace, num_experts=args.num_experts) if args.trace else load_bundled_trace()
     except (OSError, ValueError, TypeError) as error:
-        raise CommandError(str(error)) from error
+        raise CommandError(flag_for_num_experts(str(error))) from error
     if not hasattr(trace, "topk_ids"):
         raise CommandError(
             f"--trace {args.trace!r} contains per-step loads; ultraep demo needs a token-level trace "
@@ -248,7 +263,7 @@ def _demo_loads(args: argparse.Namespace):
         except ValueError as error:
             raise CommandError(str(error)) from error
         loads = sliced.loads[: args.microbatches]
-        runs.append((ranks, tokens_per_rank, loads, sliced.description))
+        runs.append((ranks, tokens_per_rank, loads, sliced.loads.shape[0], sliced.description))
     return trace, runs
 
 
@@ -259,15 +274,20 @@ def run_demo(args: argparse.Namespace) -> int:
     slot_choices = [args.slots] if args.slots is not None else [1, 2]
     print(f"trace: {trace.model} ({trace.num_tokens} tokens, {trace.num_layers} MoE layers, "
           f"{trace.num_experts} experts, top-{trace.topk}); source: {trace.source}")
-    work = sum(loads.shape[0] * loads.shape[1] for _, _, loads, _ in runs) * (1 + 2 * len(slot_choices))
+
+    def slots_for(ranks: int) -> list[int]:
+        # A default slot count above what this EP size can use is left out; a given --slots is checked.
+        return [s for s in slot_choices if args.slots is not None or s <= _most_slots(trace.num_experts, ranks)]
+
+    work = sum(loads.shape[0] * loads.shape[1] * (1 + 2 * len(slots_for(ranks))) for ranks, _, loads, _, _ in runs)
     results = []
     torch.set_num_threads(1)
     with tqdm(total=work, desc="planning", unit="plan", disable=args.no_progress or None, file=sys.stderr) as bar:
-        for ranks, tokens_per_rank, loads, description in runs:
+        for ranks, tokens_per_rank, loads, _, description in runs:
             logger.info("EP%d: %s", ranks, description)
             base_layout = _layout_for(trace.num_experts, ranks, 0)
             results.append(evaluate_planner("none", lambda: make_planner("none"), loads, base_layout, progress=bar.update))
-            for slots in slot_choices:
+            for slots in slots_for(ranks):
                 layout = _layout_for(trace.num_experts, ranks, slots)
                 # The periodic baseline re-places every microbatch from the one before it; its
                 # first microbatch has no history and keeps the masters only.
@@ -282,12 +302,16 @@ def run_demo(args: argparse.Namespace) -> int:
                 )
                 results.append(evaluate_planner("quota", lambda: make_planner("quota"), loads, layout, progress=bar.update))
     print()
-    for ranks, tokens_per_rank, loads, description in runs:
-        print(f"EP{ranks}: {loads.shape[0]} microbatch(es) x {loads.shape[1]} layers, {tokens_per_rank} tokens per rank. {description}")
+    for ranks, tokens_per_rank, loads, num_sliced, description in runs:
+        print(
+            f"EP{ranks}: the first {loads.shape[0]} of {num_sliced} microbatch(es) x {loads.shape[1]} layers, "
+            f"{tokens_per_rank} tokens per rank. {description}"
+        )
     print()
     print(format_table(results))
     print()
     print("imbalance = max rank load / mean rank load (1.0 is perfect); plan ms = planner wall time on one CPU thread.")
+    print("eplb (previous microbatch) has no history in the first microbatch and keeps the masters only there.")
     return 0
 
 
@@ -349,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="balance a real routing trace (the bundled one by default)")
     demo.add_argument("--trace", help="token-level trace (.npz or .npy); default: the bundled DeepSeek-V2-Lite trace")
+    demo.add_argument("--num-experts", type=int, help="logical experts per layer of a --trace that does not store them (.npy, bare topk_ids .npz)")
     demo.add_argument("--ranks", type=int, help="EP size; default: 8, 16, 32 and 64 where they divide the experts")
     demo.add_argument("--slots", type=int, help="redundant slots per rank; default: 1 and 2")
     demo.add_argument("--tokens-per-rank", type=int, help="tokens per rank in one microbatch; default: up to 4096")

@@ -71,10 +71,13 @@ def evaluate_planner(
     make_planner: builds one planner per layer, so history-based planners keep one history per layer;
       each planner sees microbatches in order and observes each after planning it.
     check: run :func:`~ultraep.plan.check_plan` on every plan (slower, catches broken invariants).
-    Planner time is wall time of the planner call alone, on the current thread's torch settings.
+    Planner time is wall time of the planner call alone, on the current thread's torch settings, after one
+    untimed call (on a planner of its own) that loads libraries and fills caches.
     """
     num_microbatches, num_layers = loads.shape[:2]
     planners = [make_planner() for _ in range(num_layers)]
+    if num_microbatches and num_layers:
+        make_planner()(loads[0, 0], layout)
     before, after, replicas, times = [], [], [], []
     local, total = 0, 0
     for microbatch in range(num_microbatches):

@@ -172,6 +172,37 @@ def test_demo_rejects_microbatch_larger_than_trace(capsys):
     assert "resample=True" not in message
 
 
+def test_demo_reads_npy_trace_with_num_experts(tmp_path, capsys):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 16, (4096, 2)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--trace", str(path), "--ranks", "4", "--no-progress"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "does not store the number of logical experts; pass --num-experts N" in message
+    assert "load_trace" not in message
+    code, captured = _run(capsys, ["demo", "--trace", str(path), "--num-experts", "16", "--ranks", "4", "--microbatches", "1", "--no-progress"])
+    assert code == 0
+    assert "EP4: the first 1 of 2 microbatch(es) x 1 layers, 512 tokens per rank." in captured.out
+    rows = [line for line in captured.out.splitlines() if line.startswith("| 4 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["none"] + ["eplb (previous microbatch)", "quota"] * 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--num-experts", "16", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "--num-experts applies to a --trace file that does not store it" in capsys.readouterr().err
+
+
+def test_demo_on_one_rank_leaves_out_default_slots_it_cannot_use(capsys):
+    code, captured = _run(capsys, ["demo", "--ranks", "1", "--microbatches", "1", "--no-progress"])
+    assert code == 0
+    slots = [line.split("|")[2].strip() for line in captured.out.splitlines() if line.startswith("| 1 |")]
+    assert slots == ["0", "1", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--ranks", "1", "--slots", "2", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "with one rank every expert is a master there and no replica can be placed; use --slots 1" in capsys.readouterr().err
+
+
 def test_demo_runs_on_bundled_trace(capsys):
     code, captured = _run(capsys, ["demo", "--ranks", "8", "--slots", "1", "--microbatches", "1", "--no-progress"])
     assert code == 0

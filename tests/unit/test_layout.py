@@ -67,6 +67,10 @@ def test_check_load_matrix_errors():
     with pytest.raises(ValueError, match="exceeds"):
         check_load_matrix(torch.full((2, 4), 2**34), layout)
     check_load_matrix(torch.zeros(2, 4, dtype=torch.int32), layout)
+    meta = torch.zeros(2, 4, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match="loads is on the meta device, which holds no values"):
+        check_load_matrix(meta, layout)
+    check_load_matrix(meta, layout, check_values=False)  # shape and dtype only
 
 
 def test_fold_slot_counts_to_logical_loads():

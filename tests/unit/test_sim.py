@@ -8,11 +8,13 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ultraep.layout import ExpertLayout
 from ultraep.plan import Plan, check_plan
+from ultraep.planners.base import Planner, masters_only_plan
 from ultraep.planners.eplb import EplbPlanner
 from ultraep.planners.lp_reroute import LpRerouteConfig, LpReroutePlanner, _lp_quotas
 from ultraep.planners.quota import QuotaConfig
@@ -411,6 +413,36 @@ def test_simulate_command_writes_files(tmp_path, capsys):
     runs = read_json(tmp_path / "out.json")
     assert [row.policy for row in runs[0].rows] == ["none", "eplb s=1", "lp_reroute s=1", "quota s=1", "quota s=1 layer-buffers"]
     assert read_csv(tmp_path / "out.csv") == runs
+
+
+def test_simulate_names_the_num_experts_flag(tmp_path, capsys):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.zeros((64, 2), dtype=np.int64))
+    args = _args(tmp_path, synthetic=None, trace=[str(path)])
+    assert run_simulate(args) == 2
+    message = capsys.readouterr().err
+    assert "pass --num-experts N, the logical experts per layer" in message
+    assert "load_trace" not in message
+
+
+def test_planner_times_leave_out_the_first_call(monkeypatch):
+    # The first planner call of a policy loads libraries and fills caches; a run with one measured
+    # plan must not report it. Every planner built here records the order of its calls.
+    calls = []
+
+    class Recorder(Planner):
+        name = "recorder"
+
+        def plan(self, loads, layout):
+            calls.append(self)
+            return masters_only_plan(loads, layout)
+
+    monkeypatch.setattr(PolicySpec, "make_planner", lambda self: Recorder())
+    formed = microbatch_loads(load_bundled_trace(), 8, 256, num_microbatches=1)
+    workload = Workload(formed.loads[:, :1].contiguous(), 6, "bundled", "token", False, formed.description, 256.0, 0)
+    (plans,) = plan_policies(workload, [PolicySpec("quota s=1", "quota", 1)], progress=False)
+    assert plans.planner_wall_s.shape == (1, 1)
+    assert len(calls) == 2 and calls[0] is not calls[1]
 
 
 def test_planner_time_rejects_unknown_policy(tmp_path, capsys):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ultraep.cli import parse_quota_settings
+from ultraep.cli import flag_for_num_experts, parse_quota_settings
 from ultraep.planners.quota import QuotaConfig
 from ultraep.sim.cost import MODES, SYNC_SCHEMES, CostSettings
 from ultraep.sim.hardware import HARDWARE, Efficiency, get_hardware
@@ -406,7 +406,10 @@ def build_synthetic(args: argparse.Namespace, model) -> Workload:
 def _read_trace(path: str, num_experts: int | None) -> tuple[TokenTrace | LoadTrace, str]:
     if path == "bundled":
         return load_bundled_trace(), "bundled ESFT trace (DeepSeek-V2-Lite routing)"
-    return load_trace(path, num_experts=num_experts), Path(path).name
+    try:
+        return load_trace(path, num_experts=num_experts), Path(path).name
+    except ValueError as error:
+        raise ValueError(flag_for_num_experts(str(error))) from error
 
 
 def _parse_slots(text: str, option: str) -> tuple[int, ...]:

@@ -398,7 +398,8 @@ class PolicyPlans:
     (:func:`~ultraep.runtime.slot_cache.cached_slot_order`), and a slot is synced when it did not hold
     its replica's expert already."""
     planner_wall_s: torch.Tensor
-    """[num_microbatches, num_layers] float64, CPU. Wall time of each planner call on this host."""
+    """[num_microbatches, num_layers] float64, CPU. Wall time of each planner call on this host, after one
+    untimed call that loads libraries and fills caches."""
 
 
 def plan_policies(
@@ -418,6 +419,9 @@ def plan_policies(
         for spec in policies:
             layout = ExpertLayout.from_num_experts(num_experts, num_ranks, spec.redundant_slots_per_rank)
             planners = [spec.make_planner() for _ in range(num_layers)]
+            # One untimed call first: the first call of a process loads or compiles libraries and fills
+            # caches, which a run with few measured plans would otherwise count as planner time.
+            spec.make_planner()(workload.loads[0, 0], layout)
             quota = torch.empty(num_microbatches, num_layers, layout.num_slots, dtype=torch.int64)
             replicas = torch.empty(num_microbatches, num_layers, num_ranks, spec.redundant_slots_per_rank, dtype=torch.int64)
             wall = torch.empty(num_microbatches, num_layers, dtype=torch.float64)

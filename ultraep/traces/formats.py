@@ -46,6 +46,9 @@ LOAD_KINDS = ("step_loads", "aggregate")
 
 UNKNOWN_LICENCE = "unknown"
 
+NUM_EXPERTS_HINT = "pass num_experts=<experts per layer> to load_trace"
+"""The fix that load_trace's errors name for a file without num_experts; the CLIs name their flag instead."""
+
 # Licences of the public repositories that published the real traces this project evaluates on,
 # keyed by the repository prefix of a trace's ``source`` field. A ``licence`` field in the file wins.
 _SOURCE_LICENCES = {
@@ -278,8 +281,7 @@ def _load_npy(path: Path, num_experts: int | None) -> TokenTrace:
     array = np.load(path, allow_pickle=False)
     if num_experts is None:
         raise ValueError(
-            "a .npy array of topk ids does not store the number of logical experts; "
-            "pass num_experts=<experts per layer> to load_trace"
+            f"a .npy array of topk ids does not store the number of logical experts; {NUM_EXPERTS_HINT}"
         )
     topk_ids = _topk_ids_from_array(array, "the .npy array")
     logger.debug("loaded %s: topk_ids %s", path, list(topk_ids.shape))
@@ -306,7 +308,7 @@ def _load_npz(path: Path, num_experts: int | None) -> TokenTrace | LoadTrace:
     # Step 2: the metadata shared by all kinds.
     stored_num_experts = _scalar_int(fields, "num_experts") if "num_experts" in fields else None
     if stored_num_experts is None and num_experts is None:
-        raise ValueError("archive does not store num_experts; pass num_experts=<experts per layer> to load_trace")
+        raise ValueError(f"archive does not store num_experts; {NUM_EXPERTS_HINT}")
     if stored_num_experts is not None and num_experts is not None and stored_num_experts != num_experts:
         raise ValueError(
             f"num_experts={num_experts} was passed but the file stores num_experts={stored_num_experts}; "
