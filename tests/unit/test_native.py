@@ -180,8 +180,11 @@ def test_native_checks_the_total():
     at_limit = torch.zeros(4, 8, dtype=torch.int64)
     at_limit[0, 0] = MAX_TOTAL_LOAD // 2
     at_limit[3, 7] = MAX_TOTAL_LOAD - MAX_TOTAL_LOAD // 2
-    for call in _calls_that_plan_natively(at_limit, layout).values():
-        assert int(call().quota.sum()) == MAX_TOTAL_LOAD
+    one_entry = torch.zeros(4, 8, dtype=torch.int64)
+    one_entry[1, 2] = MAX_TOTAL_LOAD  # the largest entry allowed, which takes the C code's exact check
+    for loads in (at_limit, one_entry):
+        for call in _calls_that_plan_natively(loads, layout).values():
+            assert int(call().quota.sum()) == MAX_TOTAL_LOAD
     over = at_limit.clone()
     over[2, 5] = 1
     for call in _calls_that_plan_natively(over, layout).values():

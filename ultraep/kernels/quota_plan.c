@@ -31,7 +31,8 @@
 #define ERR_MEMORY 2
 #define ERR_VALUES 3
 /* The largest entry and total load the integer arithmetic supports (MAX_TOTAL_LOAD in layout.py). */
-#define MAX_TOTAL_LOAD ((int64_t)1 << 35)
+#define MAX_LOAD_BITS 35
+#define MAX_TOTAL_LOAD ((int64_t)1 << MAX_LOAD_BITS)
 /* Receiver orders per anchor (_RECEIVER_ORDERS in quota.py). */
 #define RECEIVER_ORDERS 2
 /* The anchor value that gives the j-th receiver the piece whose master has the j-th largest
@@ -413,17 +414,22 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     }
 
     /* Step 1: expert and rank loads, thresholds, minimum replica quota. */
-    /* The value checks ride on the sums: as unsigned numbers, negative entries lie above the limit too.
-     * With every entry at most 2**35, no sum below wraps while the matrix has under 2**28 entries. */
+    /* The value checks ride on the sums. The OR of all entries has a bit at or above MAX_LOAD_BITS only
+     * if some entry is negative or at least MAX_TOTAL_LOAD; an OR vectorises where a 64-bit compare does
+     * not (SSE2), so the exact check runs only then. With every entry at most MAX_TOTAL_LOAD, no sum
+     * below wraps while the matrix has under 2**28 entries. */
     memset(expert_load, 0, (size_t)E * sizeof(int64_t));
-    uint64_t out_of_range = 0;
+    uint64_t seen = 0;
     for (int64_t r = 0; r < R; ++r) {
         const int64_t *row = loads + r * E;
         for (int64_t e = 0; e < E; ++e) {
             expert_load[e] += row[e];
-            out_of_range |= (uint64_t)row[e] > (uint64_t)MAX_TOTAL_LOAD;
+            seen |= (uint64_t)row[e];
         }
     }
+    int out_of_range = 0;
+    if (seen >> MAX_LOAD_BITS)
+        for (int64_t i = 0; i < R * E; ++i) out_of_range |= (uint64_t)loads[i] > (uint64_t)MAX_TOTAL_LOAD;
     int64_t total = 0, top = INT64_MIN;
     for (int64_t r = 0; r < R && !out_of_range; ++r) {
         int64_t sum = 0;
