@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=300, help="microbatches drawn per shape")
     parser.add_argument("--hardest", type=int, default=5, help="seeds per shape and slot count solved with the MILP")
     parser.add_argument("--tokens-per-rank", type=int, default=1024)
-    parser.add_argument("--milp-time-limit", type=float, default=20.0, help="seconds for the MILP's max-load phase")
+    parser.add_argument("--milp-time-limit", type=float, default=180.0, help="seconds for the MILP's max-load phase")
     args = parser.parse_args()
     torch.set_num_threads(1)
     planner = make_planner("quota", balance_target=1.0)
