@@ -8,7 +8,9 @@ that ``ultraep.kernels.native`` passes today.
     git show REV:ultraep/kernels/quota_plan.c > /tmp/quota_plan_before.c  # REV: a commit to compare with
     .venv/bin/python benchmarks/planner_ab.py --before /tmp/quota_plan_before.c
 
-Prints a markdown table of median milliseconds per call and the ratio.
+Prints a markdown table of median milliseconds per call and the ratio. A third column times the same
+load matrix through ``QuotaPlanner`` (input checks, backend choice, the call and the returned plan, on
+the package's own build of today's source), so the last column is the Python work around the C call.
 """
 
 from __future__ import annotations
@@ -88,23 +90,29 @@ def main() -> None:
             "before": compile_library(args.before, pathlib.Path(folder), "before"),
             "now": compile_library(native._SOURCE, pathlib.Path(folder), "now"),
         }
-        logger.info("| workload | before ms (median) | now ms (median) | before / now |")
-        logger.info("| --- | ---: | ---: | ---: |")
+        logger.info("| workload | before ms (median) | now ms (median) | before / now | QuotaPlanner call ms (median) | call - now (us) |")
+        logger.info("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, loads, layout, config in workloads():
             calls = {key: bind(function, loads, layout, config) for key, function in builds.items()}
+            planner = quota.QuotaPlanner(config, backend="native")
+            calls["planner"] = lambda planner=planner, loads=loads, layout=layout: planner(loads, layout)
             before = [tensor.clone() for tensor in calls["before"]()]
             now = calls["now"]()
             if not all(torch.equal(a, b) for a, b in zip(before, now)):
                 raise SystemExit(f"the two builds return different plans on {name}")
-            times: dict[str, list[float]] = {"before": [], "now": []}
+            times: dict[str, list[float]] = {key: [] for key in calls}
+            orders = (("before", "now", "planner"), ("planner", "now", "before"))
             for index in range(args.calls + 10):
-                for key in ("before", "now") if index % 2 else ("now", "before"):
+                for key in orders[index % 2]:
                     start = time.perf_counter()
                     calls[key]()
                     if index >= 10:
                         times[key].append(time.perf_counter() - start)
-            before_ms, now_ms = (statistics.median(times[key]) * 1e3 for key in ("before", "now"))
-            logger.info(f"| {name} | {before_ms:.3f} | {now_ms:.3f} | {before_ms / now_ms:.2f}x |")
+            before_ms, now_ms, planner_ms = (statistics.median(times[key]) * 1e3 for key in ("before", "now", "planner"))
+            logger.info(
+                f"| {name} | {before_ms:.3f} | {now_ms:.3f} | {before_ms / now_ms:.2f}x | {planner_ms:.3f} | "
+                f"{(planner_ms - now_ms) * 1e3:.1f} |"
+            )
     sys.stdout.flush()
 
 
