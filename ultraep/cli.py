@@ -155,20 +155,20 @@ def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:
         raise CommandError(message) from error
     # A rank hosts at most one instance of each expert of the other ranks, so more slots stay empty
     # and would only cost memory (the planners allocate per slot).
-    most_slots = _most_slots(num_experts, layout.num_ranks)
-    if slots > most_slots:
+    max_slots = _max_slots(num_experts, layout.num_ranks)
+    if slots > max_slots:
         other_experts = num_experts - layout.experts_per_rank
         reason = (
             f"a rank hosts at most one instance of each of the {other_experts} expert(s) on other ranks"
             if other_experts
             else "with one rank every expert is a master there and no replica can be placed"
         )
-        raise CommandError(f"--slots {slots} is too many: {reason}; use --slots {most_slots} or fewer")
+        raise CommandError(f"--slots {slots} is too many: {reason}; use --slots {max_slots} or fewer")
     return layout
 
 
-def _most_slots(num_experts: int, ranks: int) -> int:
-    """The most redundant slots per rank the CLI accepts: one per expert of the other ranks (at least 1)."""
+def _max_slots(num_experts: int, ranks: int) -> int:
+    """Return the maximum redundant slots per rank that the CLI accepts: one per expert of the other ranks, at least 1."""
     return max(num_experts - num_experts // ranks, 1)
 
 
@@ -277,7 +277,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     def slots_for(ranks: int) -> list[int]:
         # A default slot count above what this EP size can use is left out; a given --slots is checked.
-        return [s for s in slot_choices if args.slots is not None or s <= _most_slots(trace.num_experts, ranks)]
+        return [s for s in slot_choices if args.slots is not None or s <= _max_slots(trace.num_experts, ranks)]
 
     work = sum(loads.shape[0] * loads.shape[1] * (1 + 2 * len(slots_for(ranks))) for ranks, _, loads, _, _ in runs)
     results = []

@@ -165,7 +165,7 @@ def check_load_matrix(loads: torch.Tensor, layout: ExpertLayout, *, name: str = 
     if not check_values or loads.numel() == 0:
         return
     if loads.device.type == "meta":
-        raise ValueError(f"{name} is on the meta device, which holds no values; plan a tensor with real counts")
+        raise ValueError(f"{name} is on the meta device, which has no values; pass a tensor with real counts")
     minimum = int(loads.min())
     if minimum < 0:
         src_rank, expert = divmod(int(torch.argmin(loads.reshape(-1))), layout.num_experts)

@@ -192,7 +192,7 @@ def test_demo_reads_npy_trace_with_num_experts(tmp_path, capsys):
     assert "--num-experts applies to a --trace file that does not store it" in capsys.readouterr().err
 
 
-def test_demo_on_one_rank_leaves_out_default_slots_it_cannot_use(capsys):
+def test_demo_one_rank_default_slots(capsys):
     code, captured = _run(capsys, ["demo", "--ranks", "1", "--microbatches", "1", "--no-progress"])
     assert code == 0
     slots = [line.split("|")[2].strip() for line in captured.out.splitlines() if line.startswith("| 1 |")]

@@ -68,7 +68,7 @@ def test_check_load_matrix_errors():
         check_load_matrix(torch.full((2, 4), 2**34), layout)
     check_load_matrix(torch.zeros(2, 4, dtype=torch.int32), layout)
     meta = torch.zeros(2, 4, dtype=torch.int64, device="meta")
-    with pytest.raises(ValueError, match="loads is on the meta device, which holds no values"):
+    with pytest.raises(ValueError, match="loads is on the meta device, which has no values"):
         check_load_matrix(meta, layout)
     check_load_matrix(meta, layout, check_values=False)  # shape and dtype only
 

@@ -162,8 +162,8 @@ def _calls_that_plan_natively(loads, layout):
     ],
 )
 def test_native_checks_values_in_its_first_pass(entry, pattern):
-    # The C planner checks the values while it sums them, so the host skips its own pass; the error
-    # is the one check_load_matrix raises, whatever check_values says.
+    # The C planner checks the values while it sums them, so the host skips its own pass. The error is
+    # the one check_load_matrix raises, with check_values on or off.
     layout = ExpertLayout(4, 2, 1)
     loads = torch.ones(4, 8, dtype=torch.int64)
     loads[entry[0], entry[1]] = entry[2]

@@ -425,7 +425,7 @@ def test_simulate_names_the_num_experts_flag(tmp_path, capsys):
     assert "load_trace" not in message
 
 
-def test_planner_times_leave_out_the_first_call(monkeypatch):
+def test_planner_times_skip_first_call(monkeypatch):
     # The first planner call of a policy loads libraries and fills caches; a run with one measured
     # plan must not report it. Every planner built here records the order of its calls.
     calls = []
@@ -442,7 +442,8 @@ def test_planner_times_leave_out_the_first_call(monkeypatch):
     workload = Workload(formed.loads[:, :1].contiguous(), 6, "bundled", "token", False, formed.description, 256.0, 0)
     (plans,) = plan_policies(workload, [PolicySpec("quota s=1", "quota", 1)], progress=False)
     assert plans.planner_wall_s.shape == (1, 1)
-    assert len(calls) == 2 and calls[0] is not calls[1]
+    assert len(calls) == 2
+    assert calls[0] is not calls[1]
 
 
 def test_planner_time_rejects_unknown_policy(tmp_path, capsys):

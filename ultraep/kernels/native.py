@@ -149,7 +149,7 @@ def _settings(config: QuotaConfig) -> tuple:
 
 
 def _integer_settings(layout: ExpertLayout, config: QuotaConfig) -> tuple[int, ...]:
-    """The integer arguments of ``ultraep_quota_plan`` in their order, as ``ultraep_quota_plan_packed`` takes them."""
+    """Return the integer arguments of ``ultraep_quota_plan`` in their order, as ``ultraep_quota_plan_packed`` takes them."""
     slots = layout.redundant_slots_per_rank
     mean_steps, gap_steps, anchors, best_fit_steps, scale, fraction_q, target_q, over_drain_q = _settings(config)
     return (

@@ -164,7 +164,7 @@ def _to_fixed_point(fraction: float) -> int:
     return int(round(fraction * _FRACTION_SCALE))
 
 
-# The ladders and the over-drain in those units: every backend reads these, so their thresholds agree
+# The ladders and the over-drain in those units. Every backend reads these, so their thresholds agree
 # to the last unit.
 _MEAN_STEPS_Q = tuple(_to_fixed_point(f) for f in _MEAN_STEPS)
 _GAP_STEPS_Q = tuple(_to_fixed_point(f) for f in _GAP_STEPS)
@@ -282,7 +282,7 @@ class QuotaPlanner(Planner):
         return self._plan_with(self._implementation(loads.device), loads, layout)
 
     def _implementation(self, device: torch.device) -> str:
-        """The backend that plans on ``device``, resolved once per device."""
+        """Return the backend that plans on ``device``; each planner resolves it once per device."""
         implementation = self._implementations.get(device)
         if implementation is None:
             from ultraep.kernels.dispatch import resolve_backend

@@ -47,7 +47,7 @@ LOAD_KINDS = ("step_loads", "aggregate")
 UNKNOWN_LICENCE = "unknown"
 
 NUM_EXPERTS_HINT = "pass num_experts=<experts per layer> to load_trace"
-"""The fix that load_trace's errors name for a file without num_experts; the CLIs name their flag instead."""
+"""Fix that load_trace's errors name for a file without num_experts. The CLIs replace it with their flag."""
 
 # Licences of the public repositories that published the real traces this project evaluates on,
 # keyed by the repository prefix of a trace's ``source`` field. A ``licence`` field in the file wins.
