@@ -204,10 +204,10 @@ def call_arguments(
 
 @functools.lru_cache(maxsize=64)
 def _packed_arguments(layout: ExpertLayout, config: QuotaConfig) -> tuple:
-    """The tensors that ``ultraep_quota_plan_packed`` reads for one layout and config, and their pointers.
+    """Build the tensors that ``ultraep_quota_plan_packed`` reads for one layout and config.
 
-    Returns (tensors, pointers): the tensors stay alive with the cache entry, and the pointers are the
-    packed integer settings and the four step arrays, in the call's order after ``loads``.
+    Returns (tensors, pointers). The tensors stay alive with the cache entry. The pointers are those of
+    the packed integer settings and the four step arrays, in the call's order after ``loads``.
     """
     mean_steps, gap_steps, anchors, best_fit_steps = _settings(config)[:4]
     ints = torch.tensor(_integer_settings(layout, config), dtype=torch.int64)
