@@ -272,28 +272,24 @@ class QuotaPlanner(Planner):
         On CPU tensors the compiled C planner checks the values in its first pass over the loads, with
         the same errors, so the host reads the matrix once.
         """
+        from ultraep.kernels.dispatch import _plan_checked
+
         check_load_matrix(loads, layout, check_values=False)
-        implementation = self._implementation(loads.device)
-        if check_values and implementation != "native":
-            check_load_matrix(loads, layout)
-        return self._plan_with(implementation, loads, layout)
+        return _plan_checked(self._implementation(loads.device), loads, layout, self.config, check_values)
 
     def plan(self, loads: torch.Tensor, layout: ExpertLayout) -> Plan:
-        return self._plan_with(self._implementation(loads.device), loads, layout)
+        from ultraep.kernels.dispatch import _plan_with
+
+        return _plan_with(self._implementation(loads.device), loads, layout, self.config)
 
     def _implementation(self, device: torch.device) -> str:
-        """Return the backend that plans on ``device``; each planner resolves it once per device."""
+        """Return the backend that plans on ``device``, resolved once per device and planner."""
         implementation = self._implementations.get(device)
         if implementation is None:
             from ultraep.kernels.dispatch import resolve_backend
 
             implementation = self._implementations[device] = resolve_backend(self.kernel_config, device, "plan")
         return implementation
-
-    def _plan_with(self, implementation: str, loads: torch.Tensor, layout: ExpertLayout) -> Plan:
-        from ultraep.kernels.dispatch import _plan_with
-
-        return _plan_with(implementation, loads, layout, self.config)
 
 
 def plan_reference(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
