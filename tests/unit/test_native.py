@@ -143,7 +143,7 @@ def test_planner_and_dispatch_use_native_on_cpu():
 
 
 def _calls_that_plan_natively(loads, layout):
-    """Every public way to plan CPU loads with the compiled planner, value checks on or off."""
+    """Return every public way to plan CPU loads with the compiled planner, value checks on or off."""
     return {
         "plan_quota_native": lambda: plan_quota_native(loads, layout, QuotaConfig()),
         "planner": lambda: QuotaPlanner()(loads, layout),
@@ -161,7 +161,7 @@ def _calls_that_plan_natively(loads, layout):
         pytest.param((0, 1, -(2**62)), r"loads\[0, 1\] = -4611686018427387904 is negative", id="hugely_negative"),
     ],
 )
-def test_native_checks_values_in_its_first_pass(entry, pattern):
+def test_native_rejects_bad_values(entry, pattern):
     # The C planner checks the values while it sums them, so the host skips its own pass. The error is
     # the one check_load_matrix raises, with check_values on or off.
     layout = ExpertLayout(4, 2, 1)
@@ -175,7 +175,7 @@ def test_native_checks_values_in_its_first_pass(entry, pattern):
         plan_quota_native(loads, ExpertLayout(4, 2, 0), QuotaConfig())
 
 
-def test_native_checks_the_total():
+def test_native_checks_total_load():
     layout = ExpertLayout(4, 2, 1)
     at_limit = torch.zeros(4, 8, dtype=torch.int64)
     at_limit[0, 0] = MAX_TOTAL_LOAD // 2
@@ -192,9 +192,9 @@ def test_native_checks_the_total():
             call()
 
 
-def test_packed_and_full_argument_calls_agree():
-    # plan_quota_native calls the C planner with its settings packed into one array; the benchmark's
-    # A/B timing calls it with all 26 arguments. Both must run the same planner.
+def test_packed_call_matches_full_call():
+    # plan_quota_native calls the C planner with its settings packed into one array. The benchmark's
+    # A/B timing calls it with all 26 arguments, and both must run the same planner.
     from ultraep.kernels import native
 
     library = native._library()

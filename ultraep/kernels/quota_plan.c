@@ -414,7 +414,7 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     }
 
     /* Step 1: expert and rank loads, thresholds, minimum replica quota. */
-    /* The value checks ride on the sums. The OR of all entries has a bit at or above MAX_LOAD_BITS only
+    /* The value checks run in the summing loop. The OR of all entries has a bit at or above MAX_LOAD_BITS only
      * if some entry is negative or at least MAX_TOTAL_LOAD. An OR vectorises on baseline x86-64 (SSE2),
      * where a 64-bit compare does not, so the exact check runs only when that bit is set. With every
      * entry at most MAX_TOTAL_LOAD, no sum below wraps while the matrix has under 2**28 entries. */
