@@ -74,6 +74,14 @@ def workloads():
         loads = zipf_loads(64, 64, 4096, 8, 1.0, num_microbatches=1, num_layers=1, seed=3)[0, 0]
         layout = ExpertLayout.from_num_experts(64, 64, slots)
         yield f"Zipf(1.0) EP64 x 64 x {slots}, copy cost 40, training", loads.contiguous(), layout, training
+    # Small prefill microbatches, where one copy costs about half a rank's load: 512 tokens per rank with
+    # top-8 routing, and the copy cost that the simulator gives GLM-4.5-Air, Qwen3-235B and DeepSeek-V3
+    # in prefill on GB200 NVL72.
+    prefill = quota.QuotaConfig(copy_cost=1823, copy_overlap=True, copy_chunks=8)
+    for slots in (1, 2):
+        loads = zipf_loads(64, 64, 512, 8, 1.0, num_microbatches=1, num_layers=1, seed=4)[0, 0]
+        layout = ExpertLayout.from_num_experts(64, 64, slots)
+        yield f"Zipf(1.0) EP64 x 64 x {slots}, 512 tokens, copy cost 1823, prefill", loads.contiguous(), layout, prefill
 
 
 def main() -> None:

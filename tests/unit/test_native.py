@@ -81,6 +81,27 @@ def test_native_matches_reference_on_adversarial_loads(shape):
             _assert_same(loads.contiguous().to(torch.int64), layout, config)
 
 
+COPY_BOUND_CONFIGS = [
+    dict(copy_overlap=True, copy_chunks=8),
+    dict(copy_overlap=True, copy_chunks=4, gemm_passes=3),
+    dict(),
+    dict(gemm_passes=3),
+]
+
+
+@pytest.mark.parametrize("settings", COPY_BOUND_CONFIGS, ids=range(len(COPY_BOUND_CONFIGS)))
+@pytest.mark.parametrize("shape", [(16, 4, 1), (64, 1, 1), (32, 2, 2), (60, 1, 1)], ids=str)
+def test_native_matches_reference_when_copies_dominate(shape, settings):
+    """Small skewed microbatches with copies as costly as a good part of a rank's load. Most candidates
+    then cost more than the best plan after their first rounds, and the compiled planner stops them early."""
+    layout = ExpertLayout(*shape)
+    for seed in range(2):
+        loads = _skewed(layout.num_ranks, layout.num_experts, seed=seed + 10, power=3.0, scale=4.0)
+        mean = max(1, int(loads.sum()) // layout.num_ranks)
+        for share in (0.05, 0.3, 1.5):
+            _assert_same(loads, layout, QuotaConfig(copy_cost=max(1, int(share * mean)), **settings))
+
+
 @st.composite
 def layouts_and_loads(draw):
     layout = ExpertLayout(draw(st.integers(2, 20)), draw(st.integers(1, 6)), draw(st.integers(1, 4)))

@@ -15,6 +15,8 @@
  * - The donor and receiver lines of a candidate's first round depend only on its threshold and
  *   receiver order, so the candidates of other anchors and drains with that threshold and order
  *   reuse the lines the first one sorted.
+ * - With a copy cost, a candidate stops once a lower bound of its final costed peak shows that it can
+ *   be neither the best plan nor a good one (see "Stopping early" below).
  *
  * Products that the reference computes in int64 are computed here in uint64 and cast back, so the
  * rare overflow wraps the same way instead of being undefined behaviour.
@@ -232,6 +234,17 @@ static int64_t relay_sender_copies(int64_t n) {
     return f;
 }
 
+/* The time of a rank that holds replicas, with the copies in the background (copy_overlap), in
+ * assignments: "Copy cost" in quota.py. Nondecreasing in each of load, replica_load and sync. */
+static int64_t replica_rank_time(int64_t load, int64_t replica_load, int64_t sync, int64_t copy_chunks,
+                                 int64_t gemm_passes) {
+    /* The forward in units of one assignment's forward GEMM, then the backward added. */
+    const int64_t forward_sync = sync * gemm_passes;
+    int64_t forward = max64(load, floor_div(forward_sync, copy_chunks) + replica_load);
+    forward = max64(forward, forward_sync + floor_div(replica_load * (copy_chunks + 2), 3 * copy_chunks));
+    return floor_div(load * (gemm_passes - 1) + forward, gemm_passes);
+}
+
 /* Returns the slowest rank of one candidate with the weight sync counted, in assignments ("Copy cost"
  * in quota.py). slot_pos contains drain positions, so fan[] is indexed by drain position. Rank r's
  * masters are positions r * P .. r * P + P - 1 in either order. fan: [R * P] scratch. */
@@ -256,18 +269,89 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
             int64_t in = 0, masters = 0;
             for (int64_t s = 0; s < S; ++s) in += slot_pos[r * S + s] >= 0;
             for (int64_t p = 0; p < P; ++p) masters += master_quota[r * P + p];
-            if (in > 0) {
-                /* The forward in units of one assignment's forward GEMM, then the backward added. */
-                const int64_t replica_load = rank_load[r] - masters, forward_sync = sync * gemm_passes;
-                int64_t forward = max64(t, floor_div(forward_sync, copy_chunks) + replica_load);
-                forward = max64(forward, forward_sync + floor_div(replica_load * (copy_chunks + 2), 3 * copy_chunks));
-                t = floor_div(rank_load[r] * (gemm_passes - 1) + forward, gemm_passes);
-            }
+            if (in > 0) t = replica_rank_time(rank_load[r], rank_load[r] - masters, sync, copy_chunks, gemm_passes);
         }
         peak = max64(peak, t);
     }
     if (!copy_overlap) peak += sync;
     return min64(peak, COSTED_PEAK_LIMIT);
+}
+
+/* Kept out of line, so that the registers of the matching rounds stay as they are without a copy cost. */
+#if defined(__GNUC__)
+#define NOINLINE __attribute__((noinline))
+#else
+#define NOINLINE
+#endif
+
+/* One candidate's plan so far, as the early stop sees it ("Stopping early" in ultraep_quota_plan). */
+struct stop_bound {
+    int64_t *copies_of;    /* [E] replicas per master, by drain position */
+    int64_t *relay_level;  /* [E] relay_sender_copies(copies_of), kept without its loop */
+    int64_t *copies_sent;  /* [R] copies each rank sends through relay trees */
+    int64_t *replica_load; /* [R] quota of each rank's replicas */
+    int64_t busiest;       /* most copies one rank receives or sends */
+    /* The three parts of replica_rank_time's numerator without the sync, maximised over the ranks
+     * with replicas, and the highest load among those ranks. */
+    int64_t most_gemm, most_first_chunk, most_last_chunk, plain;
+};
+
+static void stop_bound_reset(struct stop_bound *b, int64_t R, int64_t E) {
+    memset(b->copies_of, 0, (size_t)E * sizeof(int64_t));
+    memset(b->relay_level, 0, (size_t)E * sizeof(int64_t));
+    memset(b->copies_sent, 0, (size_t)R * sizeof(int64_t));
+    memset(b->replica_load, 0, (size_t)R * sizeof(int64_t));
+    b->busiest = b->most_gemm = b->most_first_chunk = b->most_last_chunk = b->plain = 0;
+}
+
+/* Adds one round's moves (receivers 0..num_active, the ranks in touched[], the slots after the round)
+ * and returns a lower bound of the candidate's final costed peak if it exceeds beat, else -1.
+ *
+ * The bound is replica_rank_time maximised over the ranks with replicas. With n = copy_chunks and
+ * k = gemm_passes its numerator is the largest of load * k, load * (k - 1) + sync * k / n + replica
+ * load and load * (k - 1) + sync * k + replica load * (n + 2) / (3 n), with the divisions rounded
+ * down. Adding an integer commutes with rounding down, so the three parts' maxima without the sync
+ * grow only on the touched ranks, and the test bound > beat needs no division: floor(x / d) >= y
+ * exactly when x >= y * d. */
+static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_active, const int64_t *recv_rank,
+                                          const int64_t *amount, const int64_t *position, const int64_t *donor_rank,
+                                          const int64_t *touched, int64_t num_touched, const int64_t *rank_load,
+                                          const int64_t *slots_used, const int64_t *slot_pos, const int64_t *slot_quota,
+                                          int64_t S, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
+                                          int64_t gemm_passes, int64_t beat) {
+    for (int64_t i = 0; i < num_active; ++i) {
+        const int64_t recv = recv_rank[i], a = amount[i];
+        if (a == 0) continue;
+        b->replica_load[recv] += a;
+        /* A slot whose quota is this round's amount is new, since quotas start at a positive amount. */
+        int64_t s = 0;
+        while (slot_pos[recv * S + s] != position[i]) ++s;
+        if (slot_quota[recv * S + s] != a) continue;
+        const int64_t n = ++b->copies_of[position[i]], level = b->relay_level[position[i]];
+        if (level * (level + 1) < n) {
+            b->relay_level[position[i]] = level + 1;
+            b->copies_sent[donor_rank[i]] += 1;
+        }
+        b->busiest = max64(b->busiest, max64(slots_used[recv], b->copies_sent[donor_rank[i]]));
+    }
+    for (int64_t t = 0; t < num_touched; ++t) {
+        const int64_t r = touched[t];
+        if (slots_used[r] == 0) continue;
+        const int64_t load = rank_load[r], backward = load * (gemm_passes - 1);
+        b->plain = max64(b->plain, load);
+        b->most_gemm = max64(b->most_gemm, load * gemm_passes);
+        b->most_first_chunk = max64(b->most_first_chunk, backward + b->replica_load[r]);
+        b->most_last_chunk = max64(b->most_last_chunk, backward * 3 * copy_chunks + b->replica_load[r] * (copy_chunks + 2));
+    }
+    const int64_t sync = b->busiest * copy_cost, forward_sync = sync * gemm_passes;
+    if (!copy_overlap) return b->plain + sync > beat ? min64(b->plain + sync, COSTED_PEAK_LIMIT) : -1;
+    const int64_t need = (beat + 1) * gemm_passes; /* bound > beat: numerator >= need */
+    if (b->most_gemm < need && forward_sync < (need - b->most_first_chunk) * copy_chunks &&
+        b->most_last_chunk < (need - forward_sync) * 3 * copy_chunks)
+        return -1;
+    const int64_t most = max64(b->most_gemm, max64(b->most_first_chunk + forward_sync / copy_chunks,
+                                                   forward_sync + b->most_last_chunk / (3 * copy_chunks)));
+    return min64(most / gemm_passes, COSTED_PEAK_LIMIT);
 }
 
 /* One round of best-fit receivers (_best_fit_round in quota.py). The bins are the donors' masters that
@@ -359,7 +443,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                           2 * E /* pieces by master quota */ + 3 * R /* sorted donor and receiver keys, touched ranks */ + E /* initial master quotas */ +
                           3 * TC * R + 3 * TC /* first-round lines per threshold and receiver order, their lengths */ +
                           E /* spares offered per best-fit bin */ + C /* plain peaks */ +
-                          T /* first-drain steps by threshold */;
+                          T /* first-drain steps by threshold */ + C /* stopped candidates */ +
+                          2 * E + 2 * R /* copies and relay senders per master, copies sent and replica load per rank */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
     int64_t *cursor = mem;
@@ -404,6 +489,11 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     TAKE(bin_offered, E);
     TAKE(plain_peak, C);
     TAKE(step_order, T);
+    TAKE(stopped, C);
+    TAKE(copies_of, E);
+    TAKE(relay_level, E);
+    TAKE(copies_sent, R);
+    TAKE(replica_load, R);
 #undef TAKE
     for (int64_t i = 0; i < 3 * TC; ++i) first_counts[i] = -1;
     memset(bin_offered, 0, (size_t)E * sizeof(int64_t));
@@ -488,8 +578,13 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         step_order[at] = t;
     }
     const int64_t limit = mul_wrap(total, target_q);
+    /* The highest peak at or below the balance target: peak * R * fraction_scale <= limit. */
+    const int64_t good_peak = limit / (R * fraction_scale);
     /* Lowest peak of the candidates planned so far; during the first drain, of the steps before. */
     int64_t best_load = INT64_MAX, best_first_drain = INT64_MAX;
+    /* Lowest plain peak of the first drain's candidates planned so far. */
+    int64_t first_drain_low = INT64_MAX;
+    struct stop_bound bound = {copies_of, relay_level, copies_sent, replica_load, 0, 0, 0, 0, 0};
     memset(skipped, 0, (size_t)C * sizeof(int64_t));
     for (int64_t idx = 0; idx < C; ++idx) {
         const int64_t c = idx < T * RF ? (idx % RF) * T + step_order[idx / RF] : idx;
@@ -531,8 +626,23 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         int64_t same = -1;
         for (int64_t prev = c - step; prev < c && same < 0; ++prev)
             if (thresholds[prev] == threshold) same = prev;
+        /* Stopping early. A rank that holds a replica never sheds load again (it took at most its spare,
+         * so it never lies above the threshold), so its load and replica load only grow, and so do the
+         * copies each rank receives and sends. The costed peak is nondecreasing in all of them, so the
+         * one of the plan so far, taken over the ranks that hold replicas, bounds the final one from
+         * below (stop_peak, from stop_bound_update), as their highest load bounds the final plain peak
+         * (stop_plain). Once stop_peak lies above both the lowest peak so far and the balance target,
+         * the candidate can be neither the best nor good, and the rounds left would not change the
+         * choice. A first-drain candidate also needs stop_plain at or above the lowest plain peak of the
+         * first drain's candidates before it, which the second drain's thresholds are compared with.
+         * A stopped candidate keeps the two bounds as its peaks. */
+        stopped[c] = 0;
+        int64_t stop_peak = 0, stop_plain = 0;
         if (same >= 0) {
             memcpy(rank_load, states + same * state_words, (size_t)state_words * sizeof(int64_t));
+            stopped[c] = stopped[same];
+            stop_peak = max_load[same];
+            stop_plain = plain_peak[same];
         } else {
             memcpy(rank_load, master_rank_load, (size_t)R * sizeof(int64_t));
             memcpy(master_quota, initial_quota, (size_t)E * sizeof(int64_t));
@@ -543,6 +653,11 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             memset(slots_used, 0, (size_t)R * sizeof(int64_t));
             /* Ranks whose load or slots changed in the last round; -1 before the first round. */
             int64_t num_touched = -1, num_donors = 0, num_receivers = 0;
+            /* The candidate stops once its bound exceeds the lowest peak so far. That is tried only while no
+             * plan so far is good, since a bound above a good peak is rare and the bookkeeping costs time, and
+             * while the lowest peak lies below COSTED_PEAK_LIMIT, where peaks are clamped. */
+            const int may_stop = copy_cost > 0 && best_load > good_peak && best_load < COSTED_PEAK_LIMIT;
+            if (may_stop) stop_bound_reset(&bound, R, E);
 
             for (int64_t round = 0; round < num_rounds; ++round) {
                 /* Step 2: donor pieces, hottest master first, largest donor first. Only the pieces of
@@ -671,20 +786,37 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                         touched[num_touched++] = changed[j];
                     }
                 }
+                if (may_stop) {
+                    const int64_t peak = stop_bound_update(&bound, num_active, recv_rank, amount, position, donor_rank, touched,
+                                                           num_touched, rank_load, slots_used, slot_pos, slot_quota, S, copy_cost,
+                                                           copy_overlap, copy_chunks, gemm_passes, best_load);
+                    if (peak >= 0 && (idx >= T * RF || bound.plain >= first_drain_low)) {
+                        stop_peak = peak;
+                        stop_plain = bound.plain;
+                        stopped[c] = 1;
+                        break;
+                    }
+                }
             }
             for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
         }
-        int64_t m = INT64_MIN;
-        for (int64_t r = 0; r < R; ++r) m = max64(m, rank_load[r]);
-        plain_peak[c] = m;
-        max_load[c] = m;
-        /* A costed peak is never below the plain one. So a candidate whose plain peak lies above both the
-         * lowest peak so far and the balance target can be neither the best nor good. Its costed peak is
-         * not computed, and its plain peak stays above the best and the target. */
-        if (copy_cost > 0 && (m <= best_load || mul_wrap(m, R * fraction_scale) <= limit))
-            max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap, copy_chunks,
-                                      gemm_passes, fan);
+        if (stopped[c]) {
+            plain_peak[c] = stop_plain;
+            max_load[c] = stop_peak;
+        } else {
+            int64_t m = INT64_MIN;
+            for (int64_t r = 0; r < R; ++r) m = max64(m, rank_load[r]);
+            plain_peak[c] = m;
+            max_load[c] = m;
+            /* A costed peak is never below the plain one. So a candidate whose plain peak lies above both
+             * the lowest peak so far and the balance target can be neither the best nor good. Its costed
+             * peak is not computed, and its plain peak stays above the best and the target. */
+            if (copy_cost > 0 && (m <= best_load || mul_wrap(m, R * fraction_scale) <= limit))
+                max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap,
+                                          copy_chunks, gemm_passes, fan);
+        }
         best_load = min64(best_load, max_load[c]);
+        if (idx < T * RF) first_drain_low = min64(first_drain_low, plain_peak[c]);
     }
     free(is_touched);
 
