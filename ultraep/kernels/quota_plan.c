@@ -234,7 +234,7 @@ static int64_t relay_sender_copies(int64_t n) {
     return f;
 }
 
-/* The time of a rank that holds replicas, with the copies in the background (copy_overlap), in
+/* The time of a rank that hosts replicas, with the copies in the background (copy_overlap), in
  * assignments: "Copy cost" in quota.py. Nondecreasing in each of load, replica_load and sync. */
 static int64_t replica_rank_time(int64_t load, int64_t replica_load, int64_t sync, int64_t copy_chunks,
                                  int64_t gemm_passes) {
@@ -284,16 +284,16 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
 #define NOINLINE
 #endif
 
-/* One candidate's plan so far, as the early stop sees it ("Stopping early" in ultraep_quota_plan). */
+/* One candidate's plan so far, as the early stop tracks it ("Stopping early" in ultraep_quota_plan). */
 struct stop_bound {
     int64_t *copies_of;    /* [E] replicas per master, by drain position */
     int64_t *relay_level;  /* [E] relay_sender_copies(copies_of), kept without its loop */
     int64_t *copies_sent;  /* [R] copies each rank sends through relay trees */
     int64_t *replica_load; /* [R] quota of each rank's replicas */
-    int64_t busiest;       /* most copies one rank receives or sends */
+    int64_t busiest;       /* maximum copies one rank receives or sends */
     /* The three parts of replica_rank_time's numerator without the sync, maximised over the ranks
      * with replicas, and the highest load among those ranks. */
-    int64_t most_gemm, most_first_chunk, most_last_chunk, plain;
+    int64_t max_gemm, max_first_chunk, max_last_chunk, max_rank_load;
 };
 
 static void stop_bound_reset(struct stop_bound *b, int64_t R, int64_t E) {
@@ -301,7 +301,7 @@ static void stop_bound_reset(struct stop_bound *b, int64_t R, int64_t E) {
     memset(b->relay_level, 0, (size_t)E * sizeof(int64_t));
     memset(b->copies_sent, 0, (size_t)R * sizeof(int64_t));
     memset(b->replica_load, 0, (size_t)R * sizeof(int64_t));
-    b->busiest = b->most_gemm = b->most_first_chunk = b->most_last_chunk = b->plain = 0;
+    b->busiest = b->max_gemm = b->max_first_chunk = b->max_last_chunk = b->max_rank_load = 0;
 }
 
 /* Adds one round's moves (receivers 0..num_active, the ranks in touched[], the slots after the round)
@@ -338,20 +338,20 @@ static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_acti
         const int64_t r = touched[t];
         if (slots_used[r] == 0) continue;
         const int64_t load = rank_load[r], backward = load * (gemm_passes - 1);
-        b->plain = max64(b->plain, load);
-        b->most_gemm = max64(b->most_gemm, load * gemm_passes);
-        b->most_first_chunk = max64(b->most_first_chunk, backward + b->replica_load[r]);
-        b->most_last_chunk = max64(b->most_last_chunk, backward * 3 * copy_chunks + b->replica_load[r] * (copy_chunks + 2));
+        b->max_rank_load = max64(b->max_rank_load, load);
+        b->max_gemm = max64(b->max_gemm, load * gemm_passes);
+        b->max_first_chunk = max64(b->max_first_chunk, backward + b->replica_load[r]);
+        b->max_last_chunk = max64(b->max_last_chunk, backward * 3 * copy_chunks + b->replica_load[r] * (copy_chunks + 2));
     }
     const int64_t sync = b->busiest * copy_cost, forward_sync = sync * gemm_passes;
-    if (!copy_overlap) return b->plain + sync > beat ? min64(b->plain + sync, COSTED_PEAK_LIMIT) : -1;
+    if (!copy_overlap) return b->max_rank_load + sync > beat ? min64(b->max_rank_load + sync, COSTED_PEAK_LIMIT) : -1;
     const int64_t need = (beat + 1) * gemm_passes; /* bound > beat: numerator >= need */
-    if (b->most_gemm < need && forward_sync < (need - b->most_first_chunk) * copy_chunks &&
-        b->most_last_chunk < (need - forward_sync) * 3 * copy_chunks)
+    if (b->max_gemm < need && forward_sync < (need - b->max_first_chunk) * copy_chunks &&
+        b->max_last_chunk < (need - forward_sync) * 3 * copy_chunks)
         return -1;
-    const int64_t most = max64(b->most_gemm, max64(b->most_first_chunk + forward_sync / copy_chunks,
-                                                   forward_sync + b->most_last_chunk / (3 * copy_chunks)));
-    return min64(most / gemm_passes, COSTED_PEAK_LIMIT);
+    const int64_t numerator = max64(b->max_gemm, max64(b->max_first_chunk + forward_sync / copy_chunks,
+                                                        forward_sync + b->max_last_chunk / (3 * copy_chunks)));
+    return min64(numerator / gemm_passes, COSTED_PEAK_LIMIT);
 }
 
 /* One round of best-fit receivers (_best_fit_round in quota.py). The bins are the donors' masters that
@@ -626,10 +626,10 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
         int64_t same = -1;
         for (int64_t prev = c - step; prev < c && same < 0; ++prev)
             if (thresholds[prev] == threshold) same = prev;
-        /* Stopping early. A rank that holds a replica never sheds load again (it took at most its spare,
+        /* Stopping early. A rank that hosts a replica never sheds load again (it took at most its spare,
          * so it never lies above the threshold), so its load and replica load only grow, and so do the
          * copies each rank receives and sends. The costed peak is nondecreasing in all of them, so the
-         * one of the plan so far, taken over the ranks that hold replicas, bounds the final one from
+         * one of the plan so far, taken over the ranks that host replicas, bounds the final one from
          * below (stop_peak, from stop_bound_update), as their highest load bounds the final plain peak
          * (stop_plain). Once stop_peak lies above both the lowest peak so far and the balance target,
          * the candidate can be neither the best nor good, and the rounds left would not change the
@@ -790,9 +790,9 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                     const int64_t peak = stop_bound_update(&bound, num_active, recv_rank, amount, position, donor_rank, touched,
                                                            num_touched, rank_load, slots_used, slot_pos, slot_quota, S, copy_cost,
                                                            copy_overlap, copy_chunks, gemm_passes, best_load);
-                    if (peak >= 0 && (idx >= T * RF || bound.plain >= first_drain_low)) {
+                    if (peak >= 0 && (idx >= T * RF || bound.max_rank_load >= first_drain_low)) {
                         stop_peak = peak;
-                        stop_plain = bound.plain;
+                        stop_plain = bound.max_rank_load;
                         stopped[c] = 1;
                         break;
                     }
