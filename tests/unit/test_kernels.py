@@ -83,6 +83,13 @@ class CountCase:
     padding: float = 0.1
 
 
+def _poisson_rows(num_ranks: int, num_experts: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(num_experts, generator=gen) ** 4
+    loads = torch.poisson(weights[None].expand(num_ranks, -1) * 60, generator=gen).to(torch.int64)
+    return tuple(tuple(row) for row in loads.tolist())
+
+
 PLAN_CASES = [
     PlanCase("ep4_e32_s1_random", 4, 8, 1, "random"),
     PlanCase("ep4_e32_s0_masters_only", 4, 8, 0, "zipf"),
@@ -156,6 +163,17 @@ PLAN_CASES = [
     PlanCase(
         "ep16_e64_s2_copy_cost_training_4_chunks",
         16, 4, 2, "zipf", seed=13, config=QuotaConfig(copy_cost=400, copy_overlap=True, copy_chunks=4, gemm_passes=3),
+    ),
+    # stop_at_target changes both plans: 11 and 5 replicas without it, 15 and 7 with it.
+    PlanCase("ep16_e128_s1_stop_at_target", 16, 8, 1, "zipf", seed=9, config=QuotaConfig(stop_at_target=True, balance_target=1.01)),
+    # Here a second-drain or best-fit plan would win if stop_at_target did not leave them out.
+    PlanCase(
+        "ep16_e64_s1_stop_at_target_no_late",
+        16, 4, 1, "rows", rows=_poisson_rows(16, 64, 12), config=QuotaConfig(stop_at_target=True, balance_target=1.03),
+    ),
+    PlanCase(
+        "ep8_e64_s1_stop_at_target_copy_cost",
+        8, 8, 1, "zipf", seed=5, config=QuotaConfig(stop_at_target=True, balance_target=1.02, copy_cost=1228, copy_overlap=True),
     ),
     PlanCase(
         "ep8_e64_s1_copy_cost_8_chunks_4_per_program",

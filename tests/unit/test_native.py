@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ultraep.kernels import plan_quota, resolve_backend
+from ultraep.kernels import native, plan_quota, resolve_backend
 from ultraep.kernels.native import native_available, native_library_path, native_unavailable_reason, plan_quota_native
 from ultraep.layout import MAX_TOTAL_LOAD, ExpertLayout
 from ultraep.plan import check_plan
@@ -26,6 +26,8 @@ CONFIGS = [
     QuotaConfig(copy_cost=40),
     QuotaConfig(copy_cost=150, copy_overlap=True),
     QuotaConfig(copy_cost=600, copy_overlap=True, copy_chunks=8, balance_target=1.0),
+    QuotaConfig(stop_at_target=True),
+    QuotaConfig(stop_at_target=True, balance_target=1.02, copy_cost=150, copy_overlap=True),
 ]
 
 
@@ -100,6 +102,17 @@ def test_native_matches_reference_when_copies_dominate(shape, settings):
         mean = max(1, int(loads.sum()) // layout.num_ranks)
         for share in (0.05, 0.3, 1.5):
             _assert_same(loads, layout, QuotaConfig(copy_cost=max(1, int(share * mean)), **settings))
+
+
+@pytest.mark.parametrize("shape, seed, target", [((8, 8, 1), 22, 1.01), ((16, 4, 1), 12, 1.03)], ids=str)
+def test_stop_at_target_skips_late_candidates(shape, seed, target):
+    """After a first-drain plan at or below the target, stop_at_target leaves out the second drain and
+    best fit. On these loads one of their plans would win otherwise."""
+    layout = ExpertLayout(*shape)
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(layout.num_experts, generator=gen) ** 4
+    loads = torch.poisson(weights[None].expand(layout.num_ranks, -1) * 60, generator=gen).to(torch.int64)
+    _assert_same(loads, layout, QuotaConfig(stop_at_target=True, balance_target=target))
 
 
 @st.composite
@@ -216,8 +229,6 @@ def test_native_checks_total_load():
 def test_packed_call_matches_full_call():
     # plan_quota_native calls the C planner with its settings packed into one array. The benchmark's
     # A/B timing calls it with all 26 arguments, and both must run the same planner.
-    from ultraep.kernels import native
-
     library = native._library()
     for shape, config in [((8, 4, 2), QuotaConfig()), ((16, 2, 1), CONFIGS[7]), ((5, 7, 3), CONFIGS[4])]:
         layout = ExpertLayout(*shape)
@@ -229,6 +240,15 @@ def test_packed_call_matches_full_call():
         assert torch.equal(packed.quota, quota), shape
         assert torch.equal(packed.replica_expert_ids, slot_expert), shape
         assert torch.equal(quota, plan_reference(loads, layout, config).quota), shape
+
+
+def test_call_arguments_rejects_stop_at_target():
+    layout = ExpertLayout(4, 2, 1)
+    loads = _skewed(4, 8, seed=1)
+    slot_expert = torch.empty((4, 1), dtype=torch.int64)
+    quota = torch.empty(layout.num_slots, dtype=torch.int64)
+    with pytest.raises(ValueError, match="no stop_at_target argument"):
+        native.call_arguments(loads, layout, QuotaConfig(stop_at_target=True), slot_expert, quota)
 
 
 def test_native_backend_rejects_other_devices():

@@ -339,6 +339,7 @@ def test_copy_cost_in_assignments_for_a_swiglu_expert():
         ({"copy_overlap": 1}, TypeError, "copy_overlap must be a bool, got 1"),
         ({"gemm_passes": 0}, ValueError, "gemm_passes must be in \\[1, 16\\], got 0; use 1 for inference and 3"),
         ({"gemm_passes": 3.0}, TypeError, "gemm_passes must be an int, got 3.0"),
+        ({"stop_at_target": 1}, TypeError, "stop_at_target must be a bool, got 1"),
     ],
 )
 def test_copy_settings_are_validated(settings_, error, message):
@@ -489,11 +490,20 @@ def test_first_drain_steps_stop_above_bar():
     late = torch.tensor([False] * (families * num_steps) + [True] * num_late)
     empty = torch.zeros(late.numel(), 0, dtype=torch.int64)
     state = quota._CandidateState(thresholds, empty, empty, empty[:, :, None], empty[:, :, None], torch.tensor(10_000), late)
-    first_drain = quota._first_drain_steps(state, max_load, 10, quota._to_fixed_point(1.0))
+    first_drain = quota._first_drain_steps(state, max_load, 10, quota._to_fixed_point(1.0), False)
     taking_part = first_drain[: families * num_steps].view(families, num_steps)
     assert [s for s in range(num_steps) if taking_part[0, s]] == [0, 1, 2, 3, 5]
     assert bool((taking_part == taking_part[0]).all())
     assert not bool(first_drain[families * num_steps :].any())
+
+    # With balance target 1.045 every step up to 1045 takes part. With stop_at_target the ladder ends
+    # after step 1, whose plan peaks at 1035, at or below the target.
+    target_q = quota._to_fixed_point(1.045)
+    searched = quota._first_drain_steps(state, max_load, 10, target_q, False)[: families * num_steps].view(families, num_steps)
+    assert [s for s in range(num_steps) if searched[0, s]] == [0, 1, 2, 3, 4, 5]
+    stopped = quota._first_drain_steps(state, max_load, 10, target_q, True)[: families * num_steps].view(families, num_steps)
+    assert [s for s in range(num_steps) if stopped[0, s]] == [0, 1]
+    assert bool((stopped == stopped[0]).all())
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])

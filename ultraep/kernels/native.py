@@ -149,7 +149,10 @@ def _settings(config: QuotaConfig) -> tuple:
 
 
 def _integer_settings(layout: ExpertLayout, config: QuotaConfig) -> tuple[int, ...]:
-    """Return the integer arguments of ``ultraep_quota_plan`` in their order, as ``ultraep_quota_plan_packed`` takes them."""
+    """Return the integer settings in the order ``ultraep_quota_plan_packed`` takes them.
+
+    They are the integer arguments of ``ultraep_quota_plan`` in its order, then ``stop_at_target``.
+    """
     slots = layout.redundant_slots_per_rank
     mean_steps, gap_steps, anchors, best_fit_steps, scale, fraction_q, target_q, over_drain_q = _settings(config)
     return (
@@ -172,6 +175,7 @@ def _integer_settings(layout: ExpertLayout, config: QuotaConfig) -> tuple[int, .
         int(config.copy_overlap),
         config.copy_chunks,
         config.gemm_passes,
+        int(config.stop_at_target),
     )
 
 
@@ -182,8 +186,11 @@ def call_arguments(
 
     loads: [num_ranks, num_experts] contiguous int64 CPU tensor. slot_expert: [num_ranks,
     redundant_slots_per_rank] and quota: [num_slots], contiguous int64 CPU tensors the call fills.
-    The tuple contains raw pointers, so the caller keeps every tensor alive while it calls.
+    The tuple contains raw pointers, so the caller keeps every tensor alive while it calls. That entry
+    point plans without ``QuotaConfig.stop_at_target``, so a config with it raises ValueError.
     """
+    if config.stop_at_target:
+        raise ValueError("call_arguments: ultraep_quota_plan has no stop_at_target argument; plan with plan_quota_native")
     mean_steps, gap_steps, anchors, best_fit_steps = _settings(config)[:4]
     ints = _integer_settings(layout, config)
     return (
@@ -196,7 +203,7 @@ def call_arguments(
         anchors.data_ptr(),
         ints[5],
         best_fit_steps.data_ptr(),
-        *ints[6:],
+        *ints[6:-1],
         slot_expert.data_ptr(),
         quota.data_ptr(),
     )

@@ -207,6 +207,7 @@ def _quota_plan_kernel(
     OVER_DRAIN: tl.constexpr,  # what the second drain sheds beyond the excess, in 1 / FRACTION_SCALE of the mean
     FRACTION_SCALE: tl.constexpr,
     PREFER_LOCAL: tl.constexpr,
+    STOP_AT_TARGET: tl.constexpr,  # QuotaConfig.stop_at_target
     T_P2: tl.constexpr,  # candidates per program: a tile of consecutive thresholds of one receiver family
     P_P2: tl.constexpr,  # programs (receiver families x threshold tiles), padded to a power of two
     R_P2: tl.constexpr,  # ranks, padded
@@ -550,6 +551,9 @@ def _quota_plan_kernel(
             at_step = first_drain & (step_rank == place)
             step_threshold = tl.max(tl.where(at_step, all_threshold, 0), axis=0)
             takes_part = (step_threshold <= bar) | (step_threshold * (NUM_RANKS * FRACTION_SCALE) <= total * target_q)
+            if STOP_AT_TARGET:
+                # The ladder ends after a step with a plan at or below the balance target.
+                takes_part = takes_part & ((bar == _BIG) | (bar * (NUM_RANKS * FRACTION_SCALE) > total * target_q))
             still = still & takes_part
             steps_taking_part += still.to(tl.int64)
             bar = tl.where(still, tl.minimum(bar, tl.min(tl.where(at_step, all_peak, _BIG), axis=0)), bar)
@@ -558,6 +562,10 @@ def _quota_plan_kernel(
         # A second-drain or best-fit candidate counts only below every first-drain plan's max rank load.
         best_first_drain = tl.min(tl.where(first_drain, all_plain_peak, _BIG), axis=0)
         row_ok = row_ok & (~row_over | (all_threshold < best_first_drain))
+        if STOP_AT_TARGET:
+            # With a good first-drain plan the search stops there.
+            first_good = tl.max((first_drain & (all_peak * (NUM_RANKS * FRACTION_SCALE) <= total * target_q)).to(tl.int32), axis=0)
+            row_ok = row_ok & (~row_over | (first_good == 0))
         best_peak = tl.min(tl.where(row_ok, all_peak, _BIG), axis=0)
         good = row_ok & ((all_peak == best_peak) | (all_peak * (NUM_RANKS * FRACTION_SCALE) <= total * target_q))
         fewest = tl.min(tl.where(good, all_replicas, _BIG), axis=0)
@@ -647,6 +655,7 @@ def _launch_config(
         "OVER_DRAIN": _OVER_DRAIN_Q,
         "FRACTION_SCALE": _FRACTION_SCALE,
         "PREFER_LOCAL": bool(config.prefer_local),
+        "STOP_AT_TARGET": bool(config.stop_at_target),
         "T_P2": t_p2,
         "P_P2": _pow2(num_programs),
         "R_P2": r_p2,

@@ -407,23 +407,23 @@ static int64_t best_fit_round(const int64_t *master_quota, const int64_t *spare,
  * num_drains:       1, or 2 to run every receiver family again, on the mean steps only, with donors
  *                   that shed over_drain_q (fixed point, of the mean rank load) beyond their excess.
  * copy_cost, copy_overlap, copy_chunks, gemm_passes: QuotaConfig's copy model; copy_cost 0 compares plain peaks.
+ * stop_at_target:   QuotaConfig.stop_at_target, 0 or 1.
  * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
  * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
  * Returns 0, or ERR_ARGS / ERR_MEMORY, or ERR_VALUES when an entry is negative or an entry or the
  * total exceeds MAX_TOTAL_LOAD (nothing is written to the outputs then).
  */
-int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_per_rank, int64_t slots,
-                       const int64_t *mean_steps, int64_t num_mean_steps, const int64_t *gap_steps,
-                       int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors,
-                       const int64_t *best_fit_steps, int64_t num_best_fit_steps, int64_t num_drains,
-                       int64_t over_drain_q, int64_t fraction_scale,
-                       int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
-                       int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
-                       int64_t gemm_passes, int64_t *out_slot_expert, int64_t *out_quota) {
+static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_per_rank, int64_t slots,
+                      const int64_t *mean_steps, int64_t num_mean_steps, const int64_t *gap_steps, int64_t num_gap_steps,
+                      const int64_t *anchors, int64_t num_anchors, const int64_t *best_fit_steps,
+                      int64_t num_best_fit_steps, int64_t num_drains, int64_t over_drain_q, int64_t fraction_scale,
+                      int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
+                      int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
+                      int64_t gemm_passes, int64_t stop_at_target, int64_t *out_slot_expert, int64_t *out_quota) {
     if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 || num_drains < 1 ||
         over_drain_q < 0 || num_best_fit_steps < 0 ||
         num_mean_steps + num_gap_steps < 1 || fraction_scale < 1 || copy_cost < 0 || copy_chunks < 1 ||
-        gemm_passes < 1)
+        gemm_passes < 1 || (stop_at_target != 0 && stop_at_target != 1))
         return ERR_ARGS;
     const int64_t R = num_ranks, P = experts_per_rank, S = slots, E = R * P;
     /* Candidate (o, a, t): receiver order o (most, then least spare first), anchor a, threshold t.
@@ -569,9 +569,10 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
      * family at one step before the next step. A step takes part while its threshold lies at or below the
      * balance target or at or below the lowest peak of the steps before it (best_load). The reference leaves
      * the first drain out of the choice from the first step that does neither, so those candidates are
-     * not planned. Then the second drain and best fit run, in candidate order. The reference also leaves
-     * those out at thresholds at or above the lowest max rank load of the first drain's plans, so they
-     * are not planned either. */
+     * not planned. With stop_at_target the first drain also ends after a step with a good plan. Then
+     * the second drain and best fit run, in candidate order. The reference also leaves those out at
+     * thresholds at or above the lowest max rank load of the first drain's plans, and with
+     * stop_at_target after a good first-drain plan, so they are not planned either. */
     for (int64_t t = 0; t < T; ++t) {
         int64_t at = t;
         for (; at > 0 && thresholds[step_order[at - 1]] > thresholds[t]; --at) step_order[at] = step_order[at - 1];
@@ -584,12 +585,15 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     int64_t best_load = INT64_MAX, best_first_drain = INT64_MAX;
     /* Lowest plain peak of the first drain's candidates planned so far. */
     int64_t first_drain_low = INT64_MAX;
+    int first_drain_good = 0; /* with stop_at_target: a first-drain plan is good */
     struct stop_bound bound = {copies_of, relay_level, copies_sent, replica_load, 0, 0, 0, 0, 0};
     memset(skipped, 0, (size_t)C * sizeof(int64_t));
     for (int64_t idx = 0; idx < C; ++idx) {
         const int64_t c = idx < T * RF ? (idx % RF) * T + step_order[idx / RF] : idx;
         const int64_t threshold = thresholds[c];
-        if (idx < T * RF && idx % RF == 0 && idx > 0 && threshold > best_load && mul_wrap(threshold, R * fraction_scale) > limit) {
+        const int found_good = stop_at_target && idx > 0 && mul_wrap(best_load, R * fraction_scale) <= limit;
+        if (idx < T * RF && idx % RF == 0 && idx > 0 &&
+            (found_good || (threshold > best_load && mul_wrap(threshold, R * fraction_scale) > limit))) {
             for (int64_t rest = idx; rest < T * RF; ++rest) skipped[(rest % RF) * T + step_order[rest / RF]] = 1;
             idx = T * RF - 1;
             continue;
@@ -598,7 +602,8 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
             for (int64_t prev = 0; prev < T * RF; ++prev)
                 if (!skipped[prev]) best_first_drain = min64(best_first_drain, plain_peak[prev]);
         }
-        if (idx >= T * RF && threshold >= best_first_drain) {
+        if (idx == T * RF) first_drain_good = found_good;
+        if (idx >= T * RF && (threshold >= best_first_drain || first_drain_good)) {
             skipped[c] = 1;
             continue;
         }
@@ -882,16 +887,32 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     return 0;
 }
 
-/* ultraep_quota_plan with its integer arguments in one array, in the same order: num_ranks,
+/* quota_plan without stop_at_target (0), with the arguments of earlier builds, so that
+ * benchmarks/planner_ab.py can time this build against them. */
+int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_per_rank, int64_t slots,
+                       const int64_t *mean_steps, int64_t num_mean_steps, const int64_t *gap_steps,
+                       int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors,
+                       const int64_t *best_fit_steps, int64_t num_best_fit_steps, int64_t num_drains,
+                       int64_t over_drain_q, int64_t fraction_scale,
+                       int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
+                       int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
+                       int64_t gemm_passes, int64_t *out_slot_expert, int64_t *out_quota) {
+    return quota_plan(loads, num_ranks, experts_per_rank, slots, mean_steps, num_mean_steps, gap_steps, num_gap_steps,
+                      anchors, num_anchors, best_fit_steps, num_best_fit_steps, num_drains, over_drain_q, fraction_scale,
+                      min_replica_quota, fraction_q, target_q, prefer_local, num_rounds, copy_cost, copy_overlap,
+                      copy_chunks, gemm_passes, 0, out_slot_expert, out_quota);
+}
+
+/* quota_plan with its integer arguments in one array, in the same order: num_ranks,
  * experts_per_rank, slots, num_mean_steps, num_gap_steps, num_anchors, num_best_fit_steps, num_drains,
  * over_drain_q, fraction_scale, min_replica_quota, fraction_q, target_q, prefer_local, num_rounds,
- * copy_cost, copy_overlap, copy_chunks, gemm_passes. A ctypes caller then converts 8 arguments
- * instead of 26, which saves about 2 us per call. */
+ * copy_cost, copy_overlap, copy_chunks, gemm_passes, stop_at_target. A ctypes caller then converts 8
+ * arguments instead of 27, which saves about 2 us per call. */
 int ultraep_quota_plan_packed(const int64_t *loads, const int64_t *settings, const int64_t *mean_steps,
                               const int64_t *gap_steps, const int64_t *anchors, const int64_t *best_fit_steps,
                               int64_t *out_slot_expert, int64_t *out_quota) {
     const int64_t *s = settings;
-    return ultraep_quota_plan(loads, s[0], s[1], s[2], mean_steps, s[3], gap_steps, s[4], anchors, s[5], best_fit_steps,
-                              s[6], s[7], s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15], s[16], s[17], s[18],
-                              out_slot_expert, out_quota);
+    return quota_plan(loads, s[0], s[1], s[2], mean_steps, s[3], gap_steps, s[4], anchors, s[5], best_fit_steps, s[6],
+                      s[7], s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15], s[16], s[17], s[18], s[19],
+                      out_slot_expert, out_quota);
 }
