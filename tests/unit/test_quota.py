@@ -339,7 +339,12 @@ def test_copy_cost_in_assignments_for_a_swiglu_expert():
         ({"copy_overlap": 1}, TypeError, "copy_overlap must be a bool, got 1"),
         ({"gemm_passes": 0}, ValueError, "gemm_passes must be in \\[1, 16\\], got 0; use 1 for inference and 3"),
         ({"gemm_passes": 3.0}, TypeError, "gemm_passes must be an int, got 3.0"),
-        ({"stop_at_target": 1}, TypeError, "stop_at_target must be a bool, got 1"),
+        ({"stop_at_target": 1}, TypeError, "stop_at_target must be a bool, got 1; use True or False"),
+        ({"prefer_local": 1}, TypeError, "prefer_local must be a bool, got 1"),
+        ({"num_rounds": 2.5}, TypeError, "num_rounds must be None or an int, got 2.5"),
+        ({"num_rounds": True}, TypeError, "num_rounds must be None or an int, got True"),
+        ({"balance_target": "1.01"}, TypeError, "balance_target must be a float, got '1.01'"),
+        ({"min_replica_fraction": None}, TypeError, "min_replica_fraction must be a float, got None"),
     ],
 )
 def test_copy_settings_are_validated(settings_, error, message):

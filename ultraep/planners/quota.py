@@ -179,7 +179,8 @@ class QuotaConfig:
 
     balance_target: float = 1.001
     """Imbalance (max / mean rank load) at or below which plans count as equally good; among those the
-    planner keeps the one with the fewest replicas. 1.0 asks for the most balanced plan found."""
+    planner keeps the one with the fewest replicas. 1.0 asks for the most balanced plan found. With
+    ``copy_cost`` the max rank load is the costed peak, the slowest rank with the weight sync counted."""
     min_replica_quota: int = 1
     """Smallest quota (assignments) for which a replica is created; smaller pieces stay on the master."""
     min_replica_fraction: float = 0.001
@@ -193,9 +194,11 @@ class QuotaConfig:
     stop_at_target: bool = False
     """Stop the threshold ladder after the first step that gives a plan at or below the balance target,
     and skip the second drain and best fit then. By default the planner also tries the higher steps
-    up to the target and keeps the plan with the fewest replicas. Stopping about halves the compiled
-    planner's time on loads that balance, for a few percent more replicas. It suits latency-bound use
-    such as inference prefill, where the planner runs on the critical path."""
+    up to the target and keeps the plan with the fewest replicas. On loads that reach the target,
+    stopping made the compiled C planner 1.6-1.9x as fast at EP32-EP64 and 1.35-1.45x at EP8-EP16
+    (``benchmarks/planner_ab.py``), for a few percent more replicas. The chosen plan may then differ in imbalance, though it stays within the
+    target. The PyTorch reference plans every candidate in one batch and gains nothing. It suits
+    latency-bound use such as inference prefill, where the planner runs on the critical path."""
     copy_cost: int = 0
     """Time to copy one expert's weights over one link, in assignments' worth of grouped-GEMM time
     (:func:`copy_cost_in_assignments`). In training an assignment's time covers its forward and
@@ -215,6 +218,10 @@ class QuotaConfig:
     behind the forward pass, ``1 / gemm_passes`` of each assignment's time."""
 
     def __post_init__(self) -> None:
+        for name in ("balance_target", "min_replica_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"QuotaConfig.{name} must be a float, got {value!r}")
         if not 1.0 <= self.balance_target < 1e6:
             raise ValueError(f"QuotaConfig.balance_target must be in [1.0, 1e6), got {self.balance_target}")
         if isinstance(self.min_replica_quota, bool) or not isinstance(self.min_replica_quota, int):
@@ -237,15 +244,17 @@ class QuotaConfig:
             raise ValueError(
                 f"QuotaConfig.gemm_passes must be in [1, 16], got {self.gemm_passes}; use 1 for inference and 3 for training"
             )
-        if not isinstance(self.copy_overlap, bool):
-            raise TypeError(f"QuotaConfig.copy_overlap must be a bool, got {self.copy_overlap!r}")
+        for name in ("prefer_local", "copy_overlap", "stop_at_target"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"QuotaConfig.{name} must be a bool, got {value!r}; use True or False")
         if self.copy_chunks > 1 and not self.copy_overlap:
             raise ValueError(
                 f"QuotaConfig.copy_chunks={self.copy_chunks} needs copy_overlap=True (chunks arrive while the masters "
                 "compute); set copy_overlap=True or copy_chunks=1"
             )
-        if not isinstance(self.stop_at_target, bool):
-            raise TypeError(f"QuotaConfig.stop_at_target must be a bool, got {self.stop_at_target!r}")
+        if self.num_rounds is not None and (isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int)):
+            raise TypeError(f"QuotaConfig.num_rounds must be None or an int, got {self.num_rounds!r}")
         if self.num_rounds is not None and not 1 <= self.num_rounds <= 64:
             raise ValueError(f"QuotaConfig.num_rounds must be None or in [1, 64], got {self.num_rounds}")
 
