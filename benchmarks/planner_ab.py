@@ -10,13 +10,15 @@ that ``ultraep.kernels.native`` passes today.
 
 Prints a markdown table of median milliseconds per call and the ratio. A third column times the same
 load matrix through ``QuotaPlanner`` (input checks, backend choice, the call and the returned plan, on
-the package's own build of today's source), so the last column is the Python work around the C call.
+the package's own build of today's source), so the next column is the Python work around the C call.
+The last column times ``QuotaPlanner`` with ``stop_at_target=True`` in the same loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import logging
 import pathlib
 import statistics
@@ -98,28 +100,35 @@ def main() -> None:
             "before": compile_library(args.before, pathlib.Path(folder), "before"),
             "now": compile_library(native._SOURCE, pathlib.Path(folder), "now"),
         }
-        logger.info("| workload | before ms (median) | now ms (median) | before / now | QuotaPlanner call ms (median) | call - now (us) |")
-        logger.info("| --- | ---: | ---: | ---: | ---: | ---: |")
+        logger.info(
+            "| workload | before ms (median) | now ms (median) | before / now | QuotaPlanner call ms (median) | call - now (us) "
+            "| stop_at_target call ms (median) |"
+        )
+        logger.info("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, loads, layout, config in workloads():
             calls = {key: bind(function, loads, layout, config) for key, function in builds.items()}
             planner = quota.QuotaPlanner(config, backend="native")
             calls["planner"] = lambda planner=planner, loads=loads, layout=layout: planner(loads, layout)
+            stopping = quota.QuotaPlanner(dataclasses.replace(config, stop_at_target=True), backend="native")
+            calls["stop"] = lambda planner=stopping, loads=loads, layout=layout: planner(loads, layout)
             before = [tensor.clone() for tensor in calls["before"]()]
             now = calls["now"]()
             if not all(torch.equal(a, b) for a, b in zip(before, now)):
                 raise SystemExit(f"the two builds return different plans on {name}")
             times: dict[str, list[float]] = {key: [] for key in calls}
-            orders = (("before", "now", "planner"), ("planner", "now", "before"))
+            orders = (("before", "now", "planner", "stop"), ("stop", "planner", "now", "before"))
             for index in range(args.calls + 10):
                 for key in orders[index % 2]:
                     start = time.perf_counter()
                     calls[key]()
                     if index >= 10:
                         times[key].append(time.perf_counter() - start)
-            before_ms, now_ms, planner_ms = (statistics.median(times[key]) * 1e3 for key in ("before", "now", "planner"))
+            before_ms, now_ms, planner_ms, stop_ms = (
+                statistics.median(times[key]) * 1e3 for key in ("before", "now", "planner", "stop")
+            )
             logger.info(
                 f"| {name} | {before_ms:.3f} | {now_ms:.3f} | {before_ms / now_ms:.2f}x | {planner_ms:.3f} | "
-                f"{(planner_ms - now_ms) * 1e3:.1f} |"
+                f"{(planner_ms - now_ms) * 1e3:.1f} | {stop_ms:.3f} |"
             )
     sys.stdout.flush()
 
