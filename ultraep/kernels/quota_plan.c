@@ -304,18 +304,18 @@ static void stop_bound_reset(struct stop_bound *b, int64_t R, int64_t E) {
     b->busiest = b->max_gemm = b->max_first_chunk = b->max_last_chunk = b->max_rank_load = 0;
 }
 
-/* Adds one round's moves (receivers 0..num_active, the ranks in touched[], the slots after the round)
- * and returns a lower bound of the candidate's final costed peak if it exceeds beat, else -1.
+/* Adds one round's moves (receivers 0..num_active, the loads and slots after the round) and returns a
+ * lower bound of the candidate's final costed peak if it exceeds beat, else -1.
  *
  * The bound is replica_rank_time maximised over the ranks with replicas. With n = copy_chunks and
  * k = gemm_passes its numerator is the largest of load * k, load * (k - 1) + sync * k / n + replica
  * load and load * (k - 1) + sync * k + replica load * (n + 2) / (3 n), with the divisions rounded
  * down. Adding an integer commutes with rounding down, so the three parts' maxima without the sync
- * grow only on the touched ranks, and the test bound > beat needs no division: floor(x / d) >= y
+ * grow only on the round's receivers, and the test bound > beat needs no division: floor(x / d) >= y
  * exactly when x >= y * d. */
 static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_active, const int64_t *recv_rank,
                                           const int64_t *amount, const int64_t *position, const int64_t *donor_rank,
-                                          const int64_t *touched, int64_t num_touched, const int64_t *rank_load,
+                                          const int64_t *rank_load,
                                           const int64_t *slots_used, const int64_t *slot_pos, const int64_t *slot_quota,
                                           int64_t S, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
                                           int64_t gemm_passes, int64_t beat) {
@@ -327,7 +327,14 @@ static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_acti
     for (int64_t i = 0; i < num_active; ++i) {
         const int64_t recv = recv_rank[i], a = amount[i];
         if (a == 0) continue;
+        /* Each receiver appears once per round, and its load is final for the round. The ranks with
+         * replicas whose load changed are exactly these receivers: they never give load away. */
         replica_load[recv] += a;
+        const int64_t load = rank_load[recv], backward = load * (gemm_passes - 1);
+        max_rank_load = max64(max_rank_load, load);
+        max_gemm = max64(max_gemm, load * gemm_passes);
+        max_first_chunk = max64(max_first_chunk, backward + replica_load[recv]);
+        max_last_chunk = max64(max_last_chunk, backward * 3 * copy_chunks + replica_load[recv] * (copy_chunks + 2));
         /* A slot whose quota is this round's amount is new, since quotas start at a positive amount. */
         int64_t s = 0;
         while (slot_pos[recv * S + s] != position[i]) ++s;
@@ -338,15 +345,6 @@ static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_acti
             copies_sent[donor_rank[i]] += 1;
         }
         busiest = max64(busiest, max64(slots_used[recv], copies_sent[donor_rank[i]]));
-    }
-    for (int64_t t = 0; t < num_touched; ++t) {
-        const int64_t r = touched[t];
-        if (slots_used[r] == 0) continue;
-        const int64_t load = rank_load[r], backward = load * (gemm_passes - 1);
-        max_rank_load = max64(max_rank_load, load);
-        max_gemm = max64(max_gemm, load * gemm_passes);
-        max_first_chunk = max64(max_first_chunk, backward + replica_load[r]);
-        max_last_chunk = max64(max_last_chunk, backward * 3 * copy_chunks + replica_load[r] * (copy_chunks + 2));
     }
     b->busiest = busiest;
     b->max_gemm = max_gemm;
@@ -802,8 +800,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                     }
                 }
                 if (may_stop) {
-                    const int64_t peak = stop_bound_update(&bound, num_active, recv_rank, amount, position, donor_rank, touched,
-                                                           num_touched, rank_load, slots_used, slot_pos, slot_quota, S, copy_cost,
+                    const int64_t peak = stop_bound_update(&bound, num_active, recv_rank, amount, position, donor_rank,
+                                                           rank_load, slots_used, slot_pos, slot_quota, S, copy_cost,
                                                            copy_overlap, copy_chunks, gemm_passes, best_load);
                     if (peak >= 0 && (idx >= T * RF || bound.max_rank_load >= first_drain_low)) {
                         stop_peak = peak;
