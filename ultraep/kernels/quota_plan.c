@@ -284,7 +284,7 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
 #define NOINLINE
 #endif
 
-/* One candidate's plan so far, as the early stop tracks it ("Stopping early" in ultraep_quota_plan). */
+/* One candidate's plan so far, as the early stop tracks it ("Stopping early" in quota_plan). */
 struct stop_bound {
     int64_t *copies_of;    /* [E] replicas per master, by drain position */
     int64_t *relay_level;  /* [E] relay_sender_copies(copies_of), kept without its loop */

@@ -196,9 +196,10 @@ class QuotaConfig:
     and skip the second drain and best fit then. By default the planner also tries the higher steps
     up to the target and keeps the plan with the fewest replicas. On loads that reach the target,
     stopping made the compiled C planner 1.6-1.9x as fast at EP32-EP64 and 1.3-1.5x at EP8-EP16
-    (``benchmarks/planner_ab.py``), for a few percent more replicas. The chosen plan may then differ in imbalance, though it stays within the
-    target. The PyTorch reference plans every candidate in one batch and gains nothing. It suits
-    latency-bound use such as inference prefill, where the planner runs on the critical path."""
+    (``benchmarks/planner_ab.py``), for a few percent more replicas. The chosen plan may then differ
+    in imbalance, though it stays within the target. The PyTorch reference plans every candidate in
+    one batch and gains nothing. It suits latency-bound use such as inference prefill, where the
+    planner runs on the critical path."""
     copy_cost: int = 0
     """Time to copy one expert's weights over one link, in assignments' worth of grouped-GEMM time
     (:func:`copy_cost_in_assignments`). In training an assignment's time covers its forward and
