@@ -838,7 +838,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     for (int64_t r = 0; r < R; ++r)
         for (int64_t p = 0; p < P; ++p) own[r * P + p] = loads[r * E + r * P + p];
     for (int64_t c = 0; c < C; ++c) {
-        if (skipped[c]) continue;
+        if (skipped[c] || stopped[c]) continue; /* a stopped candidate is never good, so its count is not read */
         const int64_t *slot_pos = states + c * state_words + R + E;
         int64_t n = 0;
         for (int64_t i = 0; i < R * S; ++i) n += slot_pos[i] >= 0;
