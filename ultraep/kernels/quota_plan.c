@@ -639,8 +639,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
         int64_t same = -1;
         for (int64_t prev = c - step; prev < c && same < 0; ++prev)
             if (thresholds[prev] == threshold) same = prev;
-        /* Stopping early. A rank that hosts a replica never sheds load again (it took at most its spare,
-         * so it never lies above the threshold), so its load and replica load only grow, and so do the
+        /* Stopping early. A rank that hosts a replica never sheds load again, because it took at most its
+         * spare and so never lies above the threshold. Its load and replica load only grow, and so do the
          * copies each rank receives and sends. The costed peak is nondecreasing in all of them, so the
          * one of the plan so far, taken over the ranks that host replicas, bounds the final one from
          * below (stop_peak, from stop_bound_update), as their highest load bounds the final plain peak
