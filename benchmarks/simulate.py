@@ -71,7 +71,8 @@ TRAIN_PIPELINE = CostSettings(
     mode="train", overlap_sync=True, overlap_grad_reduce=True, pipeline_replicas=True, sync_chunks=PIPELINE_CHUNKS
 )
 PREFILL_PIPELINE = CostSettings(mode="prefill", overlap_sync=True, pipeline_replicas=True, sync_chunks=PIPELINE_CHUNKS)
-# quota with QuotaConfig.stop_at_target, which trades a few more replicas for about half the planner time.
+# quota with QuotaConfig.stop_at_target, which trades a few more replicas for about half the planner time where
+# plans reach the balance target.
 STOP_AT_TARGET = (("stop_at_target", True),)
 STOP_WORDS = ", quota with stop_at_target"
 # (mode, planner-time words, cost settings, planner-time overrides, quota settings) of every costing of a workload.
@@ -278,8 +279,8 @@ def render_markdown(command, args, workloads, sections, summary, bundled_note, e
         "chunk by chunk as the chunks arrive, and the down projection once the copy is complete "
         f"(`ManagerConfig.pipeline_replicas` with `num_chunks` = {PIPELINE_CHUNKS}). "
         "Rows marked \"stop_at_target\" plan `quota` with `QuotaConfig(stop_at_target=True)`: its threshold ladder "
-        "ends after the first step with a plan at or below the balance target, so it plans in about half the time "
-        "and keeps a few more replicas. "
+        "ends after the first step with a plan at or below the balance target, so where plans reach the target it "
+        "plans in about half the time and keeps a few more replicas. "
         f"Wall time of the whole run: {elapsed / 60:.1f} min.",
         "",
         bundled_note,

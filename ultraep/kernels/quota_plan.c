@@ -2,7 +2,7 @@
  *
  * The PyTorch reference runs every candidate threshold in one batch of tensor operations; here each
  * candidate runs on its own, in plain loops. The steps, their order and every integer formula follow
- * the reference (see its module docstring for the method). Four shortcuts leave the result unchanged:
+ * the reference (see its module docstring for the method). Five shortcuts leave the result unchanged:
  *
  * - A candidate stops when one of its rounds moves nothing: its state is then unchanged, so every
  *   later round would repeat that round.
@@ -292,7 +292,8 @@ struct stop_bound {
     int64_t *replica_load; /* [R] quota of each rank's replicas */
     int64_t busiest;       /* maximum copies one rank receives or sends */
     /* The three parts of replica_rank_time's numerator without the sync, maximised over the ranks
-     * with replicas, and the highest load among those ranks. */
+     * with replicas (the third one times 3 * copy_chunks, so that it stays an integer), and the
+     * highest load among those ranks. */
     int64_t max_gemm, max_first_chunk, max_last_chunk, max_rank_load;
 };
 
@@ -307,7 +308,8 @@ static void stop_bound_reset(struct stop_bound *b, int64_t R, int64_t E) {
 /* Adds one round's moves (receivers 0..num_active, the loads and slots after the round) and returns a
  * lower bound of the candidate's final costed peak if it exceeds beat, else -1.
  *
- * The bound is replica_rank_time maximised over the ranks with replicas. With n = copy_chunks and
+ * Without copy_overlap the bound is the highest load among the ranks with replicas plus the sync. With
+ * it the bound is replica_rank_time maximised over the ranks with replicas. With n = copy_chunks and
  * k = gemm_passes its numerator is the largest of load * k, load * (k - 1) + sync * k / n + replica
  * load and load * (k - 1) + sync * k + replica load * (n + 2) / (3 n), with the divisions rounded
  * down. Adding an integer commutes with rounding down, so the three parts' maxima without the sync
