@@ -598,6 +598,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     int first_drain_good = 0; /* with stop_at_target: a first-drain plan is good */
     struct stop_bound bound = {copies_of, relay_level, copies_sent, replica_load, 0, 0, 0, 0, 0};
     memset(skipped, 0, (size_t)C * sizeof(int64_t));
+    memset(stopped, 0, (size_t)C * sizeof(int64_t));
     for (int64_t idx = 0; idx < C; ++idx) {
         const int64_t c = idx < T * RF ? (idx % RF) * T + step_order[idx / RF] : idx;
         const int64_t threshold = thresholds[c];
@@ -651,7 +652,6 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
          * choice. A first-drain candidate also needs stop_plain at or above the lowest plain peak of the
          * first drain's candidates before it, which the second drain's thresholds are compared with.
          * A stopped candidate keeps the two bounds as its peaks. */
-        stopped[c] = 0;
         int64_t stop_peak = 0, stop_plain = 0;
         if (same >= 0) {
             memcpy(rank_load, states + same * state_words, (size_t)state_words * sizeof(int64_t));
