@@ -77,7 +77,7 @@ def workloads():
         layout = ExpertLayout.from_num_experts(64, 64, slots)
         yield f"Zipf(1.0) EP64 x 64 x {slots}, copy cost 40, training", loads.contiguous(), layout, training
     # Small prefill microbatches, where one copy costs about half a rank's load: 512 tokens per rank with
-    # top-8 routing, and the copy cost that the simulator gives GLM-4.5-Air, Qwen3-235B and DeepSeek-V3
+    # top-8 routing. The copy cost is the one the simulator gives GLM-4.5-Air, Qwen3-235B and DeepSeek-V3
     # in prefill on GB200 NVL72 with the ESFT trace's top-6 routing.
     prefill = quota.QuotaConfig(copy_cost=1823, copy_overlap=True, copy_chunks=8)
     for slots in (1, 2):

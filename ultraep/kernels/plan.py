@@ -564,7 +564,8 @@ def _quota_plan_kernel(
         row_ok = row_ok & (~row_over | (all_threshold < best_first_drain))
         if STOP_AT_TARGET:
             # With a good first-drain plan the search stops there.
-            first_good = tl.max((first_drain & (all_peak * (NUM_RANKS * FRACTION_SCALE) <= total * target_q)).to(tl.int32), axis=0)
+            first_within = first_drain & (all_peak * (NUM_RANKS * FRACTION_SCALE) <= total * target_q)
+            first_good = tl.max(first_within.to(tl.int32), axis=0)
             row_ok = row_ok & (~row_over | (first_good == 0))
         best_peak = tl.min(tl.where(row_ok, all_peak, _BIG), axis=0)
         good = row_ok & ((all_peak == best_peak) | (all_peak * (NUM_RANKS * FRACTION_SCALE) <= total * target_q))

@@ -330,7 +330,7 @@ static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_acti
         const int64_t recv = recv_rank[i], a = amount[i];
         if (a == 0) continue;
         /* Each receiver appears once per round, and its load is final for the round. The ranks with
-         * replicas whose load changed are exactly these receivers: they never give load away. */
+         * replicas whose load changed are exactly these receivers, because such ranks never give load away. */
         replica_load[recv] += a;
         const int64_t load = rank_load[recv], backward = load * (gemm_passes - 1);
         max_rank_load = max64(max_rank_load, load);
@@ -595,7 +595,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     int64_t best_load = INT64_MAX, best_first_drain = INT64_MAX;
     /* Lowest plain peak of the first drain's candidates planned so far. */
     int64_t first_drain_low = INT64_MAX;
-    int first_drain_good = 0; /* with stop_at_target: a first-drain plan is good */
+    int first_drain_good = 0; /* set with stop_at_target when a first-drain plan is good */
     struct stop_bound bound = {copies_of, relay_level, copies_sent, replica_load, 0, 0, 0, 0, 0};
     memset(skipped, 0, (size_t)C * sizeof(int64_t));
     memset(stopped, 0, (size_t)C * sizeof(int64_t));
@@ -644,10 +644,10 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
             if (thresholds[prev] == threshold) same = prev;
         /* Stopping early. A rank that hosts a replica never sheds load again, because it took at most its
          * spare and so never lies above the threshold. Its load and replica load only grow, and so do the
-         * copies each rank receives and sends. The costed peak is nondecreasing in all of them, so the
-         * one of the plan so far, taken over the ranks that host replicas, bounds the final one from
-         * below (stop_peak, from stop_bound_update), as their highest load bounds the final plain peak
-         * (stop_plain). Once stop_peak lies above both the lowest peak so far and the balance target,
+         * copies each rank receives and sends. The costed peak is nondecreasing in all of them. So the
+         * costed peak of the plan so far, over the ranks that host replicas, bounds the final one from
+         * below (stop_peak, from stop_bound_update). Their highest load bounds the final plain peak from
+         * below too (stop_plain). Once stop_peak lies above both the lowest peak so far and the balance target,
          * the candidate can be neither the best nor good, and the rounds left would not change the
          * choice. A first-drain candidate also needs stop_plain at or above the lowest plain peak of the
          * first drain's candidates before it, which the second drain's thresholds are compared with.
@@ -669,8 +669,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
             /* Ranks whose load or slots changed in the last round; -1 before the first round. */
             int64_t num_touched = -1, num_donors = 0, num_receivers = 0;
             /* The candidate stops once its bound exceeds the lowest peak so far. That is tried only while no
-             * plan so far is good, since a bound above a good peak is rare and the bookkeeping costs time, and
-             * while the lowest peak lies below COSTED_PEAK_LIMIT, where peaks are clamped. */
+             * plan so far is good, since a bound above a good peak is rare and the bookkeeping costs time. It
+             * also needs the lowest peak below COSTED_PEAK_LIMIT, where peaks are clamped. */
             const int may_stop = copy_cost > 0 && best_load > good_peak && best_load < COSTED_PEAK_LIMIT;
             if (may_stop) stop_bound_reset(&bound, R, E);
 

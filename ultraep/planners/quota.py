@@ -36,11 +36,11 @@ unbalanced maximum. The first drain's steps take part from the lowest threshold 
 threshold lies at or below the balance target or at or below the lowest peak of the steps below it.
 A plan rarely ends below its threshold, so the steps above could almost never win, and the compiled
 planner does not plan them. With ``QuotaConfig.stop_at_target`` the ladder also ends after the first
-step with a plan at or below the balance target. The planner keeps the plan with the lowest max rank load. Among plans at
-or below the balance target it keeps the fewest replicas, then the most assignments served on their
-own rank. Everything is int64 tensor arithmetic with unique sort keys, so the plan is identical on
-every device and run. On accelerators no value is read back to the host. On the CPU the rounds stop
-once a round moves nothing, which leaves the plan unchanged.
+step with a plan at or below the balance target. The planner keeps the plan with the lowest max rank
+load. Among plans at or below the balance target it keeps the fewest replicas, then the most
+assignments served on their own rank. Everything is int64 tensor arithmetic with unique sort keys,
+so the plan is identical on every device and run. On accelerators no value is read back to the host.
+On the CPU the rounds stop once a round moves nothing, which leaves the plan unchanged.
 
 Copy cost. Every replica costs a weight copy, and on small microbatches or large experts the copy
 can take longer than the load it moves. With ``QuotaConfig.copy_cost = c > 0`` (one copy's time in
@@ -179,7 +179,7 @@ class QuotaConfig:
 
     balance_target: float = 1.001
     """Imbalance (max / mean rank load) at or below which plans count as equally good; among those the
-    planner keeps the one with the fewest replicas. 1.0 asks for the most balanced plan found. With
+    planner keeps the one with the fewest replicas. 1.0 requests the most balanced plan found. With
     ``copy_cost`` the max rank load is the costed peak, the slowest rank with the weight sync counted."""
     min_replica_quota: int = 1
     """Smallest quota (assignments) for which a replica is created; smaller pieces stay on the master."""
@@ -222,7 +222,7 @@ class QuotaConfig:
         for name in ("balance_target", "min_replica_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"QuotaConfig.{name} must be a float, got {value!r}")
+                raise TypeError(f"QuotaConfig.{name} must be a float, got {value!r}; pass a number")
         if not 1.0 <= self.balance_target < 1e6:
             raise ValueError(f"QuotaConfig.balance_target must be in [1.0, 1e6), got {self.balance_target}")
         if isinstance(self.min_replica_quota, bool) or not isinstance(self.min_replica_quota, int):
@@ -255,7 +255,9 @@ class QuotaConfig:
                 "compute); set copy_overlap=True or copy_chunks=1"
             )
         if self.num_rounds is not None and (isinstance(self.num_rounds, bool) or not isinstance(self.num_rounds, int)):
-            raise TypeError(f"QuotaConfig.num_rounds must be None or an int, got {self.num_rounds!r}")
+            raise TypeError(
+                f"QuotaConfig.num_rounds must be None or an int, got {self.num_rounds!r}; pass an int in [1, 64] or None"
+            )
         if self.num_rounds is not None and not 1 <= self.num_rounds <= 64:
             raise ValueError(f"QuotaConfig.num_rounds must be None or in [1, 64], got {self.num_rounds}")
 
@@ -770,7 +772,7 @@ def _first_drain_steps(
     within_target = step_threshold * (num_ranks * _FRACTION_SCALE) <= state.total * target_q
     stays = within_target | (step_threshold <= bar)
     if stop_at_target:
-        # Every step after the first one has a bar from a plan; the first one always takes part.
+        # The first step has no plan below it, so it always takes part. Every later step has a bar from a plan.
         good_before = bar * (num_ranks * _FRACTION_SCALE) <= state.total * target_q
         good_before[0] = False
         stays = stays & ~good_before
