@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from ultraep.evaluate import master_imbalance
 from ultraep.layout import ExpertLayout
 from ultraep.plan import check_plan
+from ultraep.planners.base import masters_only_plan
 from ultraep.planners.quota import MAX_COPY_COST, QuotaConfig, QuotaPlanner
 
 
@@ -223,6 +224,19 @@ def test_planner_rejects_bad_loads():
         planner(torch.ones(2, 3, dtype=torch.int64), layout)
     with pytest.raises(TypeError, match="either config or settings"):
         QuotaPlanner(QuotaConfig(), balance_target=1.0)
+
+
+def test_subclass_plan_override_is_called():
+    class MastersOnly(QuotaPlanner):
+        def plan(self, loads, layout):
+            return masters_only_plan(loads, layout)
+
+    layout = ExpertLayout(2, 2, 1)
+    loads = torch.tensor([[50, 0, 0, 0], [50, 0, 0, 0]])
+    assert QuotaPlanner()(loads, layout).num_replicas() == 1
+    assert MastersOnly()(loads, layout).num_replicas() == 0
+    with pytest.raises(ValueError, match="is negative"):
+        MastersOnly()(-loads, layout)
 
 
 # Copy cost: candidates compared with the weight sync counted.
