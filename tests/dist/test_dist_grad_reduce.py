@@ -48,6 +48,38 @@ def test_reduce_adds_in_ascending_slot_order(tmp_path):
     assert torch.equal(results[0][0][1], torch.full((2,), 0.5))
 
 
+def _tree_worker(rank: int, world_size: int) -> list[torch.Tensor]:
+    """Expert 0 (rank 0) has replicas on ranks 1-4, reduced through 2 relays in 2 chunks."""
+    layout = ExpertLayout(world_size, 2, 1)
+    spec = WeightSpec(((4, 2), (4, 3)))
+    placement = [[-1], [0], [0], [0], [0]]
+    reduce_plan = plan_grad_reduce(layout, placement, mode="relay", num_chunks=2, scratch_rows=1)
+    assert reduce_plan.relay_expert_ids == (0,)
+    assert len([t for t in reduce_plan.transfers if t.dst_rank == 0]) == 4  # 2 relays x 2 chunks
+    grad_buffer = torch.full((1, spec.numel), float("nan"))
+    if rank > 0:
+        # Distinct integers per rank and element: every sum is exact, so any lost or doubled row shows.
+        grad_buffer[0] = torch.arange(spec.numel, dtype=torch.float32) + 1000.0 * rank
+    master_grads = [torch.zeros(2, 4, 2), torch.zeros(2, 4, 3)]
+    scratch = torch.full((1, spec.numel), float("nan"))
+    reduce_replica_grads(
+        reduce_plan, layout=layout, spec=spec, rank=rank, replica_grad_buffer=grad_buffer,
+        master_grads=master_grads, scratch=scratch,
+    )
+    assert torch.equal(grad_buffer, torch.zeros_like(grad_buffer)), "the gradient buffer must be zero afterwards"
+    return master_grads
+
+
+def test_reduce_through_relays_sums_every_replica(tmp_path):
+    results = run_ranks(_tree_worker, 5, tmp_path)
+    row = 4 * torch.arange(20, dtype=torch.float32) + 1000.0 * (1 + 2 + 3 + 4)
+    assert torch.equal(results[0][0][0].reshape(-1), row[:8])
+    assert torch.equal(results[0][1][0].reshape(-1), row[8:])
+    assert torch.equal(results[0][0][1], torch.zeros(4, 2)), "expert 1 has no replica"
+    for rank in range(1, 5):
+        assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in results[rank]), f"rank {rank} masters no replica"
+
+
 def _repeat_worker(rank: int, world_size: int) -> list[list[torch.Tensor]]:
     manager = make_manager(world_size, redundant_slots_per_rank=2)
     runs = []

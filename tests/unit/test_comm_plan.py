@@ -350,14 +350,95 @@ def test_grad_reduce_slot_order_and_steps():
     layout = ExpertLayout(4, 2, 1)  # slots per rank 3; redundant slots 2, 5, 8, 11
     # Expert 0 (rank 0) on ranks 1, 2, 3; expert 2 (rank 1) on rank 0.
     plan = plan_grad_reduce(layout, [[2], [0], [0], [0]], scratch_rows=2)
+    # Fields: step, expert, source rank and slot, destination rank and slot, chunk, scratch row.
     assert plan.transfers == (
-        GradReduceTransfer(0, 0, 1, 5, 0, 0),
-        GradReduceTransfer(0, 0, 2, 8, 0, 1),
-        GradReduceTransfer(0, 2, 0, 2, 1, 0),
-        GradReduceTransfer(1, 0, 3, 11, 0, 0),
+        GradReduceTransfer(0, 0, 1, 5, 0, 0, 0, 0),
+        GradReduceTransfer(0, 0, 2, 8, 0, 0, 0, 1),
+        GradReduceTransfer(0, 2, 0, 2, 1, 3, 0, 0),
+        GradReduceTransfer(1, 0, 3, 11, 0, 0, 0, 0),
     )
-    assert plan.num_steps == 2
+    assert (plan.num_steps, plan.num_chunks, plan.relay_expert_ids) == (2, 1, ())
     assert plan.scratch_rows == 2
+
+
+def test_grad_reduce_sums_through_relays():
+    layout = ExpertLayout(8, 2, 2)  # redundant slots of rank r: 4r + 2, 4r + 3
+    placement = [[-1, -1]] + [[0, -1]] * 7  # 7 replicas of expert 0
+    plan = plan_grad_reduce(layout, placement, mode="relay", num_chunks=2, scratch_rows=3)
+    weights = plan_weight_sync(layout, placement, mode="relay", num_chunks=2)
+    assert plan.relay_expert_ids == weights.relay_expert_ids == (0,)
+    # The same tree, walked backwards: every sync edge appears as a reduce edge.
+    sync_edges = {(t.src_slot_id, t.dst_slot_id) for t in weights.transfers}
+    assert {(t.dst_slot_id, t.src_slot_id) for t in plan.transfers} == sync_edges
+    # The master (slot 0) receives from the 3 relays only; they forward 2, 1 and 1 children's rows.
+    assert sorted(t.src_slot_id for t in plan.transfers if t.dst_slot_id == 0 and t.chunk_idx == 0) == [6, 10, 14]
+    assert plan.num_steps == 3  # children send chunk c in step c, relays forward it in step c + 1
+    # With 2 scratch rows the third relay's chunk waits one step.
+    assert plan_grad_reduce(layout, placement, mode="relay", num_chunks=2, scratch_rows=2).num_steps == 4
+    assert plan.elements_moved(10) == 70
+
+
+def _check_reduce_schedule(layout: ExpertLayout, placement, quota, plan) -> None:
+    """Replay the plan on sets of contributing slots: each master gets every gradient exactly once,
+    a row leaves only once it holds all of its subtree, and no step overfills a scratch row."""
+    contents = {}  # (slot, chunk) -> slots whose gradient that row chunk holds
+    for rank, row in enumerate(placement):
+        for idx, expert in enumerate(row):
+            slot = layout.redundant_slot_id(rank, idx)
+            for chunk in range(plan.num_chunks):
+                contents[(slot, chunk)] = [slot]
+    pending = {}  # (slot, chunk) -> children still to arrive
+    for t in plan.transfers:
+        pending[(t.dst_slot_id, t.chunk_idx)] = pending.get((t.dst_slot_id, t.chunk_idx), 0) + 1
+    sent, masters = set(), {}
+    for step in range(plan.num_steps):
+        step_transfers = [t for t in plan.transfers if t.step == step]
+        rows = {}
+        for t in step_transfers:
+            assert t.step >= t.chunk_idx
+            assert layout.slot_rank(t.src_slot_id) == t.src_rank and layout.slot_rank(t.dst_slot_id) == t.dst_rank
+            assert pending.get((t.src_slot_id, t.chunk_idx), 0) == 0, f"slot {t.src_slot_id} sends before its children"
+            assert (t.src_slot_id, t.chunk_idx) not in sent
+            sent.add((t.src_slot_id, t.chunk_idx))
+            key = (t.dst_rank, t.chunk_idx)
+            rows.setdefault(key, set())
+            assert t.scratch_row not in rows[key] and 0 <= t.scratch_row < plan.scratch_rows
+            rows[key].add(t.scratch_row)
+        for t in step_transfers:
+            payload = contents[(t.src_slot_id, t.chunk_idx)]
+            if layout.is_redundant_slot(t.dst_slot_id):
+                contents[(t.dst_slot_id, t.chunk_idx)] = contents[(t.dst_slot_id, t.chunk_idx)] + payload
+            else:
+                assert t.dst_slot_id == layout.master_slot_id(t.expert_id)
+                masters.setdefault((t.dst_slot_id, t.chunk_idx), []).extend(payload)
+            pending[(t.dst_slot_id, t.chunk_idx)] -= 1
+    expected = {}
+    for rank, row in enumerate(placement):
+        for idx, expert in enumerate(row):
+            if expert >= 0 and (quota is None or quota[rank][idx] != 0):
+                for chunk in range(plan.num_chunks):
+                    expected.setdefault((layout.master_slot_id(expert), chunk), []).append(layout.redundant_slot_id(rank, idx))
+    assert {key: sorted(value) for key, value in masters.items()} == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=placements(),
+    mode=st.sampled_from(["direct", "relay", "auto"]),
+    num_chunks=st.integers(1, 4),
+    scratch_rows=st.integers(1, 3),
+    zero_quota=st.booleans(),
+)
+def test_any_reduce_plan_sums_every_gradient_once(case, mode, num_chunks, scratch_rows, zero_quota):
+    layout, placement, needs_copy = case
+    quota = [[int(flag) for flag in row] for row in needs_copy] if zero_quota else None
+    plan = plan_grad_reduce(
+        layout, placement, replica_quota=quota, scratch_rows=scratch_rows, mode=mode, num_chunks=num_chunks
+    )
+    _check_reduce_schedule(layout, placement, quota, plan)
+    assert plan == plan_grad_reduce(
+        layout, placement, replica_quota=quota, scratch_rows=scratch_rows, mode=mode, num_chunks=num_chunks
+    )
 
 
 def test_grad_reduce_skips_zero_quota_replicas():
@@ -368,9 +449,17 @@ def test_grad_reduce_skips_zero_quota_replicas():
     assert plan_grad_reduce(layout, [[-1, -1], [-1, -1]]).num_steps == 0
 
 
-def test_grad_reduce_rejects_bad_scratch_rows():
-    with pytest.raises(ValueError, match="scratch_rows must be a positive int, got 0"):
-        plan_grad_reduce(ExpertLayout(2, 2, 1), [[-1], [0]], scratch_rows=0)
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"scratch_rows": 0}, "scratch_rows must be a positive int, got 0", id="scratch_rows"),
+        pytest.param({"mode": "tree"}, "mode must be one of", id="mode"),
+        pytest.param({"num_chunks": 0}, "num_chunks must be a positive int, got 0", id="num_chunks"),
+    ],
+)
+def test_grad_reduce_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_grad_reduce(ExpertLayout(2, 2, 1), [[-1], [0]], **kwargs)
 
 
 def test_elements_moved_counts_every_chunk():

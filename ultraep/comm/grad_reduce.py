@@ -1,14 +1,20 @@
 """Grad reduce: add each replica's weight gradient into its master's gradient, in a fixed order.
 
-Replication copies a master's weights into redundant slots, a linear map; grad reduce is its adjoint.
-Each replica sends its gradient row to the master's rank, which adds the rows of one expert in
-ascending physical slot id order. The order never depends on timing, so the sums are bitwise
-reproducible from run to run.
+Replication copies a master's weights into redundant slots, a linear map; grad reduce is its adjoint,
+and it runs along the same trees as the weight sync. Without a relay tree each replica sends its
+gradient row to the master's rank. With one (``mode="relay"`` or ``"auto"``, the trees of
+:func:`~ultraep.comm.relay.plan_relay_trees` built over the replicas that have a gradient), each
+relay adds its children's rows into its own row and sends the sum on to the master, chunk by chunk:
+the children send chunk ``c`` no earlier than step ``c`` and the relay forwards it in a later step,
+so the master's rank receives one row per relay instead of one per replica.
+
+Every receiver adds the rows it receives in the order of the plan, which never depends on timing, so
+the sums are bitwise reproducible from run to run. A rank receives into a small scratch buffer of
+``scratch_rows`` flat rows: per step it takes at most ``scratch_rows`` pieces of each chunk, and a rank
+that has more to receive takes more steps instead of a larger buffer.
 
 As with weight sync, :func:`plan_grad_reduce` is pure and :func:`reduce_replica_grads` runs the plan
-with point-to-point operations. A master rank receives into a small scratch buffer of
-``scratch_rows`` flat rows, so a rank whose experts have many replicas takes several steps instead
-of a larger buffer.
+with point-to-point operations.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ultraep.comm.weight_sync import WeightSpec, _as_int_table, check_replica_placement, exchange
+from ultraep.comm.relay import plan_relay_trees
+from ultraep.comm.weight_sync import SYNC_MODES, WeightSpec, _as_int_table, check_replica_placement, exchange
 from ultraep.layout import ExpertLayout
 
 __all__ = ["GradReducePlan", "GradReduceTransfer", "plan_grad_reduce", "reduce_replica_grads"]
@@ -28,7 +35,7 @@ __all__ = ["GradReducePlan", "GradReduceTransfer", "plan_grad_reduce", "reduce_r
 
 @dataclasses.dataclass(frozen=True)
 class GradReduceTransfer:
-    """One replica's gradient row sent to its expert's master rank."""
+    """One chunk of a replica's gradient row (its own gradient plus its relay children's) sent up its tree."""
 
     step: int
     """Step of the schedule; all transfers of a step run in one ``batch_isend_irecv``."""
@@ -39,9 +46,13 @@ class GradReduceTransfer:
     src_slot_id: int
     """Physical slot id of the replica (a redundant slot on ``src_rank``)."""
     dst_rank: int
-    """Master rank of ``expert_id``."""
+    """Rank that adds the chunk: the master rank of ``expert_id``, or a relay's rank."""
+    dst_slot_id: int
+    """Physical slot id the chunk is added into: the expert's master slot, or the relay's redundant slot."""
+    chunk_idx: int
+    """Chunk of the row, ``0 .. num_chunks-1`` (:meth:`WeightSpec.chunk_segments`)."""
     scratch_row: int
-    """Row of the master rank's scratch buffer that receives the gradient."""
+    """Row of ``dst_rank``'s scratch buffer that receives the chunk."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +63,30 @@ class GradReducePlan:
     (rank 1)::
 
         transfers = (GradReduceTransfer(step=0, expert_id=0, src_rank=1, src_slot_id=5,
-                                        dst_rank=0, scratch_row=0),)
-        num_steps = 1, scratch_rows = 1
+                                        dst_rank=0, dst_slot_id=0, chunk_idx=0, scratch_row=0),)
+        num_steps = 1, num_chunks = 1, scratch_rows = 1, relay_expert_ids = ()
     """
 
     transfers: tuple[GradReduceTransfer, ...]
-    """Sorted by (step, dst_rank, src_slot_id); per master rank, ascending replica slot id."""
+    """Sorted by (step, dst_rank, dst_slot_id, src_slot_id, chunk_idx). Each receiver adds its
+    arrivals in this order."""
     num_steps: int
     """Steps of the schedule (0 when no replica has a gradient)."""
+    num_chunks: int
+    """Chunks each row is split into; 1 unless some expert is reduced through a relay tree."""
     scratch_rows: int
-    """Rows of the receive buffer each master rank needs."""
+    """Rows of the receive buffer each rank needs."""
+    relay_expert_ids: tuple[int, ...]
+    """Logical experts reduced through relay trees, ascending."""
     num_ranks: int
     """Ranks of the EP group the plan is for."""
+
+    def elements_moved(self, numel: int) -> int:
+        """Return the elements all transfers move together, for flat gradient rows of ``numel`` elements.
+
+        Every replica with a gradient sends its row once, whole or in chunks.
+        """
+        return len({t.src_slot_id for t in self.transfers}) * numel
 
 
 def plan_grad_reduce(
@@ -72,20 +95,32 @@ def plan_grad_reduce(
     *,
     replica_quota=None,
     scratch_rows: int | None = None,
+    mode: str = "direct",
+    num_chunks: int = 4,
 ) -> GradReducePlan:
-    """List the gradient transfers from replicas to master ranks. Pure, no communication.
+    """List the gradient transfers from replicas up their trees to master ranks. Pure, no communication.
 
     replica_expert_ids: [num_ranks, redundant_slots_per_rank] int tensor (any device, read on the host)
       or nested sequence. Logical expert of each redundant slot; -1 = empty.
     replica_quota: [num_ranks, redundant_slots_per_rank] int tensor or nested sequence, or ``None``.
       Quota of each redundant slot. A replica with quota 0 processed no assignment, so its gradient is
       exactly zero and it sends nothing. ``None`` sends every replica.
-    scratch_rows: receive rows per master rank and step (>= 1); ``None`` means
+    scratch_rows: receive rows per rank and step (>= 1); ``None`` means
       ``max(1, redundant_slots_per_rank)``.
+    mode: ``"direct"``, ``"relay"`` or ``"auto"``, as for :func:`~ultraep.comm.plan_weight_sync`; the
+      trees span the replicas that send a gradient.
+    num_chunks: chunks per row when some expert is reduced through a relay tree (>= 1).
 
-    The k-th replica (ascending slot id) of any expert on master rank ``r`` arrives in step
-    ``k // scratch_rows``, row ``k % scratch_rows``, counting all of rank ``r``'s incoming replicas.
+    Schedule: the deeper level of every tree goes first. A transfer of chunk ``c`` takes the first
+    step that is at or after ``c``, after every step in which its source received chunk ``c`` from its
+    children, and in which its receiver has a free scratch row for chunk ``c``. Without relay trees
+    this puts the k-th replica (ascending slot id) arriving on a rank in step ``k // scratch_rows``,
+    row ``k % scratch_rows``.
     """
+    if mode not in SYNC_MODES:
+        raise ValueError(f"mode must be one of {SYNC_MODES}, got {mode!r}")
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
     width = layout.redundant_slots_per_rank
     if scratch_rows is None:
         scratch_rows = max(1, width)
@@ -94,25 +129,48 @@ def plan_grad_reduce(
     table = check_replica_placement(layout, replica_expert_ids)
     quota = None if replica_quota is None else _as_int_table(replica_quota, "replica_quota", layout.num_ranks, width)
 
-    # Step 1: incoming replicas of each master rank, ascending slot id.
-    incoming: list[list[tuple[int, int, int]]] = [[] for _ in range(layout.num_ranks)]
+    # Step 1: replicas with a gradient, per expert in ascending slot id, and their trees.
+    senders: dict[int, list[tuple[int, int]]] = {}
     for rank in range(layout.num_ranks):
         for idx in range(width):
             expert = table[rank][idx]
-            if expert < 0 or (quota is not None and quota[rank][idx] == 0):
-                continue
-            incoming[layout.master_rank(expert)].append((layout.redundant_slot_id(rank, idx), rank, expert))
+            if expert >= 0 and (quota is None or quota[rank][idx] != 0):
+                senders.setdefault(expert, []).append((rank, layout.redundant_slot_id(rank, idx)))
+    trees = plan_relay_trees(layout, senders, mode)
+    chunks = num_chunks if trees else 1
 
-    # Step 2: the k-th incoming replica lands in step k // scratch_rows.
+    # Step 2: tree edges as (level, expert, source, destination); level 2 is a child sending to its relay.
+    edges = []
+    for expert, slots in senders.items():
+        master = (layout.master_rank(expert), layout.master_slot_id(expert))
+        tree = trees.get(expert)
+        if tree is None:
+            edges.extend((1, expert, slot, master) for slot in slots)
+            continue
+        edges.extend((1, expert, relay, master) for relay in tree.relays)
+        for relay, group in zip(tree.relays, tree.children, strict=True):
+            edges.extend((2, expert, child, relay) for child in group)
+    edges.sort(key=lambda edge: (-edge[0], edge[3][1], edge[2][1]))
+
+    # Step 3: list-schedule the edges chunk by chunk, deeper level first.
+    received_by = {}  # (slot id, chunk) -> last step in which that slot received the chunk from a child
+    used_rows: dict[tuple[int, int, int], int] = {}  # (rank, step, chunk) -> scratch rows taken
     transfers = []
-    for dst_rank, items in enumerate(incoming):
-        for position, (slot_id, src_rank, expert) in enumerate(sorted(items)):
-            transfers.append(
-                GradReduceTransfer(position // scratch_rows, expert, src_rank, slot_id, dst_rank, position % scratch_rows)
-            )
-    transfers.sort(key=lambda t: (t.step, t.dst_rank, t.src_slot_id))
+    for level in (2, 1):
+        for chunk in range(chunks):
+            for edge_level, expert, (src_rank, src_slot), (dst_rank, dst_slot) in edges:
+                if edge_level != level:
+                    continue
+                step = max(chunk, received_by.get((src_slot, chunk), -1) + 1)
+                while used_rows.get((dst_rank, step, chunk), 0) >= scratch_rows:
+                    step += 1
+                row = used_rows.get((dst_rank, step, chunk), 0)
+                used_rows[(dst_rank, step, chunk)] = row + 1
+                received_by[(dst_slot, chunk)] = max(received_by.get((dst_slot, chunk), -1), step)
+                transfers.append(GradReduceTransfer(step, expert, src_rank, src_slot, dst_rank, dst_slot, chunk, row))
+    transfers.sort(key=lambda t: (t.step, t.dst_rank, t.dst_slot_id, t.src_slot_id, t.chunk_idx))
     num_steps = max((t.step + 1 for t in transfers), default=0)
-    return GradReducePlan(tuple(transfers), num_steps, scratch_rows, layout.num_ranks)
+    return GradReducePlan(tuple(transfers), num_steps, chunks, scratch_rows, tuple(sorted(trees)), layout.num_ranks)
 
 
 def reduce_replica_grads(
@@ -128,15 +186,16 @@ def reduce_replica_grads(
     timeout: datetime.timedelta | None = None,
     description: str = "grad reduce",
 ) -> int:
-    """Run ``reduce_plan`` on this rank: send replica gradients, add received ones into master gradients.
+    """Run ``reduce_plan`` on this rank: send replica gradients up their trees, add received ones in plan order.
 
     reduce_plan: from :func:`plan_grad_reduce`; every rank of ``group`` passes the same plan.
     replica_grad_buffer: [redundant_slots_per_rank, spec.numel] tensor on this rank. Row ``j`` contains the
-      gradient of redundant slot ``j``; only rows named as sources in the plan are read. Every row is
-      zero when this returns, ready for the next layer.
-    master_grads: per weight tensor, ``[experts_per_rank, *shape]``, same dtype and device as the
-      buffer; received gradients are added in place, per expert in ascending replica slot id. May be
-      ``None`` when no transfer targets this rank.
+      gradient of redundant slot ``j``; only rows named as sources in the plan are read, and a relay's
+      row also takes its children's sums before it is sent on. Every row is zero when this returns,
+      ready for the next layer.
+    master_grads: per weight tensor, contiguous ``[experts_per_rank, *shape]``, same dtype and device as
+      the buffer; received gradients are added in place in the plan's order. May be ``None`` when no
+      transfer reaches a master slot on this rank.
     scratch: [reduce_plan.scratch_rows, spec.numel] receive buffer; contents on entry are ignored.
     Returns the bytes this rank sent.
 
@@ -156,25 +215,36 @@ def reduce_replica_grads(
         raise ValueError(
             f"scratch must have shape [{reduce_plan.scratch_rows}, {spec.numel}] for this plan, got {list(scratch.shape)}"
         )
-    if master_grads is None and any(t.dst_rank == rank for t in reduce_plan.transfers):
+    masters = layout.experts_per_rank
+    to_master = any(t.dst_rank == rank and t.dst_slot_id % layout.slots_per_rank < masters for t in reduce_plan.transfers)
+    if master_grads is None and to_master:
         raise ValueError(f"master_grads is None but the plan sends replica gradients to rank {rank}")
-    scratch_views = spec.row_views(scratch) if reduce_plan.num_steps else ()
+    if master_grads is not None and not all(grad.is_contiguous() for grad in master_grads):
+        raise ValueError("master_grads must be contiguous tensors; pass e.g. [g.contiguous() for g in grads] and read the result back")
     bytes_sent = 0
 
     for step in range(reduce_plan.num_steps):
-        # Step 1: post this step's sends and receives; tags are positions in the shared list.
+        # Step 1: post this step's sends and receives. Every rank walks the same list, so the tag (the
+        # piece's position in the step) matches on both ends.
         ops, peers, arrivals = [], [], []
-        for tag, transfer in enumerate((t for t in reduce_plan.transfers if t.step == step), start=1):
-            if transfer.src_rank == rank:
-                row = transfer.src_slot_id % layout.slots_per_rank - layout.experts_per_rank
-                tensor = replica_grad_buffer[row]
-                ops.append(dist.P2POp(dist.isend, tensor, group=group, tag=tag, group_peer=transfer.dst_rank))
-                peers.append(transfer.dst_rank)
-                bytes_sent += tensor.numel() * tensor.element_size()
-            elif transfer.dst_rank == rank:
-                ops.append(dist.P2POp(dist.irecv, scratch[transfer.scratch_row], group=group, tag=tag, group_peer=transfer.src_rank))
-                peers.append(transfer.src_rank)
-                arrivals.append(transfer)
+        tag = 0
+        for transfer in reduce_plan.transfers:
+            if transfer.step != step:
+                continue
+            for weight_idx, begin, stop in spec.chunk_segments(transfer.chunk_idx, reduce_plan.num_chunks):
+                tag += 1
+                offset = spec.offsets[weight_idx]
+                if transfer.src_rank == rank:
+                    row = transfer.src_slot_id % layout.slots_per_rank - masters
+                    tensor = replica_grad_buffer[row, offset + begin : offset + stop]
+                    ops.append(dist.P2POp(dist.isend, tensor, group=group, tag=tag, group_peer=transfer.dst_rank))
+                    peers.append(transfer.dst_rank)
+                    bytes_sent += tensor.numel() * tensor.element_size()
+                elif transfer.dst_rank == rank:
+                    tensor = scratch[transfer.scratch_row, offset + begin : offset + stop]
+                    ops.append(dist.P2POp(dist.irecv, tensor, group=group, tag=tag, group_peer=transfer.src_rank))
+                    peers.append(transfer.src_rank)
+                    arrivals.append((transfer, weight_idx, begin, stop))
         if not ops:
             continue
         exchange(
@@ -185,11 +255,15 @@ def reduce_replica_grads(
             peer_ranks=peers,
         )
 
-        # Step 2: add in ascending replica slot id; arrivals keep the plan's order.
-        for transfer in arrivals:
-            local_idx = transfer.expert_id % layout.experts_per_rank
-            for master_grad, view in zip(master_grads, scratch_views, strict=True):
-                master_grad[local_idx].add_(view[transfer.scratch_row])
+        # Step 2: add the arrivals in plan order, into a master gradient or a relay's row.
+        for transfer, weight_idx, begin, stop in arrivals:
+            offset = spec.offsets[weight_idx]
+            piece = scratch[transfer.scratch_row, offset + begin : offset + stop]
+            local_idx = transfer.dst_slot_id % layout.slots_per_rank
+            if local_idx < masters:
+                master_grads[weight_idx][local_idx].view(-1)[begin:stop].add_(piece)
+            else:
+                replica_grad_buffer[local_idx - masters, offset + begin : offset + stop].add_(piece)
 
     replica_grad_buffer.zero_()
     return bytes_sent

@@ -13,9 +13,11 @@ without communicating.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import MutableSequence, Sequence
+from collections.abc import Mapping, MutableSequence, Sequence
 
-__all__ = ["RelayTree", "choose_num_relays", "plan_relay_tree"]
+from ultraep.layout import ExpertLayout
+
+__all__ = ["RelayTree", "choose_num_relays", "plan_relay_tree", "plan_relay_trees"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,3 +112,40 @@ def plan_relay_tree(
         children[pick].append(receivers[idx])
         sends_per_rank[relays[pick][0]] += 1
     return RelayTree(expert_id, master_rank, relays, tuple(tuple(group) for group in children))
+
+
+def plan_relay_trees(
+    layout: ExpertLayout, receivers: Mapping[int, Sequence[tuple[int, int]]], mode: str
+) -> dict[int, RelayTree]:
+    """Choose which experts go through relay trees and build their trees.
+
+    receivers: per logical expert, (rank, physical slot id) of every redundant slot it reaches, in
+      ascending slot id order.
+    mode: ``"direct"`` (no trees), ``"relay"`` (a tree for every expert whose tree uses fewer relays
+      than receivers) or ``"auto"`` (as ``"relay"``, but only while the expert's master rank sends
+      more copies than the busiest receiver takes in, the bound no schedule can beat).
+    Experts with the most receivers are planned first (ties: lower expert id), each starting from the
+    direct schedule's per-rank counts as updated by the trees before it. Weight sync sends along
+    these trees and grad reduce sums back along them, so both build them with this function.
+    """
+    trees: dict[int, RelayTree] = {}
+    if mode == "direct":
+        return trees
+    sends_per_rank = [0] * layout.num_ranks
+    receives_per_rank = [0] * layout.num_ranks
+    for expert, slots in receivers.items():
+        sends_per_rank[layout.master_rank(expert)] += len(slots)
+        for rank, _ in slots:
+            receives_per_rank[rank] += 1
+    receive_bound = max(receives_per_rank, default=0)
+    for expert in sorted(receivers, key=lambda e: (-len(receivers[e]), e)):
+        slots = receivers[expert]
+        if len(slots) < 2:
+            continue
+        master = layout.master_rank(expert)
+        if mode == "auto" and sends_per_rank[master] <= receive_bound:
+            continue
+        tree = plan_relay_tree(expert, master, slots, sends_per_rank)
+        if len(tree.relays) < len(slots):
+            trees[expert] = tree
+    return trees

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ultraep.comm.relay import RelayTree, plan_relay_tree
+from ultraep.comm.relay import plan_relay_trees
 from ultraep.layout import ExpertLayout
 
 __all__ = [
@@ -385,35 +385,16 @@ def plan_weight_sync(
     else:
         copy_table = [[bool(v) for v in row] for row in _as_int_table(needs_copy, "needs_copy", layout.num_ranks, width, boolean=True)]
 
-    # Step 1: receivers of each expert in ascending slot id order, and the direct schedule's counts.
+    # Step 1: receivers of each expert in ascending slot id order.
     receivers: dict[int, list[tuple[int, int]]] = {}
     for rank in range(layout.num_ranks):
         for idx in range(width):
             expert = table[rank][idx]
             if expert >= 0 and copy_table[rank][idx]:
                 receivers.setdefault(expert, []).append((rank, layout.redundant_slot_id(rank, idx)))
-    sends_per_rank = [0] * layout.num_ranks
-    receives_per_rank = [0] * layout.num_ranks
-    for expert, slots in receivers.items():
-        sends_per_rank[layout.master_rank(expert)] += len(slots)
-        for rank, _ in slots:
-            receives_per_rank[rank] += 1
 
-    # Step 2: relay trees, hottest fan-out first. ``auto`` relays an expert only while its master rank
-    # sends more copies than the busiest receiver takes in, the bound no schedule can beat.
-    trees: dict[int, RelayTree] = {}
-    if mode != "direct":
-        receive_bound = max(receives_per_rank, default=0)
-        for expert in sorted(receivers, key=lambda e: (-len(receivers[e]), e)):
-            slots = receivers[expert]
-            if len(slots) < 2:
-                continue
-            master = layout.master_rank(expert)
-            if mode == "auto" and sends_per_rank[master] <= receive_bound:
-                continue
-            tree = plan_relay_tree(expert, master, slots, sends_per_rank)
-            if len(tree.relays) < len(slots):
-                trees[expert] = tree
+    # Step 2: relay trees (see :func:`~ultraep.comm.relay.plan_relay_trees`).
+    trees = plan_relay_trees(layout, receivers, mode)
 
     # Step 3: transfers. Relayed experts: master -> relay chunk c in step c, relay -> child chunk c
     # in step c + 1. Direct copies use the same chunk steps, so they spread over the schedule.

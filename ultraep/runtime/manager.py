@@ -9,8 +9,8 @@ One :class:`ReplicaManager` serves all MoE layers of a model on one rank. It all
   finds the layer's replicas still in place and a replica that stays on the same rank in the next
   microbatch is not copied again while the weights are unchanged;
 - ``replica_grads`` [redundant_slots_per_rank, numel]: their gradients, zero between layers;
-- ``reduce_scratch`` [redundant_slots_per_rank, numel]: where a master rank receives replica
-  gradients, up to ``redundant_slots_per_rank`` per grad reduce step.
+- ``reduce_scratch`` [redundant_slots_per_rank, numel]: where a master or relay rank receives replica
+  gradients, up to ``redundant_slots_per_rank`` pieces of each chunk per grad reduce step.
 
 Per layer and microbatch the state (plan, load matrix, weight versions) is kept under the key
 ``(layer_id, microbatch_id)`` from the forward until grad reduce, so several microbatches can be in
@@ -76,12 +76,13 @@ class ManagerConfig:
     """Settings of the replica manager; every rank must use the same values."""
 
     sync_mode: str = "auto"
-    """Weight sync mode: ``"direct"`` (masters send every copy), ``"relay"`` (experts with several
-    copies go through relay ranks) or ``"auto"`` (relay only where a master rank's fan-out exceeds
-    the busiest receiver's intake)."""
+    """Weight sync and grad reduce mode: ``"direct"`` (masters send every copy and receive every
+    replica gradient), ``"relay"`` (experts with several replicas go through relay ranks, which
+    forward copies and add up gradients) or ``"auto"`` (relay only where a master rank's fan-out
+    exceeds the busiest receiver's intake)."""
     num_chunks: int = 4
-    """Chunks per expert copy when relaying (relays forward chunk ``c`` while chunk ``c + 1`` arrives)
-    and, with ``pipeline_replicas``, for every forward copy."""
+    """Chunks per expert copy or gradient row when relaying (relays forward chunk ``c`` while chunk
+    ``c + 1`` arrives) and, with ``pipeline_replicas``, for every forward copy."""
     check_plans: bool = True
     """After planning, all-gather a fingerprint of the plan and the load matrix (2 int64 per rank)
     and raise on every rank if any rank differs. One small collective per layer and microbatch;
@@ -820,11 +821,19 @@ class ReplicaManager:
                 else:
                     view[idx].copy_(grad[idx])
 
-        # Step 2: send to the masters, add in ascending slot id; the buffer is zeroed afterwards.
+        # Step 2: send up the relay trees (or straight to the masters) and add in plan order; the buffer is zeroed afterwards.
         reduce_plan = plan_grad_reduce(
-            layout, replica_ids, replica_quota=replica_quota, scratch_rows=self.reduce_scratch.shape[0] or 1
+            layout,
+            replica_ids,
+            replica_quota=replica_quota,
+            scratch_rows=self.reduce_scratch.shape[0] or 1,
+            mode=self.config.sync_mode,
+            num_chunks=self.config.num_chunks,
         )
-        receives = any(t.dst_rank == self.rank for t in reduce_plan.transfers)
+        receives = any(
+            t.dst_rank == self.rank and t.dst_slot_id % layout.slots_per_rank < layout.experts_per_rank
+            for t in reduce_plan.transfers
+        )
         master_grads = [torch.zeros_like(w) for w in state.master_weights] if receives else None
         reduce_replica_grads(
             reduce_plan,
@@ -840,7 +849,7 @@ class ReplicaManager:
         )
         self._in_flight.pop(key, None)
         self.stats.setdefault(key[0], LayerStats()).reduce_bytes = (
-            len(reduce_plan.transfers) * self.spec.numel * self.replica_grads.element_size()
+            reduce_plan.elements_moved(self.spec.numel) * self.replica_grads.element_size()
         )
         self._record("reduce", key[0], start)
         return master_grads if master_grads is not None else [None] * len(state.master_weights)
