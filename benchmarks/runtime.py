@@ -16,8 +16,9 @@ the forward weight sync and the grad reduce in the background; ``--pipeline-repl
    must receive its expert's weights once and send its gradient once;
 3. extra memory of the redundant-slot buffers as a ratio of one layer's expert memory on a rank.
 
-It also plans weight sync for a larger EP group without running it (``--plan-ranks``) to show the
-relay's effect on the most copies one rank sends. Prints markdown tables and the command.
+It also plans weight sync and grad reduce for a larger EP group without running them
+(``--plan-ranks``) to show the relay trees' effect on the most copies one rank sends and the most
+gradient rows one rank receives. Prints markdown tables and the command.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ try:
 except ImportError:  # running from a source checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ultraep.comm import plan_weight_sync
+from ultraep.comm import plan_grad_reduce, plan_weight_sync
 from ultraep.layout import ExpertLayout
 from ultraep.planners import QuotaPlanner
 from ultraep.runtime import ManagerConfig, MoELayer, ReplicaManager, swiglu_weight_shapes
@@ -189,18 +190,25 @@ def _relay_table(args) -> list[str]:
     plan = QuotaPlanner()(loads, layout)
     counts = plan.logical_replica_count()
     lines = [
-        f"Weight sync schedules, planned only: {layout}, Zipf(1.2) loads of 4096 tokens x top-8 per rank, "
-        f"QuotaPlanner plan with {int(plan.num_replicas())} replicas, at most {int(counts.max()) - 1} of one expert; "
-        "link time counts expert copies through the busiest rank link per step, 4 chunks.",
+        f"Weight sync and grad reduce schedules, planned only: {layout}, Zipf(1.2) loads of 4096 tokens x top-8 per "
+        f"rank, QuotaPlanner plan with {int(plan.num_replicas())} replicas, at most {int(counts.max()) - 1} of one "
+        "expert; link time counts expert copies through the busiest rank link per step. Grad reduce sends every "
+        "replica's gradient up the same trees; its last column is the most gradient rows one rank receives.",
         "",
-        "| mode | relayed experts | steps | most copies sent by one rank | link time (expert copies) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| mode | chunks | relayed experts | deepest tree | sync steps | most copies sent by one rank | "
+        "link time (expert copies) | reduce steps | most gradient rows received by one rank |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for mode in ("direct", "relay", "auto"):
-        sync_plan = plan_weight_sync(layout, plan.replica_expert_ids, mode=mode, num_chunks=4)
+    for mode, chunks in (("direct", 4), ("relay", 4), ("auto", 4), ("auto", 8)):
+        sync_plan = plan_weight_sync(layout, plan.replica_expert_ids, mode=mode, num_chunks=chunks)
+        reduce_plan = plan_grad_reduce(layout, plan.replica_expert_ids, mode=mode, num_chunks=chunks)
+        received = [0] * layout.num_ranks
+        for transfer in reduce_plan.transfers:
+            received[transfer.dst_rank] += 1
         lines.append(
-            f"| {mode} | {len(sync_plan.relay_expert_ids)} | {sync_plan.num_steps} | "
-            f"{max(sync_plan.copies_sent_per_rank()):.2f} | {sync_plan.link_time():.2f} |"
+            f"| {mode} | {chunks} | {len(sync_plan.relay_expert_ids)} | {sync_plan.depth} | {sync_plan.num_steps} | "
+            f"{max(sync_plan.copies_sent_per_rank()):.2f} | {sync_plan.link_time():.2f} | {reduce_plan.num_steps} | "
+            f"{max(received) / reduce_plan.num_chunks:.2f} |"
         )
     return lines
 

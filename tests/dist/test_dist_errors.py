@@ -109,8 +109,12 @@ def test_manager_warns_when_the_planner_assumes_another_weight_sync(caplog):
     with caplog.at_level("WARNING", logger="ultraep.runtime.manager"):
         _warn_on_copy_model_mismatch(QuotaPlanner(copy_cost=100), pipelined)
     assert "build the planner with QuotaConfig(copy_overlap=True, copy_chunks=8)" in caplog.text
+    assert "QuotaConfig(relay_chunks=8)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="ultraep.runtime.manager"):
-        _warn_on_copy_model_mismatch(QuotaPlanner(copy_cost=100, copy_overlap=True, copy_chunks=8), pipelined)
+        matching = QuotaPlanner(copy_cost=100, copy_overlap=True, copy_chunks=8, relay_chunks=8)
+        _warn_on_copy_model_mismatch(matching, pipelined)
         _warn_on_copy_model_mismatch(QuotaPlanner(), pipelined)  # copies counted as free: nothing to match
+        # Without relays the relay chunks do not matter.
+        _warn_on_copy_model_mismatch(QuotaPlanner(copy_cost=100), ManagerConfig(sync_mode="direct"))
     assert caplog.text == ""

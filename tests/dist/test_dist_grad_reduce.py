@@ -49,13 +49,14 @@ def test_reduce_adds_in_ascending_slot_order(tmp_path):
 
 
 def _tree_worker(rank: int, world_size: int) -> list[torch.Tensor]:
-    """Expert 0 (rank 0) has replicas on ranks 1-4, reduced through 2 relays in 2 chunks."""
+    """Expert 0 (rank 0) has replicas on ranks 1-4, reduced along a chain of 4 in 2 chunks."""
     layout = ExpertLayout(world_size, 2, 1)
     spec = WeightSpec(((4, 2), (4, 3)))
     placement = [[-1], [0], [0], [0], [0]]
     reduce_plan = plan_grad_reduce(layout, placement, mode="relay", num_chunks=2, scratch_rows=1)
     assert reduce_plan.relay_expert_ids == (0,)
-    assert len([t for t in reduce_plan.transfers if t.dst_rank == 0]) == 4  # 2 relays x 2 chunks
+    assert len([t for t in reduce_plan.transfers if t.dst_rank == 0]) == 2  # one sender x 2 chunks
+    assert reduce_plan.num_steps == 5  # the chain's end sends chunk c in step c, the master gets it in c + 3
     grad_buffer = torch.full((1, spec.numel), float("nan"))
     if rank > 0:
         # Distinct integers per rank and element: every sum is exact, so any lost or doubled row shows.

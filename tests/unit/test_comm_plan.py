@@ -14,9 +14,12 @@ from ultraep.comm import (
     check_replica_placement,
     chunk_bounds,
     execute_weight_sync,
-    choose_num_relays,
+    choose_fan_out,
+    copy_edges,
     plan_grad_reduce,
     plan_relay_tree,
+    relay_send_chunks,
+    tree_depth,
     plan_weight_sync,
     reduce_replica_grads,
 )
@@ -128,47 +131,72 @@ def test_weight_spec_rejects_bad_buffer_and_masters():
 
 
 @pytest.mark.parametrize(
-    ("num_receivers", "expected"),
-    [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (7, 3), (9, 3), (16, 4)],
+    ("num_receivers", "num_chunks", "expected"),
+    [(1, 8, 1), (2, 8, 1), (12, 8, 1), (13, 8, 2), (100, 8, 2), (8, 4, 1), (9, 4, 2), (2, 1, 2), (4, 1, 4), (5, 1, 2)],
     ids=lambda value: str(value),
 )
-def test_choose_num_relays_minimises_fan_out(num_receivers, expected):
-    assert choose_num_relays(num_receivers) == expected
+def test_choose_fan_out_minimises_link_time(num_receivers, num_chunks, expected):
+    assert choose_fan_out(num_receivers, num_chunks) == expected
+    # Brute force over every fan-out: f * (chunks + depth - 1) chunk times, ties to the larger f.
+    times = {f: f * (num_chunks + tree_depth(num_receivers, f) - 1) for f in range(1, num_receivers + 1)}
+    best = min(times.values())
+    assert expected == max(f for f, time in times.items() if time == best)
+    assert relay_send_chunks(num_receivers, num_chunks) == best
 
 
-def test_choose_num_relays_rejects_zero():
+def test_relay_send_chunks_never_decreases():
+    for num_chunks in (1, 2, 4, 8, 16):
+        times = [relay_send_chunks(n, num_chunks) for n in range(0, 300)]
+        assert times[0] == 0 and times[1] == num_chunks
+        assert all(a <= b for a, b in zip(times, times[1:], strict=False))
+        assert all(time <= n * num_chunks for n, time in enumerate(times))
+
+
+def test_tree_depth():
+    assert [tree_depth(n, 2) for n in (0, 1, 2, 3, 6, 7, 14, 15)] == [0, 1, 1, 2, 2, 3, 3, 4]
+    assert tree_depth(5, 1) == 5
+
+
+def test_choose_fan_out_rejects_zero():
     with pytest.raises(ValueError, match="num_receivers must be a positive int, got 0"):
-        choose_num_relays(0)
+        choose_fan_out(0, 4)
 
 
 def test_relay_tree_hand_example():
-    # Expert 0 on rank 0 fans out to ranks 1..4 (slot ids 10 * rank for readability).
-    sends = [4, 0, 0, 0, 0]
-    tree = plan_relay_tree(0, 0, [(1, 10), (2, 20), (3, 30), (4, 40)], sends)
-    assert tree.relays == ((1, 10), (2, 20))
-    assert tree.children == (((3, 30),), ((4, 40),))
-    assert sends == [2, 1, 1, 0, 0]
+    # Expert 0 on rank 0 fans out to ranks 1..5 (slot ids 10 * rank for readability).
+    sends = [5, 0, 0, 0, 0, 0]
+    tree = plan_relay_tree(0, 0, [(1, 10), (2, 20), (3, 30), (4, 40), (5, 50)], sends, num_chunks=4, fan_out=2)
+    assert tree.receivers == ((1, 10), (2, 20), (3, 30), (4, 40), (5, 50))
+    assert tree.parents() == (-1, -1, 0, 0, 1)
+    assert tree.levels() == (1, 1, 2, 2, 2)
+    assert tree.depth == 2
+    assert sends == [2, 2, 1, 0, 0, 0]
+    layout = ExpertLayout(6, 1, 1)  # master slot of expert 0 is slot 0
+    assert copy_edges(layout, 0, tree.receivers, tree) == [
+        (1, (0, 0), (1, 10)), (1, (0, 0), (2, 20)), (2, (1, 10), (3, 30)), (2, (1, 10), (4, 40)), (2, (2, 20), (5, 50)),
+    ]
 
 
 def test_relay_tree_prefers_idle_ranks():
-    # Rank 1 already forwards two copies, so ranks 2 and 3 become the relays.
+    # Rank 1 already forwards two copies, so ranks 2 and 3 forward and rank 1 comes last in the chain.
     sends = [4, 2, 0, 0, 0]
-    tree = plan_relay_tree(0, 0, [(1, 10), (2, 20), (3, 30), (4, 40)], sends)
-    assert tree.relays == ((2, 20), (3, 30))
-    assert tree.children == (((1, 10),), ((4, 40),))
+    tree = plan_relay_tree(0, 0, [(1, 10), (2, 20), (3, 30), (4, 40)], sends, num_chunks=8)
+    assert tree.fan_out == 1
+    assert tree.receivers == ((2, 20), (3, 30), (4, 40), (1, 10))
+    assert sends == [1, 2, 1, 1, 1]
 
 
 @pytest.mark.parametrize(
-    ("receivers", "num_relays", "match"),
+    ("receivers", "fan_out", "match"),
     [
         pytest.param([], None, "has no receivers", id="no_receivers"),
         pytest.param([(0, 3)], None, "receiver on its master rank 0", id="receiver_on_master"),
-        pytest.param([(1, 3), (2, 6)], 3, r"num_relays must be in \[1, 2\]", id="too_many_relays"),
+        pytest.param([(1, 3), (2, 6)], 3, r"fan_out must be an int in \[1, 2\]", id="fan_out_too_large"),
     ],
 )
-def test_relay_tree_rejects_bad_input(receivers, num_relays, match):
+def test_relay_tree_rejects_bad_input(receivers, fan_out, match):
     with pytest.raises(ValueError, match=match):
-        plan_relay_tree(0, 0, receivers, [0, 0, 0], num_relays=num_relays)
+        plan_relay_tree(0, 0, receivers, [0, 0, 0], num_chunks=4, fan_out=fan_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,20 +222,25 @@ def test_needs_copy_skips_cached_slots():
     assert nothing.num_steps == 0
 
 
-def test_relay_plan_halves_fan_out_of_hot_expert():
+def test_relay_plan_chains_copies_of_hot_expert():
     # 8 ranks; expert 0 (rank 0) has a replica on each of the other 7 ranks.
     layout = ExpertLayout(8, 2, 2)
     placement = [[-1, -1]] + [[0, -1]] * 7
     direct = plan_weight_sync(layout, placement, mode="direct")
     relay = plan_weight_sync(layout, placement, mode="relay", num_chunks=4)
     assert direct.copies_sent_per_rank()[0] == 7.0
-    assert max(relay.copies_sent_per_rank()) == 3.0  # 3 relays; they forward 2, 1 and 1 copies
-    assert relay.num_steps == 5
+    # With 4 chunks a chain is fastest: every rank forwards one copy, and the last of 7 gets chunk c
+    # in step c + 6.
+    assert max(relay.copies_sent_per_rank()) == 1.0
+    assert (relay.num_steps, relay.depth) == (10, 7)
     assert relay.relay_expert_ids == (0,)
-    # Link time in expert copies: direct 7; relay: step 0 sends 3 quarter chunks, steps 1-3 are
-    # bounded by the master's 3 quarters, step 4 by the relay forwarding 2 quarters: 3 + 0.5.
+    # Link time in expert copies: direct 7; the chain's 10 steps each move one quarter per rank.
     assert direct.link_time() == 7.0
-    assert relay.link_time() == 3.5
+    assert relay.link_time() == 2.5
+    # With 2 chunks a binary tree of depth 3 is as fast as the chain (4 chunk steps of 2 chunks).
+    binary = plan_weight_sync(layout, placement, mode="relay", num_chunks=2)
+    assert (binary.num_steps, binary.depth, max(binary.copies_sent_per_rank())) == (4, 3, 2.0)
+    assert binary.link_time() == 3.5
 
 
 def test_auto_relays_only_when_fan_out_exceeds_intake():
@@ -236,13 +269,13 @@ def test_pipeline_plan_sends_every_copy_in_chunks():
         plan.ready_step(3)
 
 
-def test_relayed_chunks_are_ready_one_step_after_sending():
+def test_relayed_chunks_are_ready_after_the_deepest_level():
     layout = ExpertLayout(8, 2, 2)
     placement = [[-1, -1]] + [[0, -1]] * 7
     plan = plan_weight_sync(layout, placement, mode="relay", num_chunks=4, pipeline=True)
     assert plan == plan_weight_sync(layout, placement, mode="relay", num_chunks=4)
-    assert [plan.ready_step(c) for c in range(4)] == [1, 2, 3, 4]
-    assert plan.num_steps == 5
+    assert [plan.ready_step(c) for c in range(4)] == [6, 7, 8, 9]
+    assert plan.num_steps == 10
 
 
 def _check_schedule(layout: ExpertLayout, placement, needs_copy, plan) -> None:
@@ -370,11 +403,12 @@ def test_grad_reduce_sums_through_relays():
     # The same tree, walked backwards: every sync edge appears as a reduce edge.
     sync_edges = {(t.src_slot_id, t.dst_slot_id) for t in weights.transfers}
     assert {(t.dst_slot_id, t.src_slot_id) for t in plan.transfers} == sync_edges
-    # The master (slot 0) receives from the 3 relays only; they forward 2, 1 and 1 children's rows.
-    assert sorted(t.src_slot_id for t in plan.transfers if t.dst_slot_id == 0 and t.chunk_idx == 0) == [6, 10, 14]
-    assert plan.num_steps == 3  # children send chunk c in step c, relays forward it in step c + 1
-    # With 2 scratch rows the third relay's chunk waits one step.
-    assert plan_grad_reduce(layout, placement, mode="relay", num_chunks=2, scratch_rows=2).num_steps == 4
+    # A binary tree of depth 3 (master -> 6, 10; 6 -> 14, 18; 10 -> 22, 26; 14 -> 30): the master
+    # receives from slots 6 and 10 only.
+    assert sorted(t.src_slot_id for t in plan.transfers if t.dst_slot_id == 0 and t.chunk_idx == 0) == [6, 10]
+    assert plan.num_steps == 4  # slot 30 sends chunk c in step c, 14 in c + 1, 6 and 10 in c + 2
+    # With 1 scratch row the second sender into each rank waits one step.
+    assert plan_grad_reduce(layout, placement, mode="relay", num_chunks=2, scratch_rows=1).num_steps == 5
     assert plan.elements_moved(10) == 70
 
 

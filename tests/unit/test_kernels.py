@@ -120,7 +120,7 @@ PLAN_CASES = [
     ),
     # Hand-checked in test_quota.py: only the by-master-quota anchor reaches the first plan's peak, the
     # capacity floor sets the second one's and the over-drain swap the third one's. The first-chunk
-    # term and the relay sender count decide the next two, and the training passes the last one.
+    # term and the relay tree's link time decide the next two, and the training passes the last one.
     PlanCase(
         "ep6_e6_s1_by_master_quota", 6, 1, 1, "first_row", first_row=(22, 11, 17, 10, 11, 22),
         config=QuotaConfig(balance_target=1.0),
@@ -142,8 +142,12 @@ PLAN_CASES = [
         config=QuotaConfig(copy_cost=15, copy_overlap=True, copy_chunks=3),
     ),
     PlanCase(
-        "ep5_e5_s1_copy_relay_senders", 5, 1, 1, "first_row", first_row=(14, 89, 20, 12, 25),
-        config=QuotaConfig(copy_cost=32, copy_overlap=True),
+        "ep5_e5_s1_copy_relay_chain", 5, 1, 1, "first_row", first_row=(14, 89, 20, 12, 25),
+        config=QuotaConfig(copy_cost=32, copy_overlap=True, relay_chunks=8),
+    ),
+    PlanCase(
+        "ep16_e64_s1_copy_cost_relay_chunks_1", 16, 4, 1, "zipf", seed=14,
+        config=QuotaConfig(copy_cost=600, relay_chunks=1),
     ),
     PlanCase(
         "ep2_e2_s1_copy_training_passes", 2, 1, 1, "first_row", first_row=(100, 90),
@@ -158,7 +162,7 @@ PLAN_CASES = [
             (41, 171, 35, 99, 49, 60, 80, 32, 235, 40, 56, 126),
             (19, 182, 30, 111, 40, 63, 79, 26, 231, 47, 75, 121),
         ),
-        config=QuotaConfig(balance_target=1.0, copy_cost=180, copy_overlap=True, copy_chunks=4, gemm_passes=3),
+        config=QuotaConfig(balance_target=1.0, copy_cost=240, copy_overlap=True, copy_chunks=4, gemm_passes=3),
     ),
     PlanCase(
         "ep16_e64_s2_copy_cost_training_4_chunks",

@@ -25,7 +25,8 @@ CONFIGS = [
     QuotaConfig(num_rounds=9, min_replica_fraction=0.0),
     QuotaConfig(copy_cost=40),
     QuotaConfig(copy_cost=150, copy_overlap=True),
-    QuotaConfig(copy_cost=600, copy_overlap=True, copy_chunks=8, balance_target=1.0),
+    QuotaConfig(copy_cost=600, copy_overlap=True, copy_chunks=8, balance_target=1.0, relay_chunks=8),
+    QuotaConfig(copy_cost=300, relay_chunks=1),
     QuotaConfig(stop_at_target=True),
     QuotaConfig(stop_at_target=True, balance_target=1.02, copy_cost=150, copy_overlap=True),
 ]
@@ -84,10 +85,11 @@ def test_native_matches_reference_on_adversarial_loads(shape):
 
 
 COPY_BOUND_CONFIGS = [
-    dict(copy_overlap=True, copy_chunks=8),
+    dict(copy_overlap=True, copy_chunks=8, relay_chunks=8),
     dict(copy_overlap=True, copy_chunks=4, gemm_passes=3),
     dict(),
-    dict(gemm_passes=3),
+    dict(gemm_passes=3, relay_chunks=1),
+    dict(copy_overlap=True, relay_chunks=16),
 ]
 
 

@@ -280,7 +280,7 @@ def test_copy_cost_zero_keeps_the_plan_unchanged():
 
 def _costed_peak_of(plan, layout, config):
     """The costed peak of one plan, recomputed in plain Python from the model in the quota module."""
-    from ultraep.planners.quota import relay_sender_copies
+    from ultraep.comm.relay import relay_send_chunks
 
     quota = plan.quota.view(layout.num_ranks, layout.slots_per_rank).tolist()
     replicas = plan.replica_expert_ids.tolist()
@@ -292,9 +292,10 @@ def _costed_peak_of(plan, layout, config):
         for e in row:
             if e >= 0:
                 fan[e] += 1
-    sender = relay_sender_copies(torch.tensor(fan)).tolist()
-    copies_out = [sum(sender[r * layout.experts_per_rank : (r + 1) * layout.experts_per_rank]) for r in range(layout.num_ranks)]
-    sync = config.copy_cost * max(max(a, b) for a, b in zip(copies_in, copies_out))
+    m = config.relay_chunks
+    sender = [relay_send_chunks(n, m) for n in fan]
+    chunks_out = [sum(sender[r * layout.experts_per_rank : (r + 1) * layout.experts_per_rank]) for r in range(layout.num_ranks)]
+    sync = config.copy_cost * max(max(a * m, b) for a, b in zip(copies_in, chunks_out)) // m
     if not config.copy_overlap:
         return max(load) + sync
     n = config.copy_chunks
@@ -324,12 +325,16 @@ def test_costed_peak_at_most_masters_only(case, cost_fraction, overlap, chunks):
     assert _costed_peak_of(plan, layout, config) <= masters_only
 
 
-def test_relay_sender_copies_matches_the_smallest_tree():
-    from ultraep.planners.quota import relay_sender_copies
+def test_relay_send_table_matches_the_relay_trees():
+    from ultraep.comm.relay import relay_send_chunks
+    from ultraep.planners.quota import relay_send_table
 
-    copies = torch.arange(0, 400)
-    brute = [0] + [min(max(k, -(-(n - k) // k)) for k in range(1, n + 1)) for n in range(1, 400)]
-    assert relay_sender_copies(copies).tolist() == brute
+    for chunks in (1, 4, 8):
+        table = relay_send_table(64, chunks)
+        assert table.dtype == torch.int64 and table.shape == (65,)
+        assert table.tolist() == [relay_send_chunks(n, chunks) for n in range(65)]
+    # 8 chunks: a chain for up to 12 copies (8 + n - 1 chunk times), then a binary tree.
+    assert relay_send_table(16, 8).tolist()[:14] == [0, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
 
 
 def test_copy_cost_in_assignments_for_a_swiglu_expert():
@@ -353,6 +358,8 @@ def test_copy_cost_in_assignments_for_a_swiglu_expert():
         ({"copy_overlap": 1}, TypeError, "copy_overlap must be a bool, got 1"),
         ({"gemm_passes": 0}, ValueError, "gemm_passes must be in \\[1, 16\\], got 0; use 1 for inference and 3"),
         ({"gemm_passes": 3.0}, TypeError, "gemm_passes must be an int, got 3.0"),
+        ({"relay_chunks": 0}, ValueError, "relay_chunks must be in \\[1, 1024\\], got 0; pass ManagerConfig.num_chunks"),
+        ({"relay_chunks": 4.0}, TypeError, "relay_chunks must be an int, got 4.0"),
         ({"stop_at_target": 1}, TypeError, "stop_at_target must be a bool, got 1; use True or False"),
         ({"prefer_local": 1}, TypeError, "prefer_local must be a bool, got 1"),
         ({"num_rounds": 2.5}, TypeError, "num_rounds must be None or an int, got 2.5"),
@@ -480,15 +487,25 @@ def test_training_copy_hides_behind_forward_only(backend, gemm_passes, replicas,
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
-def test_copy_cost_counts_relay_senders(backend):
-    # Expert 1 (89 assignments) needs copies. With two copies its master sends one and a relay the
-    # other, so the sync is 32. A third copy makes the busiest sender send two, and the sync of 64
-    # outweighs the load it would move.
+def test_copy_cost_counts_relay_tree_time(backend):
+    # Expert 1 (89 of 160 assignments, mean 32) needs copies; copies overlap the masters (one chunk).
+    # One copy to rank 3: the sync is one copy, 32, and rank 3 takes 32 + 31 = 63, the peak (rank 1
+    # keeps 58). Two copies go along a chain, 1 + 1 / m copy times with m relay chunks. With m = 4 the
+    # sync is 32 * 5 // 4 = 40 and the best two-copy plan (rank 1 keeps 48, ranks 2 and 4 take 23 and
+    # 18) also peaks at 40 + 23 = 63, so the plan with fewer replicas wins. With m = 8 the sync is
+    # 32 * 9 // 8 = 36 and the two-copy plan peaks at 59.
     loads = torch.zeros(5, 5, dtype=torch.int64)
     loads[0] = torch.tensor([14, 89, 20, 12, 25])
-    plan = QuotaPlanner(QuotaConfig(copy_cost=32, copy_overlap=True), backend=backend)(loads, ExpertLayout(5, 1, 1))
-    assert plan.replica_expert_ids.view(-1).tolist() == [-1, -1, 1, -1, 1]
-    assert plan.quota.tolist() == [14, 0, 48, 0, 20, 23, 12, 0, 25, 18]
+    layout = ExpertLayout(5, 1, 1)
+    plans = {}
+    for relay_chunks in (4, 8):
+        config = QuotaConfig(copy_cost=32, copy_overlap=True, relay_chunks=relay_chunks)
+        plans[relay_chunks] = QuotaPlanner(config, backend=backend)(loads, layout)
+        assert _costed_peak_of(plans[relay_chunks], layout, config) == {4: 63, 8: 59}[relay_chunks]
+    assert plans[4].replica_expert_ids.view(-1).tolist() == [-1, -1, -1, 1, -1]
+    assert plans[4].quota.tolist() == [14, 0, 58, 0, 20, 0, 12, 31, 25, 0]
+    assert plans[8].replica_expert_ids.view(-1).tolist() == [-1, -1, 1, -1, 1]
+    assert plans[8].quota.tolist() == [14, 0, 48, 0, 20, 23, 12, 0, 25, 18]
 
 
 def test_first_drain_steps_stop_above_bar():
@@ -539,7 +556,7 @@ def test_ladder_parts_overlap(backend):
             [19, 182, 30, 111, 40, 63, 79, 26, 231, 47, 75, 121],
         ]
     )
-    config = QuotaConfig(balance_target=1.0, copy_cost=180, copy_overlap=True, copy_chunks=4, gemm_passes=3)
+    config = QuotaConfig(balance_target=1.0, copy_cost=240, copy_overlap=True, copy_chunks=4, gemm_passes=3)
     plan = QuotaPlanner(config, backend=backend)(loads, ExpertLayout(4, 3, 2))
     assert plan.replica_expert_ids.view(-1).tolist() == [-1, -1, 8, -1, -1, -1, 8, -1]
     assert plan.rank_load().tolist() == [973, 1040, 1043, 1040]

@@ -24,7 +24,6 @@ from ultraep.sim.cost import (
     CostSettings,
     ideal_layer_costs,
     layer_costs,
-    relays_for,
     replica_sync_traffic,
 )
 from ultraep.sim.hardware import Efficiency, HardwareConfig, get_hardware
@@ -134,12 +133,32 @@ def test_relay_tree_spreads_the_masters_fan_out():
     replicas = torch.tensor([[[-1], [0], [0], [0]]])
     relay = replica_sync_traffic(replicas, replicas >= 0, layout, 10.0, 4, CostSettings(sync_scheme="relay"))
     direct = replica_sync_traffic(replicas, replicas >= 0, layout, 10.0, 4, CostSettings(sync_scheme="direct"))
-    assert relays_for(3) == 2
-    assert relay.out_nvlink.tolist() == [[20.0, 10.0, 0.0, 0.0]]
+    # 4 chunks, 3 copies: a chain 0 -> 1 -> 2 -> 3 of depth 3, filled in 2 chunk times.
+    assert relay.out_nvlink.tolist() == [[10.0, 10.0, 10.0, 0.0]]
     assert relay.in_nvlink.tolist() == [[0.0, 10.0, 10.0, 10.0]]
-    assert relay.depth.tolist() == [2]
+    assert (relay.depth.tolist(), relay.fill_chunks.tolist()) == ([3], [2])
     assert direct.out_nvlink.tolist() == [[30.0, 0.0, 0.0, 0.0]]
-    assert direct.depth.tolist() == [1]
+    assert (direct.depth.tolist(), direct.fill_chunks.tolist()) == ([1], [0])
+
+
+@pytest.mark.parametrize(("num_ranks", "chunks"), [(16, 8), (16, 2), (9, 4), (40, 8)])
+def test_sync_traffic_follows_the_runtime_trees(num_ranks, chunks):
+    from ultraep.comm import plan_weight_sync
+
+    layout = ExpertLayout(num_ranks=num_ranks, experts_per_rank=1, redundant_slots_per_rank=1)
+    placement = [[-1]] + [[0]] * (num_ranks - 1)
+    replicas = torch.tensor([placement])
+    settings = CostSettings(sync_scheme="relay", sync_chunks=chunks)
+    traffic = replica_sync_traffic(replicas, replicas >= 0, layout, 1.0, num_ranks, settings)
+    plan = plan_weight_sync(layout, placement, mode="relay", num_chunks=chunks)
+    assert traffic.out_nvlink[0].tolist() == plan.copies_sent_per_rank()
+    assert traffic.depth.tolist() == [plan.depth]
+    # The fill, (depth - 1) * fan_out chunks, is the runtime's link time beyond the busiest sender's
+    # copies, or up to one level's fan-out more when the deepest level is not full.
+    fan_out = int(max(plan.copies_sent_per_rank()))
+    assert traffic.fill_chunks.tolist() == [(plan.depth - 1) * fan_out]
+    runtime_fill = round((plan.link_time() - fan_out) * chunks)
+    assert 0 <= traffic.fill_chunks.item() - runtime_fill < fan_out
 
 
 def test_sync_across_domains_uses_the_network():
@@ -750,7 +769,7 @@ def test_copy_cost_settings_follow_model_link_and_sync():
     # divided by the assignment scale top_k / trace top-k = 2 / 6.
     expected = round(gb200.peak_flops * 0.7 / (gb200.nvlink_bytes_per_s * 0.8) / (2 / 6))
     assert copy_cost_settings(workload, model, gb200, CostSettings(mode="prefill")) == (
-        ("copy_cost", expected), ("copy_overlap", False), ("copy_chunks", 1), ("gemm_passes", 1),
+        ("copy_cost", expected), ("copy_overlap", False), ("copy_chunks", 1), ("gemm_passes", 1), ("relay_chunks", 4),
     )
     # Training: three GEMM passes per assignment against one copy per forward.
     training = dict(copy_cost_settings(workload, model, gb200, CostSettings(mode="train")))
@@ -758,6 +777,7 @@ def test_copy_cost_settings_follow_model_link_and_sync():
     assert training["gemm_passes"] == 3
     pipelined = CostSettings(overlap_sync=True, pipeline_replicas=True, sync_chunks=8)
     assert dict(copy_cost_settings(workload, model, gb200, pipelined))["copy_chunks"] == 8
+    assert dict(copy_cost_settings(workload, model, gb200, pipelined))["relay_chunks"] == 8
     # An EP group larger than the NVLink domain copies over the network.
     h200 = get_hardware("h200-hgx")
     wide = dataclasses.replace(workload, loads=torch.zeros(1, 1, 16, 16, dtype=torch.int64))

@@ -1,7 +1,15 @@
 """Communication for replicas: weight sync (direct and relay) and grad reduce over ``torch.distributed``."""
 
 from ultraep.comm.grad_reduce import GradReducePlan, GradReduceTransfer, plan_grad_reduce, reduce_replica_grads
-from ultraep.comm.relay import RelayTree, choose_num_relays, plan_relay_tree
+from ultraep.comm.relay import (
+    RelayTree,
+    choose_fan_out,
+    copy_edges,
+    plan_relay_tree,
+    plan_relay_trees,
+    relay_send_chunks,
+    tree_depth,
+)
 from ultraep.comm.weight_sync import (
     SYNC_MODES,
     CommunicationError,
@@ -27,14 +35,18 @@ __all__ = [
     "SyncTransfer",
     "WeightSpec",
     "check_replica_placement",
-    "choose_num_relays",
+    "choose_fan_out",
     "chunk_bounds",
     "communication_errors",
+    "copy_edges",
     "exchange",
     "execute_weight_sync",
     "plan_grad_reduce",
     "plan_relay_tree",
+    "plan_relay_trees",
     "plan_weight_sync",
     "reduce_replica_grads",
+    "relay_send_chunks",
+    "tree_depth",
     "wait_all",
 ]

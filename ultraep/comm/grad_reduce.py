@@ -4,9 +4,10 @@ Replication copies a master's weights into redundant slots, a linear map; grad r
 and it runs along the same trees as the weight sync. Without a relay tree each replica sends its
 gradient row to the master's rank. With one (``mode="relay"`` or ``"auto"``, the trees of
 :func:`~ultraep.comm.relay.plan_relay_trees` built over the replicas that have a gradient), each
-relay adds its children's rows into its own row and sends the sum on to the master, chunk by chunk:
-the children send chunk ``c`` no earlier than step ``c`` and the relay forwards it in a later step,
-so the master's rank receives one row per relay instead of one per replica.
+receiver that forwarded copies adds its children's rows into its own row and sends the sum on to its
+parent, chunk by chunk. A row sends chunk ``c`` no earlier than step ``c``, and only after the step in
+which its last child's chunk ``c`` arrived. So every rank receives at most the tree's fan-out rows per
+expert, where the master received one per replica.
 
 Every receiver adds the rows it receives in the order of the plan, which never depends on timing, so
 the sums are bitwise reproducible from run to run. A rank receives into a small scratch buffer of
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ultraep.comm.relay import plan_relay_trees
+from ultraep.comm.relay import copy_edges, plan_relay_trees
 from ultraep.comm.weight_sync import SYNC_MODES, WeightSpec, _as_int_table, check_replica_placement, exchange
 from ultraep.layout import ExpertLayout
 
@@ -111,9 +112,9 @@ def plan_grad_reduce(
       trees span the replicas that send a gradient.
     num_chunks: chunks per row when some expert is reduced through a relay tree (>= 1).
 
-    Schedule: the deeper level of every tree goes first. A transfer of chunk ``c`` takes the first
-    step that is at or after ``c``, after every step in which its source received chunk ``c`` from its
-    children, and in which its receiver has a free scratch row for chunk ``c``. Without relay trees
+    Schedule: the deepest level of every tree goes first. A transfer of chunk ``c`` takes the first
+    step that is at or after ``c`` and after every step in which its source received chunk ``c`` from
+    its children. Its receiver must have a free scratch row for chunk ``c`` in that step, or it waits. Without relay trees
     this puts the k-th replica (ascending slot id) arriving on a rank in step ``k // scratch_rows``,
     row ``k % scratch_rows``.
     """
@@ -136,31 +137,24 @@ def plan_grad_reduce(
             expert = table[rank][idx]
             if expert >= 0 and (quota is None or quota[rank][idx] != 0):
                 senders.setdefault(expert, []).append((rank, layout.redundant_slot_id(rank, idx)))
-    trees = plan_relay_trees(layout, senders, mode)
+    trees = plan_relay_trees(layout, senders, mode, num_chunks)
     chunks = num_chunks if trees else 1
 
-    # Step 2: tree edges as (level, expert, source, destination); level 2 is a child sending to its relay.
-    edges = []
+    # Step 2: tree edges per level as (expert, source, destination), walked from child to parent.
+    edges_by_level: dict[int, list] = {}
     for expert, slots in senders.items():
-        master = (layout.master_rank(expert), layout.master_slot_id(expert))
-        tree = trees.get(expert)
-        if tree is None:
-            edges.extend((1, expert, slot, master) for slot in slots)
-            continue
-        edges.extend((1, expert, relay, master) for relay in tree.relays)
-        for relay, group in zip(tree.relays, tree.children, strict=True):
-            edges.extend((2, expert, child, relay) for child in group)
-    edges.sort(key=lambda edge: (-edge[0], edge[3][1], edge[2][1]))
+        for level, parent, child in copy_edges(layout, expert, slots, trees.get(expert)):
+            edges_by_level.setdefault(level, []).append((expert, child, parent))
 
-    # Step 3: list-schedule the edges chunk by chunk, deeper level first.
+    # Step 3: list-schedule the edges chunk by chunk, deepest level first, then by destination and
+    # source slot.
     received_by = {}  # (slot id, chunk) -> last step in which that slot received the chunk from a child
     used_rows: dict[tuple[int, int, int], int] = {}  # (rank, step, chunk) -> scratch rows taken
     transfers = []
-    for level in (2, 1):
+    for level in sorted(edges_by_level, reverse=True):
+        edges = sorted(edges_by_level[level], key=lambda edge: (edge[2][1], edge[1][1]))
         for chunk in range(chunks):
-            for edge_level, expert, (src_rank, src_slot), (dst_rank, dst_slot) in edges:
-                if edge_level != level:
-                    continue
+            for expert, (src_rank, src_slot), (dst_rank, dst_slot) in edges:
                 step = max(chunk, received_by.get((src_slot, chunk), -1) + 1)
                 while used_rows.get((dst_rank, step, chunk), 0) >= scratch_rows:
                     step += 1

@@ -6,9 +6,9 @@ Two parts, kept apart so the first can be tested on one process:
   current weights, it lists every transfer as (step, source slot, destination slot, chunk). In
   ``direct`` mode each master sends every copy itself. In ``relay`` mode an expert with several
   receivers is copied along a :class:`~ultraep.comm.relay.RelayTree`: the master sends chunk ``c`` to
-  the relays in step ``c`` and each relay forwards chunk ``c`` in step ``c + 1``, so forwarding
-  overlaps with receiving. ``auto`` relays only the experts whose master rank would otherwise send
-  more copies than the busiest receiver takes in. With ``pipeline=True`` every copy, relayed or not,
+  the first level in step ``c``, and a receiver at level ``L`` gets it in step ``c + L - 1``, so
+  forwarding overlaps with receiving. ``auto`` relays only the experts whose master rank would
+  otherwise send more copies than the busiest receiver takes in. With ``pipeline=True`` every copy, relayed or not,
   goes chunk by chunk, so a receiver can compute with the first chunks while later ones arrive.
 - :func:`execute_weight_sync` runs one plan with ``torch.distributed`` point-to-point operations, one
   ``batch_isend_irecv`` per step, on any backend that supports them (gloo on CPU, NCCL on GPUs).
@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ultraep.comm.relay import plan_relay_trees
+from ultraep.comm.relay import copy_edges, plan_relay_trees
 from ultraep.layout import ExpertLayout
 
 __all__ = [
@@ -240,6 +240,8 @@ class SyncPlan:
     """Logical experts copied through relays, ascending."""
     num_ranks: int
     """Ranks of the EP group the plan is for."""
+    depth: int = 1
+    """Levels of the deepest relay tree; 1 when every copy comes straight from its master."""
 
     @property
     def num_copies(self) -> int:
@@ -256,11 +258,12 @@ class SyncPlan:
     def ready_step(self, chunk_idx: int) -> int:
         """Return the step after which chunk ``chunk_idx`` is in every receiving slot.
 
-        A direct copy sends chunk ``c`` in step ``c``; a relay forwards it in step ``c + 1``.
+        A direct copy sends chunk ``c`` in step ``c``; a receiver at level ``L`` of a relay tree gets it
+        in step ``c + L - 1``, so the deepest level sets the step.
         """
         if not 0 <= chunk_idx < self.num_chunks:
             raise ValueError(f"chunk_idx must be in [0, {self.num_chunks - 1}], got {chunk_idx!r}")
-        return chunk_idx + 1 if self.relay_expert_ids else chunk_idx
+        return chunk_idx + self.depth - 1
 
     def copies_sent_per_rank(self) -> list[float]:
         """Return per rank the expert copies it sends (chunks / num_chunks)."""
@@ -394,34 +397,21 @@ def plan_weight_sync(
                 receivers.setdefault(expert, []).append((rank, layout.redundant_slot_id(rank, idx)))
 
     # Step 2: relay trees (see :func:`~ultraep.comm.relay.plan_relay_trees`).
-    trees = plan_relay_trees(layout, receivers, mode)
+    trees = plan_relay_trees(layout, receivers, mode, num_chunks)
 
-    # Step 3: transfers. Relayed experts: master -> relay chunk c in step c, relay -> child chunk c
-    # in step c + 1. Direct copies use the same chunk steps, so they spread over the schedule.
+    # Step 3: transfers. A receiver at level L of its tree gets chunk c in step c + L - 1, so a relay
+    # forwards chunk c while chunk c + 1 arrives. Direct copies use the same chunk steps.
     chunks = num_chunks if trees or pipeline else 1
+    depth = max((tree.depth for tree in trees.values()), default=1)
     transfers = []
     for expert, slots in receivers.items():
-        master = layout.master_rank(expert)
-        master_slot = layout.master_slot_id(expert)
-        tree = trees.get(expert)
-        first_hop = tree.relays if tree is not None else tuple(slots)
+        edges = copy_edges(layout, expert, slots, trees.get(expert))
         for chunk in range(chunks):
-            for dst_rank, dst_slot in first_hop:
-                transfers.append(SyncTransfer(chunk, expert, master, master_slot, dst_rank, dst_slot, chunk))
-            if tree is None:
-                continue
-            for (relay_rank, relay_slot), group in zip(tree.relays, tree.children, strict=True):
-                for dst_rank, dst_slot in group:
-                    transfers.append(SyncTransfer(chunk + 1, expert, relay_rank, relay_slot, dst_rank, dst_slot, chunk))
+            for level, (src_rank, src_slot), (dst_rank, dst_slot) in edges:
+                transfers.append(SyncTransfer(chunk + level - 1, expert, src_rank, src_slot, dst_rank, dst_slot, chunk))
     transfers.sort(key=lambda t: (t.step, t.src_rank, t.dst_rank, t.dst_slot_id, t.chunk_idx))
-    # A relay forwards the last chunk one step after receiving it.
-    if not transfers:
-        num_steps = 0
-    elif trees:
-        num_steps = chunks + 1
-    else:
-        num_steps = chunks
-    return SyncPlan(tuple(transfers), num_steps, chunks, tuple(sorted(trees)), layout.num_ranks)
+    num_steps = chunks + depth - 1 if transfers else 0
+    return SyncPlan(tuple(transfers), num_steps, chunks, tuple(sorted(trees)), layout.num_ranks, depth)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,10 +117,12 @@ def _library() -> ctypes.CDLL | Exception:
             return error
     function = library.ultraep_quota_plan
     function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 4 + [ctypes.c_int64] * 12 + [ctypes.c_void_p] * 2
+    function.argtypes = (
+        [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 4 + [ctypes.c_int64] * 13 + [ctypes.c_void_p] * 3
+    )
     packed = library.ultraep_quota_plan_packed
     packed.restype = ctypes.c_int
-    packed.argtypes = [ctypes.c_void_p] * 8
+    packed.argtypes = [ctypes.c_void_p] * 9
     return library
 
 
@@ -148,10 +150,17 @@ def _settings(config: QuotaConfig) -> tuple:
     return mean_steps, gap_steps, anchors, best_fit_steps, quota_module._FRACTION_SCALE, fraction_q, target_q, over_drain_q
 
 
+@functools.lru_cache(maxsize=16)
+def _send_table(num_ranks: int, relay_chunks: int) -> torch.Tensor:
+    """[num_ranks + 1] int64 CPU tensor: the relay send table (``relay_send_table``), kept alive here."""
+    return quota_module.relay_send_table(num_ranks, relay_chunks)
+
+
 def _integer_settings(layout: ExpertLayout, config: QuotaConfig) -> tuple[int, ...]:
     """Return the integer settings in the order ``ultraep_quota_plan_packed`` takes them.
 
     They are the integer arguments of ``ultraep_quota_plan`` in its order, then ``stop_at_target``.
+    The C function's order puts ``relay_chunks`` after ``gemm_passes``.
     """
     slots = layout.redundant_slots_per_rank
     mean_steps, gap_steps, anchors, best_fit_steps, scale, fraction_q, target_q, over_drain_q = _settings(config)
@@ -175,6 +184,7 @@ def _integer_settings(layout: ExpertLayout, config: QuotaConfig) -> tuple[int, .
         int(config.copy_overlap),
         config.copy_chunks,
         config.gemm_passes,
+        config.relay_chunks,
         int(config.stop_at_target),
     )
 
@@ -193,6 +203,7 @@ def call_arguments(
         raise ValueError("call_arguments: ultraep_quota_plan has no stop_at_target argument; plan with plan_quota_native")
     mean_steps, gap_steps, anchors, best_fit_steps = _settings(config)[:4]
     ints = _integer_settings(layout, config)
+    send_table = _send_table(layout.num_ranks, config.relay_chunks)
     return (
         loads.data_ptr(),
         *ints[:3],
@@ -204,6 +215,7 @@ def call_arguments(
         ints[5],
         best_fit_steps.data_ptr(),
         *ints[6:-1],
+        send_table.data_ptr(),
         slot_expert.data_ptr(),
         quota.data_ptr(),
     )
@@ -214,11 +226,12 @@ def _packed_arguments(layout: ExpertLayout, config: QuotaConfig) -> tuple:
     """Build the tensors that ``ultraep_quota_plan_packed`` reads for one layout and config.
 
     Returns (tensors, pointers). The tensors stay alive with the cache entry. The pointers are those of
-    the packed integer settings and the four step arrays, in the call's order after ``loads``.
+    the packed integer settings, the four step arrays and the relay send table, in the call's order after
+    ``loads``.
     """
     mean_steps, gap_steps, anchors, best_fit_steps = _settings(config)[:4]
     ints = torch.tensor(_integer_settings(layout, config), dtype=torch.int64)
-    tensors = (ints, mean_steps, gap_steps, anchors, best_fit_steps)
+    tensors = (ints, mean_steps, gap_steps, anchors, best_fit_steps, _send_table(layout.num_ranks, config.relay_chunks))
     return tensors, tuple(tensor.data_ptr() for tensor in tensors)
 
 

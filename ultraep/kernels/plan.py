@@ -48,6 +48,7 @@ from ultraep.planners.quota import (
     _num_drains,
     _to_fixed_point,
     default_num_rounds,
+    relay_send_table,
 )
 
 __all__ = ["plan_quota_triton"]
@@ -187,6 +188,7 @@ def _quota_plan_kernel(
     slot_expert_scratch_ptr,  # [NUM_PROGRAMS * T_P2, R_P2 * S_P2] int32 scratch: expert per redundant slot
     slot_quota_scratch_ptr,  # [NUM_PROGRAMS * T_P2, R_P2 * S_P2] int64 scratch: quota per redundant slot
     ticket_ptr,  # [1] int32, zero on entry: programs that have finished their candidates
+    send_table_ptr,  # [NUM_RANKS + 1] int64: relay_send_table(NUM_RANKS, relay_chunks), read with COPY_AWARE
     min_replica_quota,  # QuotaConfig.min_replica_quota
     fraction_q,  # QuotaConfig.min_replica_fraction in units of 1 / FRACTION_SCALE
     target_q,  # QuotaConfig.balance_target in units of 1 / FRACTION_SCALE
@@ -195,6 +197,7 @@ def _quota_plan_kernel(
     copy_overlap,  # QuotaConfig.copy_overlap as 0 or 1
     copy_chunks,  # QuotaConfig.copy_chunks
     gemm_passes,  # QuotaConfig.gemm_passes
+    relay_chunks,  # QuotaConfig.relay_chunks
     NUM_RANKS: tl.constexpr,
     EXPERTS_PER_RANK: tl.constexpr,
     SLOTS: tl.constexpr,  # redundant slots per rank (>= 1)
@@ -219,7 +222,6 @@ def _quota_plan_kernel(
     SRC_BLOCK: tl.constexpr,  # source ranks summed per step while reading the load matrix
     INTERPRETED: tl.constexpr,  # running under TRITON_INTERPRET=1 (selects the sort; same results)
     COPY_AWARE: tl.constexpr,  # copy_cost > 0: candidates are compared with the weight sync counted
-    MAX_RELAY_FAN: tl.constexpr,  # bound on relay_sender_copies of one expert's copies (< NUM_RANKS)
 ):
     NUM_EXPERTS: tl.constexpr = NUM_RANKS * EXPERTS_PER_RANK
     NUM_THRESHOLDS: tl.constexpr = len(STEPS)
@@ -476,11 +478,10 @@ def _quota_plan_kernel(
     if COPY_AWARE:
         # The peak with the weight sync counted, as _costed_peak in quota.py.
         copies_in = tl.sum((slot_pos >= 0).to(tl.int64), axis=2)  # [T_P2, R_P2]
-        sender_copies = tl.zeros([T_P2, R_P2, M_P2], tl.int64) + (fan > 0).to(tl.int64)
-        for f in tl.static_range(1, MAX_RELAY_FAN):
-            sender_copies += (f * (f + 1) < fan).to(tl.int64)
-        copies_out = tl.sum(sender_copies, axis=2)
-        sync = tl.max(tl.maximum(copies_in, copies_out), axis=1) * copy_cost  # [T_P2]
+        # fan <= NUM_RANKS - 1 (one replica per other rank), 0 on padding, so the table read stays inside.
+        chunks_out = tl.sum(tl.load(send_table_ptr + fan), axis=2)
+        busiest = tl.max(tl.maximum(copies_in * relay_chunks, chunks_out), axis=1)
+        sync = busiest * copy_cost // relay_chunks  # [T_P2]
         replica_load = rank_load - tl.sum(master_quota, axis=2)
         forward_sync = sync[:, None] * gemm_passes  # in units of one assignment's forward GEMM
         first_chunk = forward_sync // copy_chunks + replica_load
@@ -593,14 +594,6 @@ def _quota_plan_kernel(
         tl.store(replica_dst, best_slot_expert.to(tl.int64), mask=slot_ok)
 
 
-def _relay_fan_bound(num_ranks: int) -> int:
-    """Return f with f * (f + 1) >= num_ranks: no expert has num_ranks copies, so its relay senders send fewer."""
-    fan = 1
-    while fan * (fan + 1) < num_ranks:
-        fan += 1
-    return fan
-
-
 def _pow2(value: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(value))
 
@@ -668,7 +661,6 @@ def _launch_config(
         "SRC_BLOCK": min(r_p2, _pow2(max(1, 8192 // q_p2))),
         "INTERPRETED": interpreted,
         "COPY_AWARE": config.copy_cost > 0,
-        "MAX_RELAY_FAN": _relay_fan_bound(layout.num_ranks),
     }
     # NOTE: about 32 tile entries per thread; a guess from ptxas register counts for sm_90, not from timings.
     num_warps = min(16, max(4, (t_p2 * q_p2) // 128))
@@ -714,6 +706,7 @@ def plan_quota_triton(
     slot_expert_scratch = torch.empty((rows, c["R_P2"] * c["S_P2"]), dtype=torch.int32, device=device)
     slot_quota_scratch = torch.empty((rows, c["R_P2"] * c["S_P2"]), dtype=torch.int64, device=device)
     ticket = torch.zeros(1, dtype=torch.int32, device=device)
+    send_table = relay_send_table(layout.num_ranks, config.relay_chunks, device)
 
     _quota_plan_kernel[(launch.num_programs,)](
         loads,
@@ -724,6 +717,7 @@ def plan_quota_triton(
         slot_expert_scratch,
         slot_quota_scratch,
         ticket,
+        send_table,
         config.min_replica_quota,
         _to_fixed_point(config.min_replica_fraction),
         _to_fixed_point(config.balance_target),
@@ -732,6 +726,7 @@ def plan_quota_triton(
         int(config.copy_overlap),
         config.copy_chunks,
         config.gemm_passes,
+        config.relay_chunks,
         **c,
         num_warps=launch.num_warps,
     )

@@ -226,14 +226,6 @@ static int64_t load_floor(const int64_t *expert_load, const int64_t *master_rank
     return bound;
 }
 
-/* Copies the busiest sender of a two-level relay tree sends for n copies: the least f >= 1 with
- * f * (f + 1) >= n, 0 for n = 0 (relay_sender_copies in quota.py). */
-static int64_t relay_sender_copies(int64_t n) {
-    int64_t f = 0;
-    while (f * (f + 1) < n) ++f;
-    return f;
-}
-
 /* The time of a rank that hosts replicas, with the copies in the background (copy_overlap), in
  * assignments: "Copy cost" in quota.py. Nondecreasing in each of load, replica_load and sync. */
 static int64_t replica_rank_time(int64_t load, int64_t replica_load, int64_t sync, int64_t copy_chunks,
@@ -247,10 +239,11 @@ static int64_t replica_rank_time(int64_t load, int64_t replica_load, int64_t syn
 
 /* Returns the slowest rank of one candidate with the weight sync counted, in assignments ("Copy cost"
  * in quota.py). slot_pos contains drain positions, so fan[] is indexed by drain position. Rank r's
- * masters are positions r * P .. r * P + P - 1 in either order. fan: [R * P] scratch. */
+ * masters are positions r * P .. r * P + P - 1 in either order. send_chunks: [R + 1], the relay
+ * trees' link time of n copies in chunk times. fan: [R * P] scratch. */
 static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota, const int64_t *slot_pos, int64_t R,
                            int64_t P, int64_t S, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
-                           int64_t gemm_passes, int64_t *fan) {
+                           int64_t gemm_passes, const int64_t *send_chunks, int64_t relay_chunks, int64_t *fan) {
     memset(fan, 0, (size_t)(R * P) * sizeof(int64_t));
     for (int64_t i = 0; i < R * S; ++i)
         if (slot_pos[i] >= 0) fan[slot_pos[i]] += 1;
@@ -258,10 +251,10 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
     for (int64_t r = 0; r < R; ++r) {
         int64_t in = 0, out = 0;
         for (int64_t s = 0; s < S; ++s) in += slot_pos[r * S + s] >= 0;
-        for (int64_t p = 0; p < P; ++p) out += relay_sender_copies(fan[r * P + p]);
-        busiest = max64(busiest, max64(in, out));
+        for (int64_t p = 0; p < P; ++p) out += send_chunks[fan[r * P + p]];
+        busiest = max64(busiest, max64(in * relay_chunks, out));
     }
-    const int64_t sync = busiest * copy_cost;
+    const int64_t sync = busiest * copy_cost / relay_chunks;
     int64_t peak = INT64_MIN;
     for (int64_t r = 0; r < R; ++r) {
         int64_t t = rank_load[r];
@@ -287,10 +280,9 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
 /* One candidate's plan so far, as the early stop tracks it ("Stopping early" in quota_plan). */
 struct stop_bound {
     int64_t *copies_of;    /* [E] replicas per master, by drain position */
-    int64_t *relay_level;  /* [E] relay_sender_copies(copies_of), kept without its loop */
-    int64_t *copies_sent;  /* [R] copies each rank sends through relay trees */
+    int64_t *copies_sent;  /* [R] chunk times each rank sends through relay trees */
     int64_t *replica_load; /* [R] quota of each rank's replicas */
-    int64_t busiest;       /* maximum copies one rank receives or sends */
+    int64_t busiest;       /* maximum chunk times one rank receives or sends */
     /* The three parts of replica_rank_time's numerator without the sync, maximised over the ranks
      * with replicas (the third one times 3 * copy_chunks, so that it stays an integer), and the
      * highest load among those ranks. */
@@ -299,7 +291,6 @@ struct stop_bound {
 
 static void stop_bound_reset(struct stop_bound *b, int64_t R, int64_t E) {
     memset(b->copies_of, 0, (size_t)E * sizeof(int64_t));
-    memset(b->relay_level, 0, (size_t)E * sizeof(int64_t));
     memset(b->copies_sent, 0, (size_t)R * sizeof(int64_t));
     memset(b->replica_load, 0, (size_t)R * sizeof(int64_t));
     b->busiest = b->max_gemm = b->max_first_chunk = b->max_last_chunk = b->max_rank_load = 0;
@@ -320,9 +311,10 @@ static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_acti
                                           const int64_t *rank_load,
                                           const int64_t *slots_used, const int64_t *slot_pos, const int64_t *slot_quota,
                                           int64_t S, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
-                                          int64_t gemm_passes, int64_t beat) {
+                                          int64_t gemm_passes, const int64_t *send_chunks, int64_t relay_chunks,
+                                          int64_t beat) {
     /* The scalars live in locals here, since stores through the arrays could alias the struct's fields. */
-    int64_t *copies_of = b->copies_of, *relay_level = b->relay_level, *copies_sent = b->copies_sent;
+    int64_t *copies_of = b->copies_of, *copies_sent = b->copies_sent;
     int64_t *replica_load = b->replica_load;
     int64_t busiest = b->busiest, max_gemm = b->max_gemm, max_first_chunk = b->max_first_chunk;
     int64_t max_last_chunk = b->max_last_chunk, max_rank_load = b->max_rank_load;
@@ -341,19 +333,16 @@ static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_acti
         int64_t s = 0;
         while (slot_pos[recv * S + s] != position[i]) ++s;
         if (slot_quota[recv * S + s] != a) continue;
-        const int64_t n = ++copies_of[position[i]], level = relay_level[position[i]];
-        if (level * (level + 1) < n) {
-            relay_level[position[i]] = level + 1;
-            copies_sent[donor_rank[i]] += 1;
-        }
-        busiest = max64(busiest, max64(slots_used[recv], copies_sent[donor_rank[i]]));
+        const int64_t n = ++copies_of[position[i]];
+        copies_sent[donor_rank[i]] += send_chunks[n] - send_chunks[n - 1];
+        busiest = max64(busiest, max64(slots_used[recv] * relay_chunks, copies_sent[donor_rank[i]]));
     }
     b->busiest = busiest;
     b->max_gemm = max_gemm;
     b->max_first_chunk = max_first_chunk;
     b->max_last_chunk = max_last_chunk;
     b->max_rank_load = max_rank_load;
-    const int64_t sync = busiest * copy_cost, forward_sync = sync * gemm_passes;
+    const int64_t sync = busiest * copy_cost / relay_chunks, forward_sync = sync * gemm_passes;
     if (!copy_overlap) return max_rank_load + sync > beat ? min64(max_rank_load + sync, COSTED_PEAK_LIMIT) : -1;
     const int64_t need = (beat + 1) * gemm_passes; /* bound > beat: numerator >= need */
     if (max_gemm < need && forward_sync < (need - max_first_chunk) * copy_chunks &&
@@ -416,7 +405,10 @@ static int64_t best_fit_round(const int64_t *master_quota, const int64_t *spare,
  *                   the best-fit receivers, which run after every other candidate.
  * num_drains:       1, or 2 to run every receiver family again, on the mean steps only, with donors
  *                   that shed over_drain_q (fixed point, of the mean rank load) beyond their excess.
- * copy_cost, copy_overlap, copy_chunks, gemm_passes: QuotaConfig's copy model; copy_cost 0 compares plain peaks.
+ * copy_cost, copy_overlap, copy_chunks, gemm_passes, relay_chunks: QuotaConfig's copy model; copy_cost 0
+ *                   compares plain peaks.
+ * send_chunks:      [num_ranks + 1] relay_send_chunks(n, relay_chunks) for n = 0 .. num_ranks: the link time
+ *                   of n copies of one expert through its relay tree, in chunk times; read with copy_cost > 0.
  * stop_at_target:   QuotaConfig.stop_at_target, 0 or 1.
  * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
  * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
@@ -429,11 +421,13 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                       int64_t num_best_fit_steps, int64_t num_drains, int64_t over_drain_q, int64_t fraction_scale,
                       int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
                       int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
-                      int64_t gemm_passes, int64_t stop_at_target, int64_t *out_slot_expert, int64_t *out_quota) {
+                      int64_t gemm_passes, int64_t relay_chunks, const int64_t *send_chunks, int64_t stop_at_target,
+                      int64_t *out_slot_expert, int64_t *out_quota) {
     if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 || num_drains < 1 ||
         over_drain_q < 0 || num_best_fit_steps < 0 ||
         num_mean_steps + num_gap_steps < 1 || fraction_scale < 1 || copy_cost < 0 || copy_chunks < 1 ||
-        gemm_passes < 1 || (stop_at_target != 0 && stop_at_target != 1))
+        gemm_passes < 1 || relay_chunks < 1 || (copy_cost > 0 && send_chunks == NULL) ||
+        (stop_at_target != 0 && stop_at_target != 1))
         return ERR_ARGS;
     const int64_t R = num_ranks, P = experts_per_rank, S = slots, E = R * P;
     /* Candidate (o, a, t): receiver order o (most, then least spare first), anchor a, threshold t.
@@ -454,7 +448,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                           3 * TC * R + 3 * TC /* first-round lines per threshold and receiver order, their lengths */ +
                           E /* spares offered per best-fit bin */ + C /* plain peaks */ +
                           T /* first-drain steps by threshold */ + C /* stopped candidates */ +
-                          2 * E + 2 * R /* copies and relay senders per master, copies sent and replica load per rank */;
+                          E + 2 * R /* copies per master, chunk times sent and replica load per rank */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
     int64_t *cursor = mem;
@@ -501,7 +495,6 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     TAKE(step_order, T);
     TAKE(stopped, C);
     TAKE(copies_of, E);
-    TAKE(relay_level, E);
     TAKE(copies_sent, R);
     TAKE(replica_load, R);
 #undef TAKE
@@ -596,7 +589,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     /* Lowest plain peak of the first drain's candidates planned so far. */
     int64_t first_drain_low = INT64_MAX;
     int first_drain_good = 0; /* set with stop_at_target when a first-drain plan is good */
-    struct stop_bound bound = {copies_of, relay_level, copies_sent, replica_load, 0, 0, 0, 0, 0};
+    struct stop_bound bound = {copies_of, copies_sent, replica_load, 0, 0, 0, 0, 0};
     memset(skipped, 0, (size_t)C * sizeof(int64_t));
     memset(stopped, 0, (size_t)C * sizeof(int64_t));
     for (int64_t idx = 0; idx < C; ++idx) {
@@ -804,7 +797,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                 if (may_stop) {
                     const int64_t peak = stop_bound_update(&bound, num_active, recv_rank, amount, position, donor_rank,
                                                            rank_load, slots_used, slot_pos, slot_quota, S, copy_cost,
-                                                           copy_overlap, copy_chunks, gemm_passes, best_load);
+                                                           copy_overlap, copy_chunks, gemm_passes, send_chunks,
+                                                           relay_chunks, best_load);
                     if (peak >= 0 && (idx >= T * RF || bound.max_rank_load >= first_drain_low)) {
                         stop_peak = peak;
                         stop_plain = bound.max_rank_load;
@@ -828,7 +822,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
              * peak is not computed, and its plain peak stays above the best and the target. */
             if (copy_cost > 0 && (m <= best_load || mul_wrap(m, R * fraction_scale) <= limit))
                 max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap,
-                                          copy_chunks, gemm_passes, fan);
+                                          copy_chunks, gemm_passes, send_chunks, relay_chunks, fan);
         }
         best_load = min64(best_load, max_load[c]);
         if (idx < T * RF) first_drain_low = min64(first_drain_low, plain_peak[c]);
@@ -897,8 +891,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     return 0;
 }
 
-/* quota_plan without stop_at_target (0), with the arguments of earlier builds, so that
- * benchmarks/planner_ab.py can time this build against them. */
+/* quota_plan without stop_at_target (0), with the arguments of earlier builds since the relay-tree copy
+ * model (relay_chunks, send_chunks), so that benchmarks/planner_ab.py can time this build against them. */
 int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_per_rank, int64_t slots,
                        const int64_t *mean_steps, int64_t num_mean_steps, const int64_t *gap_steps,
                        int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors,
@@ -906,23 +900,24 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
                        int64_t over_drain_q, int64_t fraction_scale,
                        int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
                        int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
-                       int64_t gemm_passes, int64_t *out_slot_expert, int64_t *out_quota) {
+                       int64_t gemm_passes, int64_t relay_chunks, const int64_t *send_chunks, int64_t *out_slot_expert,
+                       int64_t *out_quota) {
     return quota_plan(loads, num_ranks, experts_per_rank, slots, mean_steps, num_mean_steps, gap_steps, num_gap_steps,
                       anchors, num_anchors, best_fit_steps, num_best_fit_steps, num_drains, over_drain_q, fraction_scale,
                       min_replica_quota, fraction_q, target_q, prefer_local, num_rounds, copy_cost, copy_overlap,
-                      copy_chunks, gemm_passes, 0, out_slot_expert, out_quota);
+                      copy_chunks, gemm_passes, relay_chunks, send_chunks, 0, out_slot_expert, out_quota);
 }
 
 /* quota_plan with its integer arguments in one array, in the same order: num_ranks,
  * experts_per_rank, slots, num_mean_steps, num_gap_steps, num_anchors, num_best_fit_steps, num_drains,
  * over_drain_q, fraction_scale, min_replica_quota, fraction_q, target_q, prefer_local, num_rounds,
- * copy_cost, copy_overlap, copy_chunks, gemm_passes, stop_at_target. A ctypes caller then converts 8
- * arguments instead of the 26 of ultraep_quota_plan, which saves about 2 us per call. */
+ * copy_cost, copy_overlap, copy_chunks, gemm_passes, relay_chunks, stop_at_target. A ctypes caller then
+ * converts 9 arguments instead of the 28 of ultraep_quota_plan, which saves about 2 us per call. */
 int ultraep_quota_plan_packed(const int64_t *loads, const int64_t *settings, const int64_t *mean_steps,
                               const int64_t *gap_steps, const int64_t *anchors, const int64_t *best_fit_steps,
-                              int64_t *out_slot_expert, int64_t *out_quota) {
+                              const int64_t *send_chunks, int64_t *out_slot_expert, int64_t *out_quota) {
     const int64_t *s = settings;
     return quota_plan(loads, s[0], s[1], s[2], mean_steps, s[3], gap_steps, s[4], anchors, s[5], best_fit_steps, s[6],
                       s[7], s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15], s[16], s[17], s[18], s[19],
-                      out_slot_expert, out_quota);
+                      send_chunks, s[20], out_slot_expert, out_quota);
 }

@@ -45,10 +45,12 @@ On the CPU the rounds stop once a round moves nothing, which leaves the plan unc
 Copy cost. Every replica costs a weight copy, and on small microbatches or large experts the copy
 can take longer than the load it moves. With ``QuotaConfig.copy_cost = c > 0`` (one copy's time in
 assignments of GEMM time) the choice between candidates compares each plan's slowest rank with the
-sync counted, in assignments: ``sync = c * max over ranks of max(copies received, copies sent)``,
-where a master sends the copies of its experts through two-level relay trees
-(:func:`relay_sender_copies`). Without ``copy_overlap`` every rank waits for the sync, so the peak is
-``max rank load + sync``. With it, a rank holding replicas takes
+sync counted, in assignments: ``sync = c * busiest // m`` with ``m = relay_chunks``. ``busiest`` is
+the most chunk times one rank spends receiving (``m`` per copy) or sending. A master sends the ``n``
+copies of each of its experts through the weight sync's relay tree, in
+:func:`~ultraep.comm.relay.relay_send_chunks` ``(n, m)`` chunk times (:func:`relay_send_table`).
+Without ``copy_overlap`` every rank waits for the sync, so the peak is ``max rank load + sync``. With
+it, a rank holding replicas takes
 ``max(load, sync / n + replica load, sync + replica load * (n + 2) / (3 n))`` for ``n = copy_chunks``:
 the copies arrive during its masters' GEMM, chunk by chunk, and the down projection (a third of
 the replica work) waits for the last chunk. In training (``gemm_passes = k = 3``) an assignment's time
@@ -62,6 +64,7 @@ no balancing. The copy cost changes only this choice, not the matching.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -77,7 +80,7 @@ __all__ = [
     "copy_cost_in_assignments",
     "load_floor",
     "plan_reference",
-    "relay_sender_copies",
+    "relay_send_table",
 ]
 
 MAX_COPY_COST = 2**24
@@ -217,6 +220,10 @@ class QuotaConfig:
     """GEMM passes that one assignment of ``copy_cost``'s unit covers: 1 in inference (the forward), 3 in
     training (forward, data gradient and weight gradient). With ``copy_overlap`` a copy can hide only
     behind the forward pass, ``1 / gemm_passes`` of each assignment's time."""
+    relay_chunks: int = 4
+    """Chunks the relay trees forward each copy in (``ManagerConfig.num_chunks``): with ``m`` chunks a
+    master's ``n`` copies of one expert take :func:`~ultraep.comm.relay.relay_send_chunks` ``(n, m)``
+    chunk times through their tree, which sets the sync time the copy cost counts."""
 
     def __post_init__(self) -> None:
         for name in ("balance_target", "min_replica_fraction"):
@@ -233,7 +240,7 @@ class QuotaConfig:
             raise ValueError(
                 f"QuotaConfig.min_replica_fraction must be in [0, 1), got {self.min_replica_fraction}"
             )
-        for name in ("copy_cost", "copy_chunks", "gemm_passes"):
+        for name in ("copy_cost", "copy_chunks", "gemm_passes", "relay_chunks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"QuotaConfig.{name} must be an int, got {value!r}")
@@ -241,6 +248,8 @@ class QuotaConfig:
             raise ValueError(f"QuotaConfig.copy_cost must be in [0, {MAX_COPY_COST}] assignments, got {self.copy_cost}")
         if not 1 <= self.copy_chunks <= 1024:
             raise ValueError(f"QuotaConfig.copy_chunks must be in [1, 1024], got {self.copy_chunks}")
+        if not 1 <= self.relay_chunks <= 1024:
+            raise ValueError(f"QuotaConfig.relay_chunks must be in [1, 1024], got {self.relay_chunks}; pass ManagerConfig.num_chunks")
         if not 1 <= self.gemm_passes <= 16:
             raise ValueError(
                 f"QuotaConfig.gemm_passes must be in [1, 16], got {self.gemm_passes}; use 1 for inference and 3 for training"
@@ -273,7 +282,8 @@ class QuotaPlanner(Planner):
         Settings: ``balance_target`` (1.001), ``min_replica_quota`` (1), ``min_replica_fraction``
         (0.001), ``prefer_local`` (True), ``num_rounds`` (None: slots + 7), ``stop_at_target`` (False),
         ``copy_cost`` (0),
-        ``copy_overlap`` (False), ``copy_chunks`` (1), ``gemm_passes`` (1); see :class:`QuotaConfig`.
+        ``copy_overlap`` (False), ``copy_chunks`` (1), ``gemm_passes`` (1), ``relay_chunks`` (4); see
+        :class:`QuotaConfig`.
         backend: which implementation plans, as for :func:`ultraep.kernels.plan_quota`: ``"auto"``
           (compiled C on CPU tensors, Triton on CUDA tensors), ``"triton"``, ``"native"`` or ``"torch"``
           (the PyTorch reference, :func:`plan_reference`); ``None`` reads ``ULTRAEP_KERNEL_BACKEND``
@@ -646,17 +656,21 @@ def _constants(layout: ExpertLayout, device: torch.device) -> _Constants:
     return cached
 
 
-def relay_sender_copies(copies: torch.Tensor) -> torch.Tensor:
-    """Return the copies the busiest sender of a two-level relay tree sends, elementwise.
+def relay_send_table(num_ranks: int, relay_chunks: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Return [num_ranks + 1] int64 on ``device``: entry ``n`` is the link time of ``n`` copies of one
+    expert through its relay tree, in chunk times (:func:`~ultraep.comm.relay.relay_send_chunks`).
 
-    copies: int64 tensor, any shape and device, entries >= 0: copies of one expert to make.
-    A master that feeds ``k`` relays, each forwarding to at most ``f`` of the rest, sends at most
-    ``max(k, f)`` copies. For ``n`` copies the smallest such bound is the least ``f >= 1`` with
-    ``f * (f + 1) >= n``, and 0 for ``n = 0``. The relay trees of ``ultraep.comm`` follow this rule.
+    Every backend reads the copy model's sender times from this table, so they agree exactly. The
+    entries never decrease with ``n``.
     """
-    root = torch.sqrt(copies.to(torch.float64)).floor().to(torch.int64)
-    root = root - (root * root > copies).to(torch.int64)  # exact integer square root
-    return root + (root * (root + 1) < copies).to(torch.int64)
+    return torch.tensor(_relay_send_row(num_ranks, relay_chunks), dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _relay_send_row(num_ranks: int, relay_chunks: int) -> tuple[int, ...]:
+    from ultraep.comm.relay import relay_send_chunks
+
+    return tuple(relay_send_chunks(n, relay_chunks) for n in range(num_ranks + 1))
 
 
 def copy_cost_in_assignments(
@@ -693,11 +707,13 @@ def _costed_peak(state: _CandidateState, layout: ExpertLayout, config: QuotaConf
     num_candidates = state.rank_load.shape[0]
     num_ranks, experts_per_rank = layout.num_ranks, layout.experts_per_rank
     filled = state.slot_expert >= 0  # [num_candidates, num_ranks, slots]
-    copies_in = filled.sum(dim=2)  # [num_candidates, num_ranks]
+    chunks_in = filled.sum(dim=2) * config.relay_chunks  # [num_candidates, num_ranks], in chunk times
     fan = torch.zeros(num_candidates, layout.num_experts, dtype=torch.int64, device=filled.device)
     fan.scatter_add_(1, state.slot_expert.clamp(min=0).view(num_candidates, -1), filled.view(num_candidates, -1).to(torch.int64))
-    copies_out = relay_sender_copies(fan).view(num_candidates, num_ranks, experts_per_rank).sum(dim=2)
-    sync = torch.maximum(copies_in, copies_out).max(dim=1, keepdim=True).values * config.copy_cost  # [num_candidates, 1]
+    send_table = relay_send_table(num_ranks, config.relay_chunks, filled.device)
+    chunks_out = send_table[fan].view(num_candidates, num_ranks, experts_per_rank).sum(dim=2)
+    busiest = torch.maximum(chunks_in, chunks_out).max(dim=1, keepdim=True).values
+    sync = busiest * config.copy_cost // config.relay_chunks  # [num_candidates, 1]
     if config.copy_overlap:
         chunks, passes = config.copy_chunks, config.gemm_passes
         master_load = state.master_quota.view(num_candidates, num_ranks, experts_per_rank).sum(dim=2)
@@ -707,7 +723,7 @@ def _costed_peak(state: _CandidateState, layout: ExpertLayout, config: QuotaConf
         last_chunk = forward_sync + replica_load * (chunks + 2) // (3 * chunks)
         forward = torch.maximum(state.rank_load, torch.maximum(first_chunk, last_chunk))
         busy = (state.rank_load * (passes - 1) + forward) // passes
-        peak = torch.where(copies_in > 0, busy, state.rank_load).max(dim=1).values
+        peak = torch.where(chunks_in > 0, busy, state.rank_load).max(dim=1).values
     else:
         peak = state.rank_load.max(dim=1).values + sync[:, 0]
     return peak.clamp_(max=_COSTED_PEAK_LIMIT)

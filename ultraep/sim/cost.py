@@ -38,14 +38,17 @@ Formulas:
    Replicas earn no locality credit in this model: a replica receives its quota from all ranks.
 3. Weight sync: every replica to be filled receives ``W`` bytes from its master's rank. With
    ``"direct"`` the master sends every copy itself, so a hot expert with ``n`` replicas loads its
-   master's outbound link with ``n * W``. With ``"relay"`` the master of an expert with ``n`` copies
-   sends to ``k`` relays (``k`` minimises ``max(k, ceil((n - k) / k))``, about ``sqrt(n)``) and each
-   relay forwards to its share of the rest, chunk by chunk (``sync_chunks`` chunks per copy).
-   ``"auto"`` relays only the experts whose master rank would send more copies than the busiest
-   receiver takes in. Per rank,
+   master's outbound link with ``n * W``. With ``"relay"`` an expert with ``n`` copies goes through
+   the runtime's relay tree (``ultraep.comm.relay``): every sender, the master included, feeds at most
+   ``f`` receivers, and receivers forward chunk by chunk (``m = sync_chunks`` chunks per copy), so a
+   receiver at level ``L`` gets chunk ``c`` in step ``c + L - 1``. The fan-out ``f`` minimises the
+   tree's link time ``f * (m + D - 1)`` chunk times for depth ``D``: a chain for up to 12 copies with
+   8 chunks, a binary tree beyond. ``"auto"`` relays only the experts whose master rank would send more
+   copies than the busiest receiver takes in. Per rank,
    ``S_r = max(max(out_nv, in_nv) / B_nv, max(out_net, in_net) / B_net)``, and the sync time is
-   ``max_r S_r``, plus one chunk ``W / sync_chunks`` over the slowest link class used when some copy
-   goes through a relay (the relay forwards chunk ``c`` while chunk ``c + 1`` arrives).
+   ``max_r S_r`` plus the trees' fill, ``(D - 1) * f`` chunks ``W / m`` over the slowest link class
+   used, for the tree where that is largest: the last chunk leaves the master ``D - 1`` levels above
+   the deepest receiver, and each level's sender splits its link over its ``f`` children.
 4. Gradient reduce (training): the same trees carry each replica's weight gradient
    (``grad_bytes_per_param`` per parameter) back to its master, so it is the sync formula with
    ``W * grad_bytes_per_param / 2`` bytes per copy.
@@ -57,7 +60,7 @@ Formulas:
    and the masters' GEMM has run. A rank without replica work waits for no copy. With
    ``pipeline_replicas`` as well (``ManagerConfig.pipeline_replicas``), every copy arrives in
    ``n = sync_chunks`` chunks, chunk ``c`` by ``fill + (c + 1) (sync - fill) / n`` where ``fill`` is
-   the relay hop of formula 3. A chunk carries the same intermediate rows of the gate, up and down
+   the relay trees' fill of formula 3. A chunk carries the same intermediate rows of the gate, up and down
    weights, so the replicas' gate and up projections (2/3 of ``Gr_r``) run chunk by chunk as the
    chunks arrive, and the down projection (1/3) runs once the whole copy is there:
    ``max(Gm_r + Gr_r, first + Gr_r, sync + Gr_r * (2 / (3 n) + 1 / 3))`` replaces
@@ -102,6 +105,7 @@ import math
 
 import torch
 
+from ultraep.comm.relay import choose_fan_out
 from ultraep.layout import ExpertLayout
 from ultraep.sim.hardware import Efficiency, HardwareConfig
 from ultraep.sim.models import ModelConfig
@@ -118,7 +122,6 @@ __all__ = [
     "layer_costs",
     "layer_time_lower_bound",
     "link_rates",
-    "relays_for",
     "replica_sync_traffic",
     "sync_time",
 ]
@@ -151,8 +154,9 @@ class CostSettings:
     (experts with several copies go through relays) or ``"auto"`` (relay only where a master rank
     sends more copies than the busiest receiver takes in)."""
     sync_chunks: int = 4
-    """Chunks per expert copy (``ManagerConfig.num_chunks``): relays forward chunk by chunk, which adds
-    one chunk time for the relay hop, and with ``pipeline_replicas`` replicas compute chunk by chunk."""
+    """Chunks per expert copy (``ManagerConfig.num_chunks``): relays forward chunk by chunk, which sets
+    the relay trees' shape and fill (formula 3), and with ``pipeline_replicas`` replicas compute chunk
+    by chunk."""
     microbatches_per_step: int = 1
     """Microbatches per optimizer step; persistent replicas refresh and reduce once per step."""
     overlap_grad_reduce: bool = False
@@ -248,8 +252,10 @@ class SyncTraffic:
     in_network: torch.Tensor
     """[num_samples, num_ranks] float64. Bytes received from other domains."""
     depth: torch.Tensor
-    """[num_samples] int64. Deepest level of any copy tree (2 = some copy came through a relay, 1 = all
-    direct from the master, 0 = no copies)."""
+    """[num_samples] int64. Deepest level of any copy tree (1 = all direct from the master, 0 = no copies)."""
+    fill_chunks: torch.Tensor
+    """[num_samples] int64. The trees' fill in chunk times, ``(D - 1) * f`` maximised over the relayed
+    experts (formula 3); 0 without relays."""
     num_copies: torch.Tensor
     """[num_samples] int64. Replicas filled."""
     bytes_per_copy: float
@@ -272,22 +278,6 @@ def instance_gemm_time(
     return torch.where(quota > 0, torch.clamp(compute, min=weight_read), torch.zeros_like(quota))
 
 
-def relays_for(num_receivers: int) -> int:
-    """Return the relays a two-level copy tree uses for ``num_receivers`` copies of one expert.
-
-    The master feeds ``k`` relays directly, and each relay forwards to its share of the other
-    ``num_receivers - k``. The chosen ``k`` minimises the largest number of copies one rank sends,
-    ``max(k, ceil((num_receivers - k) / k))``; ties go to the larger ``k``, which means fewer relay
-    hops. This is the same rule as the relay trees of ``ultraep.comm``. Returns 0 for 0 receivers.
-    """
-    best_k, best_fan_out = num_receivers, num_receivers
-    for k in range(num_receivers, 0, -1):
-        fan_out = max(k, -(-(num_receivers - k) // k))
-        if fan_out < best_fan_out:
-            best_k, best_fan_out = k, fan_out
-    return best_k
-
-
 def replica_sync_traffic(
     replica_expert_ids: torch.Tensor,
     synced: torch.Tensor,
@@ -305,10 +295,11 @@ def replica_sync_traffic(
     bytes_per_copy: bytes sent per filled slot (expert weights, or a replica's weight gradient).
     domain_size: ranks per NVLink domain.
 
-    ``"direct"``: every copy comes from the master. ``"relay"``: an expert with ``n`` copies uses
-    ``k = relays_for(n)`` relays. Its copies are ranked by how many direct copies their rank's masters
-    send (fewest first, then slot id). The first ``k`` receive from the master, and the rest are dealt
-    round-robin to the relays. ``"auto"``: relay only the experts whose master rank would send more
+    ``"direct"``: every copy comes from the master. ``"relay"``: an expert with ``n`` copies uses the
+    relay tree of fan-out ``f = choose_fan_out(n, sync_chunks)`` (``ultraep.comm.relay``). Its copies
+    are ranked by how many direct copies their rank's masters send (fewest first, then slot id), and
+    take the tree's places breadth first: the first ``f`` receive from the master, and copy ``p >= f``
+    from copy ``p // f - 1``. ``"auto"``: relay only the experts whose master rank would send more
     direct copies than the busiest receiver takes in.
     """
     num_samples, num_ranks, slots = replica_expert_ids.shape
@@ -316,7 +307,9 @@ def replica_sync_traffic(
     zeros = torch.zeros(num_samples, num_ranks, dtype=torch.float64)
     if num_flat == 0:
         empty = torch.zeros(num_samples, dtype=torch.int64)
-        return SyncTraffic(zeros, zeros.clone(), zeros.clone(), zeros.clone(), empty, empty.clone(), float(bytes_per_copy))
+        return SyncTraffic(
+            zeros, zeros.clone(), zeros.clone(), zeros.clone(), empty, empty.clone(), empty.clone(), float(bytes_per_copy)
+        )
     flat_expert = replica_expert_ids.reshape(num_samples, num_flat)  # [num_samples, num_flat]
     valid = (flat_expert >= 0) & synced.reshape(num_samples, num_flat)
     slot_rank = torch.arange(num_flat).expand(num_samples, num_flat) // slots
@@ -357,32 +350,41 @@ def replica_sync_traffic(
         if settings.sync_scheme == "auto":
             busiest_intake = direct_in.max(dim=1, keepdim=True).values
             relayed = relayed & (direct_out.gather(1, sorted_master) > busiest_intake)
-    num_relays = _relay_table(num_flat)[group_size]
-    from_relay = relayed & (position >= num_relays)
-    relay_position = group_start + (position - num_relays).clamp(min=0) % num_relays.clamp(min=1)
-    sender = torch.where(from_relay, sorted_rank.gather(1, relay_position.clamp(max=num_flat - 1)), sorted_master)
+    fan_out = _fan_out_table(num_flat, settings.sync_chunks)[group_size].clamp(min=1)
+    from_relay = relayed & (position >= fan_out)
+    parent_position = group_start + (position // fan_out - 1).clamp(min=0)
+    sender = torch.where(from_relay, sorted_rank.gather(1, parent_position.clamp(max=num_flat - 1)), sorted_master)
+    # Level in the tree: breadth-first place p has parent place p // f - 1, the master above place f - 1.
+    level = torch.zeros_like(position)
+    place = torch.where(relayed, position + 1, torch.ones_like(position))
+    while bool((place > 0).any()):
+        level += (place > 0).to(torch.int64)
+        place = torch.where(place > 0, (place - 1) // fan_out, place)
 
     # Step 5: bytes per rank and link class.
     same_domain = (sender // domain_size) == (sorted_rank // domain_size)
     copy_bytes = torch.where(sorted_valid, float(bytes_per_copy), 0.0).to(torch.float64)
     nvlink_bytes = torch.where(same_domain, copy_bytes, 0.0)
     network_bytes = torch.where(same_domain, 0.0, copy_bytes)
-    depth = torch.where(from_relay, 2, torch.where(sorted_valid, 1, 0)).max(dim=1).values
+    level = torch.where(sorted_valid, level, 0)
+    depth = level.max(dim=1).values
+    fill_chunks = torch.where(relayed, (level - 1) * fan_out, 0).max(dim=1).values
     return SyncTraffic(
         out_nvlink=zeros.clone().scatter_add_(1, sender, nvlink_bytes),
         in_nvlink=zeros.clone().scatter_add_(1, sorted_rank, nvlink_bytes),
         out_network=zeros.clone().scatter_add_(1, sender, network_bytes),
         in_network=zeros.clone().scatter_add_(1, sorted_rank, network_bytes),
         depth=depth,
+        fill_chunks=fill_chunks,
         num_copies=sorted_valid.sum(dim=1),
         bytes_per_copy=float(bytes_per_copy),
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _relay_table(max_receivers: int) -> torch.Tensor:
-    """Return [max_receivers + 1] int64: ``relays_for(n)`` for every ``n``."""
-    return torch.tensor([relays_for(n) for n in range(max_receivers + 1)], dtype=torch.int64)
+def _fan_out_table(max_receivers: int, num_chunks: int) -> torch.Tensor:
+    """Return [max_receivers + 1] int64: ``choose_fan_out(n, num_chunks)`` for every ``n`` (0 for 0)."""
+    return torch.tensor([0] + [choose_fan_out(n, num_chunks) for n in range(1, max_receivers + 1)], dtype=torch.int64)
 
 
 def sync_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSettings) -> torch.Tensor:
@@ -401,12 +403,12 @@ def link_rates(hardware: HardwareConfig, settings: CostSettings) -> tuple[float,
 
 
 def relay_fill_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSettings) -> torch.Tensor:
-    """Return [num_samples] float64 seconds: the one chunk a relay hop adds to ``sync_time`` (0 without relays)."""
+    """Return [num_samples] float64 seconds: the relay trees' fill that ``sync_time`` adds (formula 3; 0 without relays)."""
     nvlink, network = link_rates(hardware, settings)
     chunk_bytes = traffic.bytes_per_copy / settings.sync_chunks
     uses_network = traffic.out_network.sum(dim=1) > 0
     chunk_time = torch.where(uses_network, chunk_bytes / network, chunk_bytes / nvlink)
-    return (traffic.depth - 1).clamp(min=0).to(torch.float64) * chunk_time
+    return traffic.fill_chunks.to(torch.float64) * chunk_time
 
 
 def layer_costs(
@@ -472,7 +474,7 @@ def layer_costs(
         grad_copy_bytes = grad_traffic.num_copies.to(torch.float64) * grad_bytes
     else:
         grad_reduce, grad_copy_bytes = zeros, zeros
-    # fill: the relay hop's share of the forward sync, which delays the first chunk of a relayed copy.
+    # fill: the relay trees' share of the forward sync, which delays the first chunk of a relayed copy.
     if replica_lifetime == "microbatch":
         sync, sync_bytes = all_sync, all_copy_bytes
         fill = relay_fill_time(all_traffic, hardware, settings)
