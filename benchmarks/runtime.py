@@ -191,8 +191,8 @@ def _relay_table(args) -> list[str]:
     counts = plan.logical_replica_count()
     lines = [
         f"Weight sync and grad reduce schedules, planned only: {layout}, Zipf(1.2) loads of 4096 tokens x top-8 per "
-        f"rank, QuotaPlanner plan with {int(plan.num_replicas())} replicas, at most {int(counts.max()) - 1} of one "
-        "expert; link time counts expert copies through the busiest rank link per step. Grad reduce sends every "
+        f"rank. The QuotaPlanner plan has {int(plan.num_replicas())} replicas, at most {int(counts.max()) - 1} of one "
+        "expert. Link time counts expert copies through the busiest rank link per step. Grad reduce sends every "
         "replica's gradient up the same trees; its last column is the most gradient rows one rank receives.",
         "",
         "| mode | chunks | relayed experts | deepest tree | sync steps | most copies sent by one rank | "
