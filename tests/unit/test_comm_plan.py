@@ -155,6 +155,8 @@ def test_relay_send_chunks_never_decreases():
 def test_tree_depth():
     assert [tree_depth(n, 2) for n in (0, 1, 2, 3, 6, 7, 14, 15)] == [0, 1, 1, 2, 2, 3, 3, 4]
     assert tree_depth(5, 1) == 5
+    with pytest.raises(ValueError, match="fan_out must be a positive int, got 0"):
+        tree_depth(3, 0)
 
 
 def test_choose_fan_out_rejects_zero():

@@ -76,6 +76,10 @@ class RelayTree:
 
 def tree_depth(num_receivers: int, fan_out: int) -> int:
     """Return the levels of a breadth-first tree of ``num_receivers`` with ``fan_out`` (0 for none)."""
+    if isinstance(num_receivers, bool) or not isinstance(num_receivers, int) or num_receivers < 0:
+        raise ValueError(f"num_receivers must be an int >= 0, got {num_receivers!r}")
+    if isinstance(fan_out, bool) or not isinstance(fan_out, int) or fan_out < 1:
+        raise ValueError(f"fan_out must be a positive int, got {fan_out!r}")
     depth, capacity, width = 0, 0, 1
     while capacity < num_receivers:
         width *= fan_out
@@ -98,10 +102,13 @@ def choose_fan_out(num_receivers: int, num_chunks: int) -> int:
     for name, value in (("num_receivers", num_receivers), ("num_chunks", num_chunks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    best_fan_out, best_time = num_receivers, num_receivers * num_chunks
-    for fan_out in range(num_receivers - 1, 0, -1):
+    best_fan_out, best_time = 1, num_chunks + num_receivers - 1
+    # Every tree takes at least f * num_chunks, so once that exceeds the best time no larger f ties it.
+    for fan_out in range(2, num_receivers + 1):
+        if fan_out * num_chunks > best_time:
+            break
         time = fan_out * (num_chunks + tree_depth(num_receivers, fan_out) - 1)
-        if time < best_time:
+        if time <= best_time:
             best_fan_out, best_time = fan_out, time
     return best_fan_out
 
