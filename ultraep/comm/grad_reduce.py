@@ -112,11 +112,12 @@ def plan_grad_reduce(
       trees span the replicas that send a gradient.
     num_chunks: chunks per row when some expert is reduced through a relay tree (>= 1).
 
-    Schedule: the deepest level of every tree goes first. A transfer of chunk ``c`` takes the first
-    step that is at or after ``c`` and after every step in which its source received chunk ``c`` from
-    its children. Its receiver must have a free scratch row for chunk ``c`` in that step, or it waits. Without relay trees
-    this puts the k-th replica (ascending slot id) arriving on a rank in step ``k // scratch_rows``,
-    row ``k % scratch_rows``.
+    Schedule: the deepest level of every tree goes first, and within a level the transfers go by
+    destination slot, then source slot. A transfer of chunk ``c`` takes the first step that is at or
+    after ``c`` and after every step in which its source received chunk ``c`` from its children. Its
+    receiver must have a free scratch row for chunk ``c`` in that step, or it waits. Without relay
+    trees this puts the k-th replica arriving on a rank (by master slot, then replica slot id) in step
+    ``k // scratch_rows``, row ``k % scratch_rows``.
     """
     if mode not in SYNC_MODES:
         raise ValueError(f"mode must be one of {SYNC_MODES}, got {mode!r}")

@@ -8,8 +8,9 @@ Two parts, kept apart so the first can be tested on one process:
   receivers is copied along a :class:`~ultraep.comm.relay.RelayTree`: the master sends chunk ``c`` to
   the first level in step ``c``, and a receiver at level ``L`` gets it in step ``c + L - 1``, so
   forwarding overlaps with receiving. ``auto`` relays only the experts whose master rank would
-  otherwise send more copies than the busiest receiver takes in. With ``pipeline=True`` every copy, relayed or not,
-  goes chunk by chunk, so a receiver can compute with the first chunks while later ones arrive.
+  otherwise send more copies than the busiest receiver takes in. With ``pipeline=True`` every copy,
+  relayed or not, goes chunk by chunk, so a receiver can compute with the first chunks while later
+  ones arrive.
 - :func:`execute_weight_sync` runs one plan with ``torch.distributed`` point-to-point operations, one
   ``batch_isend_irecv`` per step, on any backend that supports them (gloo on CPU, NCCL on GPUs).
 

@@ -60,8 +60,8 @@ Formulas:
    and the masters' GEMM has run. A rank without replica work waits for no copy. With
    ``pipeline_replicas`` as well (``ManagerConfig.pipeline_replicas``), every copy arrives in
    ``n = sync_chunks`` chunks, chunk ``c`` by ``fill + (c + 1) (sync - fill) / n`` where ``fill`` is
-   the relay trees' fill of formula 3. A chunk carries the same intermediate rows of the gate, up and down
-   weights, so the replicas' gate and up projections (2/3 of ``Gr_r``) run chunk by chunk as the
+   the relay trees' fill of formula 3. A chunk carries the same intermediate rows of the gate, up and
+   down weights, so the replicas' gate and up projections (2/3 of ``Gr_r``) run chunk by chunk as the
    chunks arrive, and the down projection (1/3) runs once the whole copy is there:
    ``max(Gm_r + Gr_r, first + Gr_r, sync + Gr_r * (2 / (3 n) + 1 / 3))`` replaces
    ``max(Gm_r, sync) + Gr_r``, with ``first = fill + (sync - fill) / n`` the first chunk's arrival. With
