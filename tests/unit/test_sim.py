@@ -24,7 +24,9 @@ from ultraep.sim.cost import (
     CostSettings,
     ideal_layer_costs,
     layer_costs,
+    relay_fill_time,
     replica_sync_traffic,
+    sync_time,
 )
 from ultraep.sim.hardware import Efficiency, HardwareConfig, get_hardware
 from ultraep.sim.models import MODELS, ModelConfig, get_model
@@ -139,6 +141,31 @@ def test_relay_tree_spreads_the_masters_fan_out():
     assert (relay.depth.tolist(), relay.fill_chunks.tolist()) == ([3], [2])
     assert direct.out_nvlink.tolist() == [[30.0, 0.0, 0.0, 0.0]]
     assert (direct.depth.tolist(), direct.fill_chunks.tolist()) == ([1], [0])
+
+
+def test_step_latency_counts_every_schedule_step():
+    layout = ExpertLayout(num_ranks=4, experts_per_rank=1, redundant_slots_per_rank=1)
+    replicas = torch.tensor([[[-1], [0], [0], [0]]])
+    hardware = get_hardware("gb200-nvl72")
+    latency = 1e-5
+    for scheme, chunked, steps, levels in (("relay", False, 6, 3), ("direct", False, 1, 1), ("direct", True, 4, 1)):
+        base = CostSettings(sync_scheme=scheme)
+        slow = CostSettings(sync_scheme=scheme, step_latency_s=latency)
+        traffic = replica_sync_traffic(replicas, replicas >= 0, layout, 1e6, 4, base, chunked_copies=chunked)
+        # A chain of 3 in 4 chunks takes 4 + 3 - 1 steps; a direct copy 1 step, or 4 in chunks.
+        assert traffic.num_steps.tolist() == [steps]
+        added = sync_time(traffic, hardware, slow) - sync_time(traffic, hardware, base)
+        assert added.item() == pytest.approx(steps * latency)
+        fill_added = relay_fill_time(traffic, hardware, slow) - relay_fill_time(traffic, hardware, base)
+        assert fill_added.item() == pytest.approx((levels - 1) * latency)
+    empty = replica_sync_traffic(replicas, torch.zeros_like(replicas, dtype=torch.bool), layout, 1e6, 4, base)
+    assert empty.num_steps.tolist() == [0]
+
+
+@pytest.mark.parametrize("latency", [-1e-6, float("nan"), True])
+def test_step_latency_rejects_bad_values(latency):
+    with pytest.raises(ValueError, match="step_latency_s must be a finite number >= 0"):
+        CostSettings(step_latency_s=latency)
 
 
 @pytest.mark.parametrize(("num_ranks", "chunks"), [(16, 8), (16, 2), (9, 4), (40, 8)])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -148,6 +149,13 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--sync-chunks", type=int, default=4, help="chunks per expert copy for relays and --pipeline-replicas (default 4)"
     )
     parser.add_argument(
+        "--step-latency-us",
+        type=float,
+        default=0.0,
+        help="fixed cost of one weight sync or gradient reduce step (one batch of point-to-point sends), in us; "
+        "relay trees take chunks + depth - 1 steps (default 0: left out, not measured)",
+    )
+    parser.add_argument(
         "--overlap-grad-reduce",
         action="store_true",
         help="run the gradient reduce in the background behind the next layer's backward GEMMs, as "
@@ -199,9 +207,12 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--pipeline-replicas needs --overlap-sync: replicas compute early chunks only while the sync runs in the background")
     if args.sync_chunks < 1:
         raise ValueError(f"--sync-chunks must be >= 1, got {args.sync_chunks}")
+    if not (math.isfinite(args.step_latency_us) and args.step_latency_us >= 0):
+        raise ValueError(f"--step-latency-us must be a finite number >= 0, got {args.step_latency_us}")
     settings = CostSettings(
         mode=args.mode,
         sync_chunks=args.sync_chunks,
+        step_latency_s=args.step_latency_us * 1e-6,
         pipeline_replicas=args.pipeline_replicas,
         efficiency=efficiency,
         sync_scheme=args.sync_scheme,
@@ -255,6 +266,7 @@ def _run(args: argparse.Namespace) -> int:
         + _copy_cost_words(args.copy_cost, quota_settings)
         + f"forward weight sync {'in the background' if settings.overlap_sync else 'before the experts'}"
         f"{f', replicas computed chunk by chunk ({settings.sync_chunks} chunks)' if settings.pipeline_replicas else ''}; "
+        + (f"{args.step_latency_us:g} us per sync or reduce step; " if args.step_latency_us else "")
         + training_words
         + f"{args.threads} CPU thread(s)."
     )

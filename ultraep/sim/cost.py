@@ -48,7 +48,10 @@ Formulas:
    ``S_r = max(max(out_nv, in_nv) / B_nv, max(out_net, in_net) / B_net)``, and the sync time is
    ``max_r S_r`` plus the trees' fill, ``(D - 1) * f`` chunks ``W / m`` over the slowest link class
    used, for the tree where that is largest: the last chunk leaves the master ``D - 1`` levels above
-   the deepest receiver, and each level's sender splits its link over its ``f`` children.
+   the deepest receiver, and each level's sender splits its link over its ``f`` children. With
+   ``step_latency_s = a > 0`` each step of the schedule also costs ``a``: the runtime runs one batch
+   of point-to-point sends per step, ``m + D - 1`` steps for the deepest tree ``D`` (``m`` chunks with
+   relays or pipelined copies, else 1), so the sync adds ``(m + D - 1) * a`` and the fill ``(D - 1) * a``.
 4. Gradient reduce (training): the same trees carry each replica's weight gradient
    (``grad_bytes_per_param`` per parameter) back to its master, so it is the sync formula with
    ``W * grad_bytes_per_param / 2`` bytes per copy.
@@ -157,6 +160,9 @@ class CostSettings:
     """Chunks per expert copy (``ManagerConfig.num_chunks``): relays forward chunk by chunk, which sets
     the relay trees' shape and fill (formula 3), and with ``pipeline_replicas`` replicas compute chunk
     by chunk."""
+    step_latency_s: float = 0.0
+    """Fixed cost of one step of a weight sync or gradient reduce schedule (one batch of point-to-point
+    sends), formula 3. 0 leaves it out. Not measured: on GPUs a step costs some microseconds."""
     microbatches_per_step: int = 1
     """Microbatches per optimizer step; persistent replicas refresh and reduce once per step."""
     overlap_grad_reduce: bool = False
@@ -195,6 +201,10 @@ class CostSettings:
                 "CostSettings.hide_backward_replica_traffic must be a bool, got "
                 f"{type(self.hide_backward_replica_traffic).__name__}"
             )
+        if isinstance(self.step_latency_s, bool) or not isinstance(self.step_latency_s, (int, float)) or not (
+            math.isfinite(self.step_latency_s) and self.step_latency_s >= 0
+        ):
+            raise ValueError(f"CostSettings.step_latency_s must be a finite number >= 0 (seconds), got {self.step_latency_s!r}")
         if not isinstance(self.efficiency, Efficiency):
             raise TypeError(f"CostSettings.efficiency must be an Efficiency, got {type(self.efficiency).__name__}")
         for name in (
@@ -256,6 +266,9 @@ class SyncTraffic:
     fill_chunks: torch.Tensor
     """[num_samples] int64. The trees' fill in chunk times, ``(D - 1) * f`` maximised over the relayed
     experts (formula 3); 0 without relays."""
+    num_steps: torch.Tensor
+    """[num_samples] int64. Steps of the schedule: ``m + D - 1`` with ``m`` chunks per copy when some
+    expert is relayed or the copies are chunked, else ``D`` (formula 3); 0 without copies."""
     num_copies: torch.Tensor
     """[num_samples] int64. Replicas filled."""
     bytes_per_copy: float
@@ -285,6 +298,8 @@ def replica_sync_traffic(
     bytes_per_copy: float,
     domain_size: int,
     settings: CostSettings,
+    *,
+    chunked_copies: bool = False,
 ) -> SyncTraffic:
     """Build the copy trees of formula 3 and count the bytes each rank sends and receives.
 
@@ -294,6 +309,8 @@ def replica_sync_traffic(
       this sample; slots with -1 are never synced.
     bytes_per_copy: bytes sent per filled slot (expert weights, or a replica's weight gradient).
     domain_size: ranks per NVLink domain.
+    chunked_copies: the copies go in ``sync_chunks`` chunks even without relays (the forward sync with
+      ``pipeline_replicas``); this sets the schedule's steps.
 
     ``"direct"``: every copy comes from the master. ``"relay"``: an expert with ``n`` copies uses the
     relay tree of fan-out ``f = choose_fan_out(n, sync_chunks)`` (``ultraep.comm.relay``). Its copies
@@ -308,7 +325,8 @@ def replica_sync_traffic(
     if num_flat == 0:
         empty = torch.zeros(num_samples, dtype=torch.int64)
         return SyncTraffic(
-            zeros, zeros.clone(), zeros.clone(), zeros.clone(), empty, empty.clone(), empty.clone(), float(bytes_per_copy)
+            zeros, zeros.clone(), zeros.clone(), zeros.clone(), empty, empty.clone(), empty.clone(), empty.clone(),
+            float(bytes_per_copy),
         )
     flat_expert = replica_expert_ids.reshape(num_samples, num_flat)  # [num_samples, num_flat]
     valid = (flat_expert >= 0) & synced.reshape(num_samples, num_flat)
@@ -369,6 +387,9 @@ def replica_sync_traffic(
     level = torch.where(sorted_valid, level, 0)
     depth = level.max(dim=1).values
     fill_chunks = torch.where(relayed, (level - 1) * fan_out, 0).max(dim=1).values
+    # The runtime splits every copy into chunks once some expert is relayed (or when asked to).
+    chunked = (from_relay.any(dim=1) | chunked_copies) & (depth > 0)
+    num_steps = torch.where(chunked, settings.sync_chunks + depth - 1, depth)
     return SyncTraffic(
         out_nvlink=zeros.clone().scatter_add_(1, sender, nvlink_bytes),
         in_nvlink=zeros.clone().scatter_add_(1, sorted_rank, nvlink_bytes),
@@ -376,6 +397,7 @@ def replica_sync_traffic(
         in_network=zeros.clone().scatter_add_(1, sorted_rank, network_bytes),
         depth=depth,
         fill_chunks=fill_chunks,
+        num_steps=num_steps,
         num_copies=sorted_valid.sum(dim=1),
         bytes_per_copy=float(bytes_per_copy),
     )
@@ -394,7 +416,8 @@ def sync_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSett
         torch.maximum(traffic.out_nvlink, traffic.in_nvlink) / nvlink,
         torch.maximum(traffic.out_network, traffic.in_network) / network,
     )  # [num_samples, num_ranks]
-    return per_rank.max(dim=1).values + relay_fill_time(traffic, hardware, settings)
+    steps = traffic.num_steps.to(torch.float64) * settings.step_latency_s
+    return per_rank.max(dim=1).values + _fill_transfer_time(traffic, hardware, settings) + steps
 
 
 def link_rates(hardware: HardwareConfig, settings: CostSettings) -> tuple[float, float]:
@@ -403,7 +426,15 @@ def link_rates(hardware: HardwareConfig, settings: CostSettings) -> tuple[float,
 
 
 def relay_fill_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSettings) -> torch.Tensor:
-    """Return [num_samples] float64 seconds: the relay trees' fill that ``sync_time`` adds (formula 3; 0 without relays)."""
+    """Return [num_samples] float64 seconds: how much later than a direct copy the first chunk reaches
+    the deepest receiver, the trees' fill with the latency of the steps below the first level
+    (formula 3; 0 without relays). ``sync_time`` counts the same fill and the latency of every step."""
+    latency = (traffic.depth - 1).clamp(min=0).to(torch.float64) * settings.step_latency_s
+    return _fill_transfer_time(traffic, hardware, settings) + latency
+
+
+def _fill_transfer_time(traffic: SyncTraffic, hardware: HardwareConfig, settings: CostSettings) -> torch.Tensor:
+    """Return [num_samples] float64 seconds: the trees' fill, ``fill_chunks`` chunks over the slowest link class used."""
     nvlink, network = link_rates(hardware, settings)
     chunk_bytes = traffic.bytes_per_copy / settings.sync_chunks
     uses_network = traffic.out_network.sum(dim=1) > 0
@@ -464,7 +495,11 @@ def layer_costs(
     # Step 2: weight sync, re-sync or refresh, and gradient reduce of replicas.
     weight_bytes = float(model.bytes_per_expert)
     grad_bytes = model.params_per_expert * float(settings.grad_bytes_per_param)
-    all_traffic = replica_sync_traffic(replica_expert_ids, filled, layout, weight_bytes, hardware.domain_size, settings)
+    # Forward copies go in chunks with pipeline_replicas (the backward re-sync reuses this schedule).
+    pipelined = settings.pipeline_replicas
+    all_traffic = replica_sync_traffic(
+        replica_expert_ids, filled, layout, weight_bytes, hardware.domain_size, settings, chunked_copies=pipelined
+    )
     all_sync = sync_time(all_traffic, hardware, settings)
     all_copy_bytes = all_traffic.num_copies.to(torch.float64) * weight_bytes
     zeros = torch.zeros(num_samples, dtype=torch.float64)
@@ -481,7 +516,9 @@ def layer_costs(
         resync = all_sync if training else zeros
         resync_bytes = all_copy_bytes if training else zeros
     elif replica_lifetime == "layer":
-        moved_traffic = replica_sync_traffic(replica_expert_ids, synced & filled, layout, weight_bytes, hardware.domain_size, settings)
+        moved_traffic = replica_sync_traffic(
+            replica_expert_ids, synced & filled, layout, weight_bytes, hardware.domain_size, settings, chunked_copies=pipelined
+        )
         moved_sync = sync_time(moved_traffic, hardware, settings)
         moved_bytes = moved_traffic.num_copies.to(torch.float64) * weight_bytes
         moved_fill = relay_fill_time(moved_traffic, hardware, settings)
@@ -494,7 +531,10 @@ def layer_costs(
             sync, sync_bytes, fill = moved_sync, moved_bytes, moved_fill
         resync, resync_bytes = zeros, zeros
     else:
-        moved_traffic = replica_sync_traffic(replica_expert_ids, synced & (replica_expert_ids >= 0), layout, weight_bytes, hardware.domain_size, settings)
+        moved_traffic = replica_sync_traffic(
+            replica_expert_ids, synced & (replica_expert_ids >= 0), layout, weight_bytes, hardware.domain_size, settings,
+            chunked_copies=pipelined,
+        )
         sync = sync_time(moved_traffic, hardware, settings)
         sync_bytes = moved_traffic.num_copies.to(torch.float64) * weight_bytes
         fill = relay_fill_time(moved_traffic, hardware, settings)
