@@ -115,6 +115,9 @@ def test_manager_warns_when_the_planner_assumes_another_weight_sync(caplog):
         matching = QuotaPlanner(copy_cost=100, copy_overlap=True, copy_chunks=8, relay_chunks=8)
         _warn_on_copy_model_mismatch(matching, pipelined)
         _warn_on_copy_model_mismatch(QuotaPlanner(), pipelined)  # copies counted as free: nothing to match
-        # Without relays the relay chunks do not matter.
-        _warn_on_copy_model_mismatch(QuotaPlanner(copy_cost=100), ManagerConfig(sync_mode="direct"))
+        # Direct copies are modelled with relay_chunks=0.
+        _warn_on_copy_model_mismatch(QuotaPlanner(copy_cost=100, relay_chunks=0), ManagerConfig(sync_mode="direct"))
     assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="ultraep.runtime.manager"):
+        _warn_on_copy_model_mismatch(QuotaPlanner(copy_cost=100), ManagerConfig(sync_mode="direct"))
+    assert "QuotaConfig(relay_chunks=0)" in caplog.text

@@ -150,6 +150,10 @@ PLAN_CASES = [
         config=QuotaConfig(copy_cost=600, relay_chunks=1),
     ),
     PlanCase(
+        "ep8_e32_s2_copy_cost_direct_sync", 8, 4, 2, "zipf", seed=15,
+        config=QuotaConfig(copy_cost=300, copy_overlap=True, relay_chunks=0),
+    ),
+    PlanCase(
         "ep2_e2_s1_copy_training_passes", 2, 1, 1, "first_row", first_row=(100, 90),
         config=QuotaConfig(copy_cost=60, copy_overlap=True, gemm_passes=3),
     ),

@@ -27,6 +27,7 @@ CONFIGS = [
     QuotaConfig(copy_cost=150, copy_overlap=True),
     QuotaConfig(copy_cost=600, copy_overlap=True, copy_chunks=8, balance_target=1.0, relay_chunks=8),
     QuotaConfig(copy_cost=300, relay_chunks=1),
+    QuotaConfig(copy_cost=120, copy_overlap=True, relay_chunks=0),
     QuotaConfig(stop_at_target=True),
     QuotaConfig(stop_at_target=True, balance_target=1.02, copy_cost=150, copy_overlap=True),
 ]

@@ -292,8 +292,8 @@ def _costed_peak_of(plan, layout, config):
         for e in row:
             if e >= 0:
                 fan[e] += 1
-    m = config.relay_chunks
-    sender = [relay_send_chunks(n, m) for n in fan]
+    m = max(1, config.relay_chunks)
+    sender = [relay_send_chunks(n, m) if config.relay_chunks else n for n in fan]
     chunks_out = [sum(sender[r * layout.experts_per_rank : (r + 1) * layout.experts_per_rank]) for r in range(layout.num_ranks)]
     sync = config.copy_cost * max(max(a * m, b) for a, b in zip(copies_in, chunks_out)) // m
     if not config.copy_overlap:
@@ -335,6 +335,8 @@ def test_relay_send_table_matches_the_relay_trees():
         assert table.tolist() == [relay_send_chunks(n, chunks) for n in range(65)]
     # 8 chunks: a chain for up to 12 copies (8 + n - 1 chunk times), then a binary tree.
     assert relay_send_table(16, 8).tolist()[:14] == [0, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    # 0: direct copies, n whole copies from the master.
+    assert relay_send_table(5, 0).tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_copy_cost_in_assignments_for_a_swiglu_expert():
@@ -358,7 +360,7 @@ def test_copy_cost_in_assignments_for_a_swiglu_expert():
         ({"copy_overlap": 1}, TypeError, "copy_overlap must be a bool, got 1"),
         ({"gemm_passes": 0}, ValueError, "gemm_passes must be in \\[1, 16\\], got 0; use 1 for inference and 3"),
         ({"gemm_passes": 3.0}, TypeError, "gemm_passes must be an int, got 3.0"),
-        ({"relay_chunks": 0}, ValueError, "relay_chunks must be in \\[1, 1024\\], got 0; pass ManagerConfig.num_chunks"),
+        ({"relay_chunks": -1}, ValueError, "relay_chunks must be in \\[0, 1024\\], got -1; pass ManagerConfig.num_chunks"),
         ({"relay_chunks": 4.0}, TypeError, "relay_chunks must be an int, got 4.0"),
         ({"stop_at_target": 1}, TypeError, "stop_at_target must be a bool, got 1; use True or False"),
         ({"prefer_local": 1}, TypeError, "prefer_local must be a bool, got 1"),
@@ -493,15 +495,17 @@ def test_copy_cost_counts_relay_tree_time(backend):
     # keeps 58). Two copies go along a chain, 1 + 1 / m copy times with m relay chunks. With m = 4 the
     # sync is 32 * 5 // 4 = 40 and the best two-copy plan (rank 1 keeps 48, ranks 2 and 4 take 23 and
     # 18) also peaks at 40 + 23 = 63, so the plan with fewer replicas wins. With m = 8 the sync is
-    # 32 * 9 // 8 = 36 and the two-copy plan peaks at 59.
+    # 32 * 9 // 8 = 36 and the two-copy plan peaks at 59. With direct copies (relay_chunks=0) the master
+    # sends both, a sync of 64, so one copy wins as with m = 4.
     loads = torch.zeros(5, 5, dtype=torch.int64)
     loads[0] = torch.tensor([14, 89, 20, 12, 25])
     layout = ExpertLayout(5, 1, 1)
     plans = {}
-    for relay_chunks in (4, 8):
+    for relay_chunks in (0, 4, 8):
         config = QuotaConfig(copy_cost=32, copy_overlap=True, relay_chunks=relay_chunks)
         plans[relay_chunks] = QuotaPlanner(config, backend=backend)(loads, layout)
-        assert _costed_peak_of(plans[relay_chunks], layout, config) == {4: 63, 8: 59}[relay_chunks]
+        assert _costed_peak_of(plans[relay_chunks], layout, config) == {0: 63, 4: 63, 8: 59}[relay_chunks]
+    assert torch.equal(plans[0].quota, plans[4].quota)
     assert plans[4].replica_expert_ids.view(-1).tolist() == [-1, -1, -1, 1, -1]
     assert plans[4].quota.tolist() == [14, 0, 58, 0, 20, 0, 12, 31, 25, 0]
     assert plans[8].replica_expert_ids.view(-1).tolist() == [-1, -1, 1, -1, 1]

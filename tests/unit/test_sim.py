@@ -805,6 +805,8 @@ def test_copy_cost_settings_follow_model_link_and_sync():
     pipelined = CostSettings(overlap_sync=True, pipeline_replicas=True, sync_chunks=8)
     assert dict(copy_cost_settings(workload, model, gb200, pipelined))["copy_chunks"] == 8
     assert dict(copy_cost_settings(workload, model, gb200, pipelined))["relay_chunks"] == 8
+    direct = CostSettings(sync_scheme="direct", sync_chunks=8)
+    assert dict(copy_cost_settings(workload, model, gb200, direct))["relay_chunks"] == 0
     # An EP group larger than the NVLink domain copies over the network.
     h200 = get_hardware("h200-hgx")
     wide = dataclasses.replace(workload, loads=torch.zeros(1, 1, 16, 16, dtype=torch.int64))

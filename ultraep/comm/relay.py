@@ -88,7 +88,11 @@ def tree_depth(num_receivers: int, fan_out: int) -> int:
     return depth
 
 
-@functools.lru_cache(maxsize=4096)
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def choose_fan_out(num_receivers: int, num_chunks: int) -> int:
     """Return the fan-out that copies one expert to ``num_receivers`` slots the fastest.
 
@@ -99,9 +103,13 @@ def choose_fan_out(num_receivers: int, num_chunks: int) -> int:
     12 -> 1, 13 -> 2; with 4 chunks: 8 -> 1, 9 -> 2; with 1 chunk (nothing to pipeline): 2 -> 2 and
     4 -> 4 (direct), 5 -> 2.
     """
-    for name, value in (("num_receivers", num_receivers), ("num_chunks", num_chunks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_positive("num_receivers", num_receivers)
+    _check_positive("num_chunks", num_chunks)
+    return _best_fan_out(num_receivers, num_chunks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _best_fan_out(num_receivers: int, num_chunks: int) -> int:
     best_fan_out, best_time = 1, num_chunks + num_receivers - 1
     # Every tree takes at least f * num_chunks, so once that exceeds the best time no larger f ties it.
     for fan_out in range(2, num_receivers + 1):
@@ -121,6 +129,9 @@ def relay_send_chunks(num_receivers: int, num_chunks: int) -> int:
     and non-decreasing in ``num_receivers``. The quota planner's copy cost and the simulator's sync
     time use it.
     """
+    _check_positive("num_chunks", num_chunks)
+    if isinstance(num_receivers, bool) or not isinstance(num_receivers, int) or num_receivers < 0:
+        raise ValueError(f"num_receivers must be an int >= 0, got {num_receivers!r}")
     if num_receivers == 0:
         return 0
     fan_out = choose_fan_out(num_receivers, num_chunks)

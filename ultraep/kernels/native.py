@@ -184,7 +184,7 @@ def _integer_settings(layout: ExpertLayout, config: QuotaConfig) -> tuple[int, .
         int(config.copy_overlap),
         config.copy_chunks,
         config.gemm_passes,
-        config.relay_chunks,
+        quota_module._relay_units(config),
         int(config.stop_at_target),
     )
 

@@ -49,6 +49,7 @@ from ultraep.planners.quota import (
     _to_fixed_point,
     default_num_rounds,
     relay_send_table,
+    _relay_units,
 )
 
 __all__ = ["plan_quota_triton"]
@@ -197,7 +198,7 @@ def _quota_plan_kernel(
     copy_overlap,  # QuotaConfig.copy_overlap as 0 or 1
     copy_chunks,  # QuotaConfig.copy_chunks
     gemm_passes,  # QuotaConfig.gemm_passes
-    relay_chunks,  # QuotaConfig.relay_chunks
+    relay_chunks,  # chunk times per copy in the send table: QuotaConfig.relay_chunks, or 1 for direct copies
     NUM_RANKS: tl.constexpr,
     EXPERTS_PER_RANK: tl.constexpr,
     SLOTS: tl.constexpr,  # redundant slots per rank (>= 1)
@@ -726,7 +727,7 @@ def plan_quota_triton(
         int(config.copy_overlap),
         config.copy_chunks,
         config.gemm_passes,
-        config.relay_chunks,
+        _relay_units(config),
         **c,
         num_warps=launch.num_warps,
     )

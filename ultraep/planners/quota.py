@@ -223,7 +223,8 @@ class QuotaConfig:
     relay_chunks: int = 4
     """Chunks the relay trees forward each copy in (``ManagerConfig.num_chunks``): with ``m`` chunks a
     master's ``n`` copies of one expert take :func:`~ultraep.comm.relay.relay_send_chunks` ``(n, m)``
-    chunk times through their tree, which sets the sync time the copy cost counts."""
+    chunk times through their tree, which sets the sync time the copy cost counts. 0 models the
+    direct sync (``ManagerConfig.sync_mode="direct"``): the master sends all ``n`` copies itself."""
 
     def __post_init__(self) -> None:
         for name in ("balance_target", "min_replica_fraction"):
@@ -248,8 +249,11 @@ class QuotaConfig:
             raise ValueError(f"QuotaConfig.copy_cost must be in [0, {MAX_COPY_COST}] assignments, got {self.copy_cost}")
         if not 1 <= self.copy_chunks <= 1024:
             raise ValueError(f"QuotaConfig.copy_chunks must be in [1, 1024], got {self.copy_chunks}")
-        if not 1 <= self.relay_chunks <= 1024:
-            raise ValueError(f"QuotaConfig.relay_chunks must be in [1, 1024], got {self.relay_chunks}; pass ManagerConfig.num_chunks")
+        if not 0 <= self.relay_chunks <= 1024:
+            raise ValueError(
+                f"QuotaConfig.relay_chunks must be in [0, 1024], got {self.relay_chunks}; pass ManagerConfig.num_chunks, "
+                "or 0 for sync_mode='direct'"
+            )
         if not 1 <= self.gemm_passes <= 16:
             raise ValueError(
                 f"QuotaConfig.gemm_passes must be in [1, 16], got {self.gemm_passes}; use 1 for inference and 3 for training"
@@ -659,6 +663,7 @@ def _constants(layout: ExpertLayout, device: torch.device) -> _Constants:
 def relay_send_table(num_ranks: int, relay_chunks: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Return [num_ranks + 1] int64 on ``device``: entry ``n`` is the link time of ``n`` copies of one
     expert through its relay tree, in chunk times (:func:`~ultraep.comm.relay.relay_send_chunks`).
+    ``relay_chunks = 0`` (direct copies) gives ``n`` whole copies.
 
     Every backend reads the copy model's sender times from this table, so they agree exactly. The
     entries never decrease with ``n``.
@@ -670,7 +675,14 @@ def relay_send_table(num_ranks: int, relay_chunks: int, device: torch.device | s
 def _relay_send_row(num_ranks: int, relay_chunks: int) -> tuple[int, ...]:
     from ultraep.comm.relay import relay_send_chunks
 
+    if relay_chunks == 0:
+        return tuple(range(num_ranks + 1))
     return tuple(relay_send_chunks(n, relay_chunks) for n in range(num_ranks + 1))
+
+
+def _relay_units(config: QuotaConfig) -> int:
+    """Return the chunks per copy that the relay send table counts in: ``relay_chunks``, or 1 for direct copies."""
+    return max(1, config.relay_chunks)
 
 
 def copy_cost_in_assignments(
@@ -707,13 +719,14 @@ def _costed_peak(state: _CandidateState, layout: ExpertLayout, config: QuotaConf
     num_candidates = state.rank_load.shape[0]
     num_ranks, experts_per_rank = layout.num_ranks, layout.experts_per_rank
     filled = state.slot_expert >= 0  # [num_candidates, num_ranks, slots]
-    chunks_in = filled.sum(dim=2) * config.relay_chunks  # [num_candidates, num_ranks], in chunk times
+    units = _relay_units(config)
+    chunks_in = filled.sum(dim=2) * units  # [num_candidates, num_ranks], in chunk times
     fan = torch.zeros(num_candidates, layout.num_experts, dtype=torch.int64, device=filled.device)
     fan.scatter_add_(1, state.slot_expert.clamp(min=0).view(num_candidates, -1), filled.view(num_candidates, -1).to(torch.int64))
     send_table = relay_send_table(num_ranks, config.relay_chunks, filled.device)
     chunks_out = send_table[fan].view(num_candidates, num_ranks, experts_per_rank).sum(dim=2)
     busiest = torch.maximum(chunks_in, chunks_out).max(dim=1, keepdim=True).values
-    sync = busiest * config.copy_cost // config.relay_chunks  # [num_candidates, 1]
+    sync = busiest * config.copy_cost // units  # [num_candidates, 1]
     if config.copy_overlap:
         chunks, passes = config.copy_chunks, config.gemm_passes
         master_load = state.master_quota.view(num_candidates, num_ranks, experts_per_rank).sum(dim=2)

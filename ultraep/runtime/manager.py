@@ -310,11 +310,12 @@ def _warn_on_copy_model_mismatch(planner: Planner, config: ManagerConfig) -> Non
             "copy_chunks=%d) so its copy costs match",
             quota.copy_overlap, quota.copy_chunks, config.overlap_sync, chunks, config.overlap_sync, chunks,
         )
-    if config.sync_mode != "direct" and quota.relay_chunks != config.num_chunks:
+    relay_chunks = 0 if config.sync_mode == "direct" else config.num_chunks
+    if quota.relay_chunks != relay_chunks:
         logger.warning(
-            "ReplicaManager: the quota planner times relay trees of %d chunk(s) per copy, but this manager relays in "
-            "num_chunks=%d; build the planner with QuotaConfig(relay_chunks=%d) so its copy costs match",
-            quota.relay_chunks, config.num_chunks, config.num_chunks,
+            "ReplicaManager: the quota planner times copies with relay_chunks=%d, but this manager runs sync_mode=%r with "
+            "num_chunks=%d; build the planner with QuotaConfig(relay_chunks=%d) so its copy costs match (0 means direct copies)",
+            quota.relay_chunks, config.sync_mode, config.num_chunks, relay_chunks,
         )
 
 

@@ -457,7 +457,7 @@ def copy_cost_settings(
     gradient) while the planner counts one copy per replica, so the cost is a third of the prefill one,
     and ``gemm_passes`` is 3, since a background copy hides only behind the forward pass.
     ``copy_overlap`` and ``copy_chunks`` follow ``overlap_sync``, ``pipeline_replicas`` and
-    ``sync_chunks``, and ``relay_chunks`` is ``sync_chunks``.
+    ``sync_chunks``, and ``relay_chunks`` is ``sync_chunks`` (0 with the direct sync scheme).
     """
     nvlink, network = link_rates(hardware, settings)
     link = nvlink if workload.num_ranks <= hardware.domain_size else network
@@ -475,7 +475,7 @@ def copy_cost_settings(
         ("copy_overlap", settings.overlap_sync),
         ("copy_chunks", chunks),
         ("gemm_passes", gemm_passes),
-        ("relay_chunks", settings.sync_chunks),
+        ("relay_chunks", 0 if settings.sync_scheme == "direct" else settings.sync_chunks),
     )
 
 
