@@ -38,10 +38,13 @@ Formulas:
    Replicas earn no locality credit in this model: a replica receives its quota from all ranks.
 3. Weight sync: every replica to be filled receives ``W`` bytes from its master's rank. With
    ``"direct"`` the master sends every copy itself, so a hot expert with ``n`` replicas loads its
-   master's outbound link with ``n * W``. With ``"relay"`` an expert with ``n`` copies goes through
-   the runtime's relay tree (``ultraep.comm.relay``): every sender, the master included, feeds at most
-   ``f`` receivers, and receivers forward chunk by chunk (``m = sync_chunks`` chunks per copy), so a
-   receiver at level ``L`` gets chunk ``c`` in step ``c + L - 1``. The fan-out ``f`` minimises the
+   master's outbound link with ``n * W``. With ``"relay"`` an expert with ``n`` copies goes through a
+   tree of the runtime's shape (``ultraep.comm.relay``): every sender, the master included, feeds at
+   most ``f`` receivers, and receivers forward chunk by chunk (``m = sync_chunks`` chunks per copy), so
+   a receiver at level ``L`` gets chunk ``c`` in step ``c + L - 1``. The runtime places receivers, and
+   ``"auto"`` picks the experts it relays, by the sends of the trees planned before; the model uses
+   direct sends only. So the ranks that forward can differ: in random placements the model's busiest
+   rank came out higher in about a quarter of them and lower in under 1%. The fan-out ``f`` minimises the
    tree's link time ``f * (m + D - 1)`` chunk times for depth ``D``: a chain for up to 12 copies with
    8 chunks, a binary tree beyond. ``"auto"`` relays only the experts whose master rank would send more
    copies than the busiest receiver takes in. Per rank,
