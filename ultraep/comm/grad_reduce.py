@@ -185,9 +185,9 @@ def reduce_replica_grads(
 
     reduce_plan: from :func:`plan_grad_reduce`; every rank of ``group`` passes the same plan.
     replica_grad_buffer: [redundant_slots_per_rank, spec.numel] tensor on this rank. Row ``j`` contains the
-      gradient of redundant slot ``j``; only rows named as sources in the plan are read, and a relay's
-      row also takes its children's sums before it is sent on. Every row is zero when this returns,
-      ready for the next layer.
+      gradient of redundant slot ``j``; only rows named as sources in the plan are read. A relay's row
+      also takes its children's sums before it is sent on. Every row is zero when this returns, ready
+      for the next layer.
     master_grads: per weight tensor, contiguous ``[experts_per_rank, *shape]``, same dtype and device as
       the buffer; received gradients are added in place in the plan's order. May be ``None`` when no
       transfer reaches a master slot on this rank.

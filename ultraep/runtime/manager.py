@@ -76,10 +76,10 @@ class ManagerConfig:
     """Settings of the replica manager; every rank must use the same values."""
 
     sync_mode: str = "auto"
-    """Weight sync and grad reduce mode: ``"direct"`` (masters send every copy and receive every
-    replica gradient), ``"relay"`` (experts with several replicas go through relay ranks, which
-    forward copies and add up gradients) or ``"auto"`` (relay only where a master rank's fan-out
-    exceeds the busiest receiver's intake)."""
+    """Weight sync and grad reduce mode. ``"direct"``: masters send every copy and receive every replica
+    gradient. ``"relay"``: experts with several replicas go through relay trees, whose ranks forward
+    copies and add up gradients. ``"auto"``: relay only where a master rank's fan-out exceeds the
+    busiest receiver's intake."""
     num_chunks: int = 4
     """Chunks per expert copy or gradient row when relaying (relays forward chunk ``c`` while chunk
     ``c + 1`` arrives) and, with ``pipeline_replicas``, for every forward copy."""
