@@ -20,7 +20,7 @@ runs three times: with the forward weight sync before the experts; with it in th
 the masters' GEMM (plus, in training, the gradient reduce behind the next layer's backward GEMMs);
 and with that background sync sent in chunks that the replicas compute as they arrive. The last
 prefill setting runs once more with ``QuotaConfig(stop_at_target=True)``, which plans faster for a few
-more replicas.
+more replicas, and once with stop_at_target and ``balance_target=1.05`` (measured planner time only).
 
 Usage::
 
@@ -75,6 +75,10 @@ PREFILL_PIPELINE = CostSettings(mode="prefill", overlap_sync=True, pipeline_repl
 # plans reach the balance target.
 STOP_AT_TARGET = (("stop_at_target", True),)
 STOP_WORDS = ", quota with stop_at_target"
+# The same with a looser balance target: with copy costs the target is compared with the costed peak, which
+# plans on the step-load traces rarely bring within 1.001 of the mean.
+LOOSE_STOP = (("stop_at_target", True), ("balance_target", 1.05))
+LOOSE_STOP_WORDS = ", quota with stop_at_target and balance_target 1.05"
 # (mode, planner-time words, cost settings, planner-time overrides, quota settings) of every costing of a workload.
 VARIANTS = (
     ("train", "measured on this CPU", CostSettings(mode="train"), None, ()),
@@ -98,6 +102,7 @@ VARIANTS = (
     ("prefill", "set to 0" + OVERLAP_WORDS + PIPELINE_WORDS, PREFILL_PIPELINE, ZERO_PLANNER_TIME, ()),
     ("prefill", "measured on this CPU" + OVERLAP_WORDS + PIPELINE_WORDS + STOP_WORDS, PREFILL_PIPELINE, None, STOP_AT_TARGET),
     ("prefill", "set to 0" + OVERLAP_WORDS + PIPELINE_WORDS + STOP_WORDS, PREFILL_PIPELINE, ZERO_PLANNER_TIME, STOP_AT_TARGET),
+    ("prefill", "measured on this CPU" + OVERLAP_WORDS + PIPELINE_WORDS + LOOSE_STOP_WORDS, PREFILL_PIPELINE, None, LOOSE_STOP),
 )
 TARGET_SPEEDUP = 1.5
 
@@ -280,7 +285,8 @@ def render_markdown(command, args, workloads, sections, summary, bundled_note, e
         f"(`ManagerConfig.pipeline_replicas` with `num_chunks` = {PIPELINE_CHUNKS}). "
         "Rows marked \"stop_at_target\" plan `quota` with `QuotaConfig(stop_at_target=True)`: its threshold ladder "
         "ends after the first step with a plan at or below the balance target, so where plans reach the target it "
-        "plans in about half the time and keeps a few more replicas. "
+        "plans in about half the time and keeps a few more replicas. The row with \"balance_target 1.05\" also "
+        "loosens the target, which with copy costs is compared with the costed peak. "
         f"Wall time of the whole run: {elapsed / 60:.1f} min.",
         "",
         bundled_note,
