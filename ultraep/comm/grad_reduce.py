@@ -28,7 +28,14 @@ import torch
 import torch.distributed as dist
 
 from ultraep.comm.relay import copy_edges, plan_relay_trees
-from ultraep.comm.weight_sync import SYNC_MODES, WeightSpec, _as_int_table, check_replica_placement, exchange
+from ultraep.comm.weight_sync import (
+    SYNC_MODES,
+    WeightSpec,
+    _as_int_table,
+    _step_pieces,
+    check_replica_placement,
+    exchange,
+)
 from ultraep.layout import ExpertLayout
 
 __all__ = ["GradReducePlan", "GradReduceTransfer", "plan_grad_reduce", "reduce_replica_grads"]
@@ -218,28 +225,24 @@ def reduce_replica_grads(
         raise ValueError("master_grads must be contiguous tensors; pass e.g. [g.contiguous() for g in grads] and read the result back")
     bytes_sent = 0
 
-    for step in range(reduce_plan.num_steps):
-        # Step 1: post this step's sends and receives. Every rank walks the same list, so the tag (the
-        # piece's position in the step) matches on both ends.
+    schedule = _step_pieces(reduce_plan.transfers, reduce_plan.num_steps, spec, reduce_plan.num_chunks)
+    for step, pieces in enumerate(schedule):
+        # Step 1: post this step's sends and receives. Both ends post the same pieces in the same
+        # order, so the tags match.
         ops, peers, arrivals = [], [], []
-        tag = 0
-        for transfer in reduce_plan.transfers:
-            if transfer.step != step:
-                continue
-            for weight_idx, begin, stop in spec.chunk_segments(transfer.chunk_idx, reduce_plan.num_chunks):
-                tag += 1
-                offset = spec.offsets[weight_idx]
-                if transfer.src_rank == rank:
-                    row = transfer.src_slot_id % layout.slots_per_rank - masters
-                    tensor = replica_grad_buffer[row, offset + begin : offset + stop]
-                    ops.append(dist.P2POp(dist.isend, tensor, group=group, tag=tag, group_peer=transfer.dst_rank))
-                    peers.append(transfer.dst_rank)
-                    bytes_sent += tensor.numel() * tensor.element_size()
-                elif transfer.dst_rank == rank:
-                    tensor = scratch[transfer.scratch_row, offset + begin : offset + stop]
-                    ops.append(dist.P2POp(dist.irecv, tensor, group=group, tag=tag, group_peer=transfer.src_rank))
-                    peers.append(transfer.src_rank)
-                    arrivals.append((transfer, weight_idx, begin, stop))
+        for tag, transfer, weight_idx, begin, stop in pieces:
+            offset = spec.offsets[weight_idx]
+            if transfer.src_rank == rank:
+                row = transfer.src_slot_id % layout.slots_per_rank - masters
+                tensor = replica_grad_buffer[row, offset + begin : offset + stop]
+                ops.append(dist.P2POp(dist.isend, tensor, group=group, tag=tag, group_peer=transfer.dst_rank))
+                peers.append(transfer.dst_rank)
+                bytes_sent += tensor.numel() * tensor.element_size()
+            elif transfer.dst_rank == rank:
+                tensor = scratch[transfer.scratch_row, offset + begin : offset + stop]
+                ops.append(dist.P2POp(dist.irecv, tensor, group=group, tag=tag, group_peer=transfer.src_rank))
+                peers.append(transfer.src_rank)
+                arrivals.append((transfer, weight_idx, begin, stop))
         if not ops:
             continue
         exchange(

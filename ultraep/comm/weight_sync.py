@@ -464,6 +464,22 @@ def exchange(
         wait_all(dist.batch_isend_irecv(list(ops)), timeout)
 
 
+def _step_pieces(transfers: Sequence, num_steps: int, spec: WeightSpec, num_chunks: int) -> list[list[tuple]]:
+    """Split a schedule's transfers into the pieces each step sends, in the order both ends post them.
+
+    transfers: objects with ``step`` and ``chunk_idx`` fields, such as :class:`SyncTransfer`.
+    Returns per step a list of ``(tag, transfer, weight_idx, begin, end)``: one piece per segment of
+    the transfer's chunk (:meth:`WeightSpec.chunk_segments`), tagged 1, 2, ... in transfer order.
+    Every rank derives the same list from the same plan, so a piece's tag matches on both ends.
+    """
+    pieces: list[list[tuple]] = [[] for _ in range(num_steps)]
+    for transfer in transfers:
+        step = pieces[transfer.step]
+        for weight_idx, begin, end in spec.chunk_segments(transfer.chunk_idx, num_chunks):
+            step.append((len(step) + 1, transfer, weight_idx, begin, end))
+    return pieces
+
+
 def _flat_source(
     slot_id: int,
     layout: ExpertLayout,
@@ -522,28 +538,23 @@ def execute_weight_sync(
     flat_rows = replica_buffer.view(expected)
     bytes_sent = 0
 
-    for step in range(sync_plan.num_steps):
-        # Every rank walks the same global list, so the message tag (the op's position in the step)
-        # and the order of messages between any two ranks agree on both ends.
+    schedule = _step_pieces(sync_plan.transfers, sync_plan.num_steps, spec, sync_plan.num_chunks)
+    for step, pieces in enumerate(schedule):
+        # Both ends post the same pieces in the same order, so tags and message order agree.
         ops, peers = [], []
-        tag = 0
-        for transfer in sync_plan.transfers:
-            if transfer.step != step:
-                continue
-            for weight_idx, begin, stop in spec.chunk_segments(transfer.chunk_idx, sync_plan.num_chunks):
-                tag += 1
-                if transfer.src_rank == rank:
-                    source = _flat_source(transfer.src_slot_id, layout, master_weights, replica_views, weight_idx)
-                    tensor = source[begin:stop]
-                    ops.append(dist.P2POp(dist.isend, tensor, group=group, tag=tag, group_peer=transfer.dst_rank))
-                    peers.append(transfer.dst_rank)
-                    bytes_sent += tensor.numel() * tensor.element_size()
-                elif transfer.dst_rank == rank:
-                    row = transfer.dst_slot_id % layout.slots_per_rank - layout.experts_per_rank
-                    offset = spec.offsets[weight_idx]
-                    tensor = flat_rows[row, offset + begin : offset + stop]
-                    ops.append(dist.P2POp(dist.irecv, tensor, group=group, tag=tag, group_peer=transfer.src_rank))
-                    peers.append(transfer.src_rank)
+        for tag, transfer, weight_idx, begin, stop in pieces:
+            if transfer.src_rank == rank:
+                source = _flat_source(transfer.src_slot_id, layout, master_weights, replica_views, weight_idx)
+                tensor = source[begin:stop]
+                ops.append(dist.P2POp(dist.isend, tensor, group=group, tag=tag, group_peer=transfer.dst_rank))
+                peers.append(transfer.dst_rank)
+                bytes_sent += tensor.numel() * tensor.element_size()
+            elif transfer.dst_rank == rank:
+                row = transfer.dst_slot_id % layout.slots_per_rank - layout.experts_per_rank
+                offset = spec.offsets[weight_idx]
+                tensor = flat_rows[row, offset + begin : offset + stop]
+                ops.append(dist.P2POp(dist.irecv, tensor, group=group, tag=tag, group_peer=transfer.src_rank))
+                peers.append(transfer.src_rank)
         if ops:
             exchange(
                 ops,
