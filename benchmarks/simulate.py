@@ -283,8 +283,8 @@ def render_markdown(command, args, workloads, sections, summary, bundled_note, e
         f"in {PIPELINE_CHUNKS} chunks (blocks of intermediate rows). The replicas' gate and up projections run "
         "chunk by chunk as the chunks arrive, and the down projection once the copy is complete "
         f"(`ManagerConfig.pipeline_replicas` with `num_chunks` = {PIPELINE_CHUNKS}). "
-        "Rows marked \"stop_at_target\" plan `quota` with `QuotaConfig(stop_at_target=True)`: its threshold ladder "
-        "ends after the first step with a plan at or below the balance target, so where plans reach the target it "
+        "Rows marked \"stop_at_target\" plan `quota` with `QuotaConfig(stop_at_target=True)`. Its threshold ladder "
+        "ends after the first step with a plan at or below the balance target. Where plans reach the target, it "
         "plans in about half the time and keeps a few more replicas. The row with \"balance_target 1.05\" also "
         "loosens the target, which with copy costs is compared with the costed peak. "
         f"Wall time of the whole run: {elapsed / 60:.1f} min.",

@@ -147,7 +147,8 @@ def test_choose_fan_out_minimises_link_time(num_receivers, num_chunks, expected)
 def test_relay_send_chunks_never_decreases():
     for num_chunks in (1, 2, 4, 8, 16):
         times = [relay_send_chunks(n, num_chunks) for n in range(0, 300)]
-        assert times[0] == 0 and times[1] == num_chunks
+        assert times[0] == 0
+        assert times[1] == num_chunks
         assert all(a <= b for a, b in zip(times, times[1:], strict=False))
         assert all(time <= n * num_chunks for n, time in enumerate(times))
 
@@ -271,7 +272,7 @@ def test_pipeline_plan_sends_every_copy_in_chunks():
         plan.ready_step(3)
 
 
-def test_relayed_chunks_are_ready_after_the_deepest_level():
+def test_relayed_chunks_ready_after_deepest_level():
     layout = ExpertLayout(8, 2, 2)
     placement = [[-1, -1]] + [[0, -1]] * 7
     plan = plan_weight_sync(layout, placement, mode="relay", num_chunks=4, pipeline=True)
@@ -416,8 +417,8 @@ def test_grad_reduce_sums_through_relays():
 
 def _check_reduce_schedule(layout: ExpertLayout, placement, quota, plan) -> None:
     """Replay the plan on sets of contributing slots: each master gets every gradient exactly once,
-    a row leaves only once it holds all of its subtree, and no step overfills a scratch row."""
-    contents = {}  # (slot, chunk) -> slots whose gradient that row chunk holds
+    a row leaves only once it contains all of its subtree, and no step overfills a scratch row."""
+    contents = {}  # (slot, chunk) -> slots whose gradients that row chunk contains
     for rank, row in enumerate(placement):
         for idx, expert in enumerate(row):
             slot = layout.redundant_slot_id(rank, idx)
@@ -432,13 +433,15 @@ def _check_reduce_schedule(layout: ExpertLayout, placement, quota, plan) -> None
         rows = {}
         for t in step_transfers:
             assert t.step >= t.chunk_idx
-            assert layout.slot_rank(t.src_slot_id) == t.src_rank and layout.slot_rank(t.dst_slot_id) == t.dst_rank
+            assert layout.slot_rank(t.src_slot_id) == t.src_rank
+            assert layout.slot_rank(t.dst_slot_id) == t.dst_rank
             assert pending.get((t.src_slot_id, t.chunk_idx), 0) == 0, f"slot {t.src_slot_id} sends before its children"
             assert (t.src_slot_id, t.chunk_idx) not in sent
             sent.add((t.src_slot_id, t.chunk_idx))
             key = (t.dst_rank, t.chunk_idx)
             rows.setdefault(key, set())
-            assert t.scratch_row not in rows[key] and 0 <= t.scratch_row < plan.scratch_rows
+            assert t.scratch_row not in rows[key]
+            assert 0 <= t.scratch_row < plan.scratch_rows
             rows[key].add(t.scratch_row)
         for t in step_transfers:
             payload = contents[(t.src_slot_id, t.chunk_idx)]
@@ -465,7 +468,7 @@ def _check_reduce_schedule(layout: ExpertLayout, placement, quota, plan) -> None
     scratch_rows=st.integers(1, 3),
     zero_quota=st.booleans(),
 )
-def test_any_reduce_plan_sums_every_gradient_once(case, mode, num_chunks, scratch_rows, zero_quota):
+def test_reduce_plan_sums_each_gradient_once(case, mode, num_chunks, scratch_rows, zero_quota):
     layout, placement, needs_copy = case
     quota = [[int(flag) for flag in row] for row in needs_copy] if zero_quota else None
     plan = plan_grad_reduce(

@@ -325,13 +325,14 @@ def test_costed_peak_at_most_masters_only(case, cost_fraction, overlap, chunks):
     assert _costed_peak_of(plan, layout, config) <= masters_only
 
 
-def test_relay_send_table_matches_the_relay_trees():
+def test_relay_send_table_matches_trees():
     from ultraep.comm.relay import relay_send_chunks
     from ultraep.planners.quota import relay_send_table
 
     for chunks in (1, 4, 8):
         table = relay_send_table(64, chunks)
-        assert table.dtype == torch.int64 and table.shape == (65,)
+        assert table.dtype == torch.int64
+        assert table.shape == (65,)
         assert table.tolist() == [relay_send_chunks(n, chunks) for n in range(65)]
     # 8 chunks: a chain for up to 12 copies (8 + n - 1 chunk times), then a binary tree.
     assert relay_send_table(16, 8).tolist()[:14] == [0, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]

@@ -114,7 +114,8 @@ def plan_grad_reduce(
       Quota of each redundant slot. A replica with quota 0 processed no assignment, so its gradient is
       exactly zero and it sends nothing. ``None`` sends every replica.
     scratch_rows: receive rows per rank and step (>= 1); ``None`` means
-      ``max(1, redundant_slots_per_rank)``.
+      ``max(1, redundant_slots_per_rank)``. NOTE: with one row, a relay with two children receives
+      them in two steps, so a binary tree's reduce takes more steps than its weight sync.
     mode: ``"direct"``, ``"relay"`` or ``"auto"``, as for :func:`~ultraep.comm.plan_weight_sync`; the
       trees span the replicas that send a gradient.
     num_chunks: chunks per row when some expert is reduced through a relay tree (>= 1).
@@ -218,7 +219,7 @@ def reduce_replica_grads(
             f"scratch must have shape [{reduce_plan.scratch_rows}, {spec.numel}] for this plan, got {list(scratch.shape)}"
         )
     masters = layout.experts_per_rank
-    to_master = any(t.dst_rank == rank and t.dst_slot_id % layout.slots_per_rank < masters for t in reduce_plan.transfers)
+    to_master = any(t.dst_rank == rank and not layout.is_redundant_slot(t.dst_slot_id) for t in reduce_plan.transfers)
     if master_grads is None and to_master:
         raise ValueError(f"master_grads is None but the plan sends replica gradients to rank {rank}")
     if master_grads is not None and not all(grad.is_contiguous() for grad in master_grads):

@@ -102,6 +102,9 @@ def choose_fan_out(num_receivers: int, num_chunks: int) -> int:
     ``f = num_receivers`` is a direct copy. Examples with 8 chunks: 1 -> 1, 2 -> 1 (a chain of 2),
     12 -> 1, 13 -> 2; with 4 chunks: 8 -> 1, 9 -> 2; with 1 chunk (nothing to pipeline): 2 -> 2 and
     4 -> 4 (direct), 5 -> 2.
+
+    NOTE: the fixed cost of a step is left out, and its size on GPUs is not measured. Where a step's
+    latency outweighs a chunk's transfer, as for small experts, a shallower tree or a direct copy is faster.
     """
     _check_positive("num_receivers", num_receivers)
     _check_positive("num_chunks", num_chunks)
@@ -224,8 +227,8 @@ def copy_edges(
 ) -> list[tuple[int, tuple[int, int], tuple[int, int]]]:
     """Return the copy edges of one expert as (level, (source rank, slot id), (destination rank, slot id)).
 
-    Without a tree every receiver gets its copy from the master slot at level 1; with one, the edges
-    follow ``tree`` (whose receivers must be ``receivers``). Weight sync sends along the edges and grad
+    Without a tree every receiver gets its copy from the master slot at level 1. With one, the edges
+    follow ``tree``, whose receivers must be ``receivers``. Weight sync sends along the edges and grad
     reduce sends back along them.
     """
     master = (layout.master_rank(expert_id), layout.master_slot_id(expert_id))

@@ -152,7 +152,7 @@ def _settings(config: QuotaConfig) -> tuple:
 
 @functools.lru_cache(maxsize=16)
 def _send_table(num_ranks: int, relay_chunks: int) -> torch.Tensor:
-    """[num_ranks + 1] int64 CPU tensor: the relay send table (``relay_send_table``), kept alive here."""
+    """Return the relay send table (``relay_send_table``) as a [num_ranks + 1] int64 CPU tensor that the cache keeps alive."""
     return quota_module.relay_send_table(num_ranks, relay_chunks)
 
 

@@ -285,9 +285,8 @@ class QuotaPlanner(Planner):
 
         Settings: ``balance_target`` (1.001), ``min_replica_quota`` (1), ``min_replica_fraction``
         (0.001), ``prefer_local`` (True), ``num_rounds`` (None: slots + 7), ``stop_at_target`` (False),
-        ``copy_cost`` (0),
-        ``copy_overlap`` (False), ``copy_chunks`` (1), ``gemm_passes`` (1), ``relay_chunks`` (4); see
-        :class:`QuotaConfig`.
+        ``copy_cost`` (0), ``copy_overlap`` (False), ``copy_chunks`` (1), ``gemm_passes`` (1),
+        ``relay_chunks`` (4); see :class:`QuotaConfig`.
         backend: which implementation plans, as for :func:`ultraep.kernels.plan_quota`: ``"auto"``
           (compiled C on CPU tensors, Triton on CUDA tensors), ``"triton"``, ``"native"`` or ``"torch"``
           (the PyTorch reference, :func:`plan_reference`); ``None`` reads ``ULTRAEP_KERNEL_BACKEND``

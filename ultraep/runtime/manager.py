@@ -828,7 +828,8 @@ class ReplicaManager:
                 else:
                     view[idx].copy_(grad[idx])
 
-        # Step 2: send up the relay trees (or straight to the masters) and add in plan order; the buffer is zeroed afterwards.
+        # Step 2: send up the relay trees, or straight to the masters, and add in plan order. The call
+        # zeroes the buffer afterwards.
         reduce_plan = plan_grad_reduce(
             layout,
             replica_ids,
@@ -837,10 +838,7 @@ class ReplicaManager:
             mode=self.config.sync_mode,
             num_chunks=self.config.num_chunks,
         )
-        receives = any(
-            t.dst_rank == self.rank and t.dst_slot_id % layout.slots_per_rank < layout.experts_per_rank
-            for t in reduce_plan.transfers
-        )
+        receives = any(t.dst_rank == self.rank and not layout.is_redundant_slot(t.dst_slot_id) for t in reduce_plan.transfers)
         master_grads = [torch.zeros_like(w) for w in state.master_weights] if receives else None
         reduce_replica_grads(
             reduce_plan,
