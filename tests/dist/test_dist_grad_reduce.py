@@ -14,6 +14,16 @@ from ultraep.planners import Planner, masters_only_plan
 SPEC = WeightSpec(((2,), (3,)))
 
 
+def _reduce_and_check(reduce_plan, layout, spec, rank, grad_buffer, master_grads) -> None:
+    """Run the reduce with a NaN-filled scratch buffer and check that the gradient buffer ends zeroed."""
+    scratch = torch.full((reduce_plan.scratch_rows, spec.numel), float("nan"))
+    reduce_replica_grads(
+        reduce_plan, layout=layout, spec=spec, rank=rank, replica_grad_buffer=grad_buffer,
+        master_grads=master_grads, scratch=scratch,
+    )
+    assert torch.equal(grad_buffer, torch.zeros_like(grad_buffer)), "the gradient buffer must be zero afterwards"
+
+
 def _order_worker(rank: int, world_size: int) -> list[torch.Tensor]:
     """Expert 0 (rank 0) has replicas in slots 5, 8 and 11 (ranks 1, 2, 3); values where float32
     addition order changes the result show that the sum runs in ascending slot id."""
@@ -24,14 +34,9 @@ def _order_worker(rank: int, world_size: int) -> list[torch.Tensor]:
     if rank in per_rank_value:
         grad_buffer[0] = per_rank_value[rank]
     master_grads = [torch.full((2, 2), 0.5), torch.full((2, 3), 0.5)]
-    scratch = torch.full((1, SPEC.numel), float("nan"))
     reduce_plan = plan_grad_reduce(layout, placement, scratch_rows=1)
     assert [t.src_slot_id for t in reduce_plan.transfers] == [5, 8, 11]
-    reduce_replica_grads(
-        reduce_plan, layout=layout, spec=SPEC, rank=rank, replica_grad_buffer=grad_buffer,
-        master_grads=master_grads, scratch=scratch,
-    )
-    assert torch.equal(grad_buffer, torch.zeros_like(grad_buffer)), "the gradient buffer must be zero afterwards"
+    _reduce_and_check(reduce_plan, layout, SPEC, rank, grad_buffer, master_grads)
     return master_grads
 
 
@@ -62,12 +67,7 @@ def _tree_worker(rank: int, world_size: int) -> list[torch.Tensor]:
         # Distinct integers per rank and element: every sum is exact, so any lost or doubled row shows.
         grad_buffer[0] = torch.arange(spec.numel, dtype=torch.float32) + 1000.0 * rank
     master_grads = [torch.zeros(2, 4, 2), torch.zeros(2, 4, 3)]
-    scratch = torch.full((1, spec.numel), float("nan"))
-    reduce_replica_grads(
-        reduce_plan, layout=layout, spec=spec, rank=rank, replica_grad_buffer=grad_buffer,
-        master_grads=master_grads, scratch=scratch,
-    )
-    assert torch.equal(grad_buffer, torch.zeros_like(grad_buffer)), "the gradient buffer must be zero afterwards"
+    _reduce_and_check(reduce_plan, layout, spec, rank, grad_buffer, master_grads)
     return master_grads
 
 
