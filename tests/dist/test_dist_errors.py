@@ -8,6 +8,7 @@ import torch
 from dist_harness import run_ranks
 from moe_cases import FFN_HIDDEN_SIZE, HIDDEN_SIZE, make_inputs, make_layers, make_manager
 from ultraep.layout import ExpertLayout
+from ultraep.planners.registry import make_planner
 from ultraep.runtime import ManagerConfig, MoELayer, RankAgreementError, ReplicaManager, swiglu_weight_shapes
 
 
@@ -24,6 +25,10 @@ from ultraep.runtime import ManagerConfig, MoELayer, RankAgreementError, Replica
             {"pipeline_replicas": True, "overlap_sync": True, "num_chunks": 1},
             r"pipeline_replicas=True needs num_chunks >= 2 to split the copies, got num_chunks=1", id="pipeline_one_chunk",
         ),
+        pytest.param(
+            {"plan_with_resident": True, "reuse_cached_weights": False},
+            r"plan_with_resident=True needs reuse_cached_weights=True", id="resident_without_reuse",
+        ),
     ],
 )
 def test_manager_config_rejects_bad_values(settings, match):
@@ -31,7 +36,7 @@ def test_manager_config_rejects_bad_values(settings, match):
         ManagerConfig(**settings)
 
 
-@pytest.mark.parametrize("name", ["overlap_sync", "overlap_grad_reduce", "pipeline_replicas"])
+@pytest.mark.parametrize("name", ["overlap_sync", "overlap_grad_reduce", "pipeline_replicas", "reuse_cached_weights", "plan_with_resident"])
 def test_manager_config_rejects_non_bool_switches(name):
     with pytest.raises(TypeError, match=f"ManagerConfig.{name} must be a bool, got 'yes'"):
         ManagerConfig(**{name: "yes"})
@@ -50,6 +55,8 @@ def _argument_worker(rank: int, world_size: int) -> None:
         ReplicaManager((2, 2, 1), shapes)
     with pytest.raises(TypeError, match="dtype must be a floating point torch.dtype"):
         ReplicaManager(ExpertLayout(2, 2, 1), shapes, dtype=torch.int64)
+    with pytest.raises(ValueError, match="plan_with_resident=True needs a QuotaPlanner, .* got PairingPlanner"):
+        ReplicaManager(ExpertLayout(2, 2, 1), shapes, planner=make_planner("pairing"), config=ManagerConfig(plan_with_resident=True))
 
     manager = make_manager(world_size, redundant_slots_per_rank=1)
     with pytest.raises(ValueError, match=r"do not match a SwiGLU expert with hidden_size=8"):

@@ -365,3 +365,49 @@ def test_replicas_return_to_the_slots_that_hold_them(tmp_path, reuse):
         # Without the cache every replica takes slot 0 and every microbatch copies.
         assert rows == [[0, -1], [1, -1], [0, -1], [1, -1]]
         assert moved == [copy_bytes] * 4
+
+
+def _resident_worker(rank: int, world_size: int, plan_with_resident: bool) -> dict:
+    """Expert 0 stays hot for six microbatches while the cold experts' loads shift; a copy costs 150 assignments."""
+    from ultraep.planners.quota import QuotaPlanner
+
+    planner = QuotaPlanner(copy_cost=150)
+    manager = make_manager(
+        world_size, experts_per_rank=1, redundant_slots_per_rank=1, planner=planner, buffer_layers=1,
+        plan_with_resident=plan_with_resident,
+    )
+    layer = make_layers(manager, True, num_layers=1)[0]
+    manager.replica_weights.fill_(float("nan"))
+    cold = [[100, 100, 100], [130, 100, 70], [100, 70, 130], [70, 130, 100], [130, 70, 100], [100, 100, 100]]
+    rows, moved = [], []
+    with torch.no_grad():
+        for microbatch_id, counts in enumerate(cold):
+            # Rank 0 produces every token: 400 for expert 0, then the cold counts for experts 1 to 3.
+            ids = torch.repeat_interleave(torch.arange(4), torch.tensor([400, *counts]))[:, None]
+            topk_ids = ids if rank == 0 else torch.zeros(0, 1, dtype=torch.int64)
+            routing = manager.route(0, microbatch_id, topk_ids, layer.master_weights())
+            views = manager.replicate(routing)
+            rows.append(routing.plan.replica_expert_ids[:, 0].tolist())
+            moved.append(manager.stats[0].forward_sync_bytes)
+            # A replica's slot holds weights, copied now or kept from before (the buffers start as NaN).
+            if routing.plan.replica_expert_ids[rank, 0].item() >= 0:
+                assert all(torch.isfinite(view[0]).all() for view in views)
+            manager.release(0, microbatch_id)
+    return {"rows": rows, "moved": moved}
+
+
+@pytest.mark.parametrize("plan_with_resident", [False, True], ids=["plain", "resident"])
+def test_planning_with_resident_slots_keeps_a_hot_expert_in_place(tmp_path, plan_with_resident):
+    results = run_ranks(_resident_worker, 4, tmp_path, plan_with_resident)
+    assert all(r == results[0] for r in results)
+    rows, moved = results[0]["rows"], results[0]["moved"]
+    copy_bytes = moved[0] // 2
+    assert moved[0] == 2 * copy_bytes > 0, "the first microbatch copies expert 0 to two ranks"
+    if plan_with_resident:
+        # Expert 0 stays on the two ranks that hold it, and nothing is copied again.
+        assert all(row == rows[0] for row in rows)
+        assert moved[1:] == [0] * 5
+    else:
+        # The plain planner moves a replica to a rank whose slot holds nothing and copies it there.
+        assert rows[1] != rows[0]
+        assert moved[1] == copy_bytes

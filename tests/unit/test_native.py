@@ -319,3 +319,35 @@ def test_missing_cc_is_reported_not_skipped(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "warned: native quota planner unavailable" in proc.stdout
     assert "CC='/nonexistent/cc' is not an executable on PATH; point CC at a C compiler or unset it" in proc.stdout
+
+
+@pytest.mark.skipif(not native_available(), reason=f"native planner unavailable: {native_unavailable_reason()}")
+@pytest.mark.parametrize("shape", [(4, 2, 1), (8, 4, 2), (16, 1, 4), (60, 1, 4)], ids=str)
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"copy_cost": 300}, {"copy_cost": 1200, "copy_overlap": True, "copy_chunks": 8, "relay_chunks": 8},
+     {"copy_cost": 400, "copy_overlap": True, "gemm_passes": 3, "relay_chunks": 0}, {"copy_cost": 90, "stop_at_target": True}],
+    ids=range(5),
+)
+def test_native_matches_reference_with_resident_replicas(shape, settings):
+    # Skewed loads whose hot experts are resident on a third of the slots, partly on the ranks the plan
+    # wants and partly elsewhere; the early stop and the costed peak must skip exactly the copies the
+    # reference skips.
+    num_ranks, experts_per_rank, slots = shape
+    layout = ExpertLayout(num_ranks, experts_per_rank, slots)
+    config = QuotaConfig(**settings)
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.rand(layout.num_experts, generator=generator) ** 5
+        loads = torch.stack([
+            torch.bincount(torch.multinomial(weight, 2000, True, generator=generator), minlength=layout.num_experts)
+            for _ in range(num_ranks)
+        ])
+        hot = torch.argsort(weight, descending=True)[:3]
+        expert = hot[torch.randint(0, 3, (num_ranks, slots), generator=generator)]
+        own = expert // experts_per_rank == torch.arange(num_ranks)[:, None]
+        resident = torch.where(own | (torch.rand(num_ranks, slots, generator=generator) < 0.3), -1, expert)
+        expected = plan_reference(loads, layout, config, resident)
+        got = plan_quota_native(loads, layout, config, resident)
+        assert torch.equal(got.replica_expert_ids, expected.replica_expert_ids), seed
+        assert torch.equal(got.quota, expected.quota), seed

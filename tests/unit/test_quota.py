@@ -565,3 +565,67 @@ def test_ladder_parts_overlap(backend):
     plan = QuotaPlanner(config, backend=backend)(loads, ExpertLayout(4, 3, 2))
     assert plan.replica_expert_ids.view(-1).tolist() == [-1, -1, 8, -1, -1, -1, 8, -1]
     assert plan.rank_load().tolist() == [973, 1040, 1043, 1040]
+
+
+# Resident replicas: slots that still hold an expert's current weights from an earlier microbatch.
+
+
+def _hot_expert_loads() -> torch.Tensor:
+    """4 ranks x 1 expert; expert 0 carries 400 of 700 assignments, the others 100 each."""
+    return torch.diag(torch.tensor([400, 100, 100, 100], dtype=torch.int64))
+
+
+def test_resident_replicas_need_no_copy():
+    # One copy costs 300 assignments and every rank waits for it, so any copied replica makes the slowest
+    # rank at least 175 + 300 > 400: without resident slots the masters-only plan wins. Ranks 2 and 3
+    # still hold expert 0, so replicas there cost nothing: the master keeps T and each takes T - 100,
+    # which balances expert 0 near T = 200, and rank 1 gets no replica because it would need a copy.
+    layout = ExpertLayout(4, 1, 1)
+    planner = QuotaPlanner(copy_cost=300)
+    loads = _hot_expert_loads()
+    without = planner(loads, layout)
+    assert int(without.num_replicas()) == 0
+    resident = torch.tensor([[-1], [-1], [0], [0]])
+    plan = planner(loads, layout, resident=resident)
+    check_plan(plan, loads)
+    assert plan.replica_expert_ids.tolist() == [[-1], [-1], [0], [0]]
+    assert 200 <= int(plan.rank_load().max()) < 400
+
+
+def test_resident_table_is_checked():
+    layout = ExpertLayout(4, 1, 1)
+    planner = QuotaPlanner()
+    loads = _hot_expert_loads()
+    with pytest.raises(ValueError, match=r"shape \[num_ranks, redundant_slots_per_rank\] = \[4, 1\]"):
+        planner(loads, layout, resident=torch.full((4, 2), -1))
+    with pytest.raises(TypeError, match="integer tensor"):
+        planner(loads, layout, resident=torch.zeros(4, 1))
+    with pytest.raises(ValueError, match=r"resident\[1, 0\] = 4 is not a logical expert id"):
+        planner(loads, layout, resident=torch.tensor([[-1], [4], [-1], [-1]]))
+    with pytest.raises(ValueError, match=r"resident\[2, 0\] = 2 is mastered on rank 2 itself"):
+        planner(loads, layout, resident=torch.tensor([[-1], [-1], [2], [-1]]))
+    with pytest.raises(TypeError, match="torch.Tensor or None"):
+        planner(loads, layout, resident=[[0]])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(2, 8), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**31 - 1),
+    st.sampled_from([0, 40, 400]), st.booleans(),
+)
+def test_plans_with_resident_replicas_keep_the_invariants(num_ranks, experts_per_rank, slots, seed, copy_cost, overlap):
+    layout = ExpertLayout(num_ranks, experts_per_rank, slots)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.rand(layout.num_experts, generator=generator) ** 4
+    loads = torch.stack([torch.bincount(torch.multinomial(weight, 300, True, generator=generator), minlength=layout.num_experts) for _ in range(num_ranks)])
+    # Each slot holds a random expert of another rank, or nothing.
+    expert = torch.randint(0, layout.num_experts, (num_ranks, slots), generator=generator)
+    own = expert // experts_per_rank == torch.arange(num_ranks)[:, None]
+    resident = torch.where(own | (torch.rand(num_ranks, slots, generator=generator) < 0.3), -1, expert)
+    config = QuotaConfig(copy_cost=copy_cost, copy_overlap=overlap)
+    plan = QuotaPlanner(config, backend="torch")(loads, layout, resident=resident)
+    check_plan(plan, loads, min_replica_quota=1)
+    # The masters-only plan stays a candidate, so no plan is slower than no balancing by the plain peak
+    # when copies are free.
+    if copy_cost == 0:
+        assert int(plan.rank_load().max()) <= int(masters_only_plan(loads, layout).rank_load().max())

@@ -897,3 +897,25 @@ def test_quota_setting_chunks_with_implied_overlap():
     assert parse_quota_settings(["copy_chunks=8"], {"copy_overlap": True}) == (("copy_chunks", 8),)
     with pytest.raises(ValueError, match=r"--quota-setting: QuotaConfig.copy_chunks=8 needs copy_overlap=True"):
         parse_quota_settings(["copy_chunks=8"])
+
+
+def test_planning_with_resident_slots_skips_copies_of_a_persistent_hot_expert():
+    # Expert 0 (rank 0) stays hot for 6 microbatches on 4 ranks x 1 expert with 1 slot, while the cold
+    # ranks' loads shift, and a copy costs 150 assignments. Both policies copy expert 0 to two ranks
+    # in the first microbatch. Later the plain planner picks receivers by their spare and in
+    # microbatch 1 moves a replica to a rank whose slot is empty. Given the slots' contents, the
+    # planner keeps expert 0 on the ranks that hold it and copies nothing after the first microbatch.
+    cold = torch.tensor([[100, 100, 100], [130, 100, 70], [100, 70, 130], [70, 130, 100], [130, 70, 100], [100, 100, 100]])
+    expert_load = torch.cat([torch.full((6, 1), 400), cold], dim=1)
+    loads = torch.diag_embed(expert_load)[:, None].contiguous()  # [6 microbatches, 1 layer, 4, 4]
+    workload = Workload(loads, 1, "persistent hot expert", "synthetic", False, "", 175.0)
+    settings = (("copy_cost", 150),)
+    plain = PolicySpec("plain", "quota", 1, settings, "layer")
+    resident = PolicySpec("resident", "quota", 1, settings, "layer", plan_with_resident=True)
+    plain_plans, resident_plans = plan_policies(workload, [plain, resident], progress=False)
+    copies = lambda plans: plans.synced.view(6, 4).sum(dim=1).tolist()  # noqa: E731
+    assert copies(plain_plans) == [2, 1, 0, 0, 0, 0]
+    assert copies(resident_plans) == [2, 0, 0, 0, 0, 0]
+    assert bool((resident_plans.replica_expert_ids == resident_plans.replica_expert_ids[0]).all())
+    with pytest.raises(ValueError, match="plan_with_resident needs replica_lifetime='layer'"):
+        PolicySpec("bad", "quota", 1, (), "microbatch", plan_with_resident=True)

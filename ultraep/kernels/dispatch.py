@@ -242,25 +242,47 @@ def plan_quota(
 
 
 def _plan_checked(
-    implementation: str, loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig, check_values: bool
+    implementation: str,
+    loads: torch.Tensor,
+    layout: ExpertLayout,
+    config: QuotaConfig,
+    check_values: bool,
+    resident: torch.Tensor | None = None,
 ) -> Plan:
     """Check the load values unless the C planner does so as it sums them, then plan.
 
-    Shape and dtype of ``loads`` are already checked. With ``check_values`` off, only the C planner checks.
+    Shape and dtype of ``loads`` are already checked, and so is ``resident``. With ``check_values``
+    off, only the C planner checks.
     """
     if check_values and implementation != "native":
         check_load_matrix(loads, layout)
-    return _plan_with(implementation, loads, layout, config)
+    return _plan_with(implementation, loads, layout, config, resident)
 
 
-def _plan_with(implementation: str, loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
-    """Plan with a resolved implementation; ``loads`` is already validated."""
+def _plan_with(
+    implementation: str,
+    loads: torch.Tensor,
+    layout: ExpertLayout,
+    config: QuotaConfig,
+    resident: torch.Tensor | None = None,
+) -> Plan:
+    """Plan with a resolved implementation; ``loads`` and ``resident`` are already validated.
+
+    The Triton kernel does not take resident replicas; with them it hands over to the PyTorch
+    reference, which runs on the same device without host synchronisation.
+    """
+    if implementation == "triton" and resident is not None:
+        _warn_once(
+            "the Triton quota planner does not take resident replicas yet; planning with them in the PyTorch "
+            "reference on the same device, which is slower"
+        )
+        implementation = "torch"
     if implementation == "torch":
-        return plan_reference(loads.to(torch.int64), layout, config)
+        return plan_reference(loads.to(torch.int64), layout, config, resident)
     if implementation == "native":
         from ultraep.kernels.native import plan_quota_native
 
-        return plan_quota_native(loads, layout, config)
+        return plan_quota_native(loads, layout, config, resident)
     return _load_kernels().plan_quota(loads, layout, config)
 
 

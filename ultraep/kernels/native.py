@@ -122,7 +122,7 @@ def _library() -> ctypes.CDLL | Exception:
     )
     packed = library.ultraep_quota_plan_packed
     packed.restype = ctypes.c_int
-    packed.argtypes = [ctypes.c_void_p] * 9
+    packed.argtypes = [ctypes.c_void_p] * 10
     return library
 
 
@@ -235,13 +235,17 @@ def _packed_arguments(layout: ExpertLayout, config: QuotaConfig) -> tuple:
     return tensors, tuple(tensor.data_ptr() for tensor in tensors)
 
 
-def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
+def plan_quota_native(
+    loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig, resident: torch.Tensor | None = None
+) -> Plan:
     """Plan one layer and microbatch with the compiled quota planner.
 
     loads: [num_ranks, num_experts] integer tensor on the CPU, of the layout's shape (the caller checks
       shape and dtype). The values are checked here, in the pass that sums them: a negative entry, or
       an entry or total above ``MAX_TOTAL_LOAD``, raises the ``ValueError`` of ``check_load_matrix``.
-    Returns the plan of ``plan_reference(loads, layout, config)``, bit for bit, on the CPU.
+    resident: None, or the checked [num_ranks, redundant_slots_per_rank] int64 table of
+      :func:`~ultraep.planners.quota.check_resident`, on the CPU.
+    Returns the plan of ``plan_reference(loads, layout, config, resident)``, bit for bit, on the CPU.
     Raises ``RuntimeError`` when the library cannot be built or loaded.
     """
     library = _library()
@@ -256,7 +260,13 @@ def plan_quota_native(loads: torch.Tensor, layout: ExpertLayout, config: QuotaCo
     slot_expert = torch.empty((layout.num_ranks, layout.redundant_slots_per_rank), dtype=torch.int64)
     quota = torch.empty(layout.num_slots, dtype=torch.int64)
     pointers = _packed_arguments(layout, config)[1]
-    status = library.ultraep_quota_plan_packed(loads.data_ptr(), *pointers, slot_expert.data_ptr(), quota.data_ptr())
+    resident_ptr = None
+    if resident is not None:
+        resident = resident.to(device="cpu", dtype=torch.int64).contiguous()
+        resident_ptr = resident.data_ptr()
+    status = library.ultraep_quota_plan_packed(
+        loads.data_ptr(), *pointers, resident_ptr, slot_expert.data_ptr(), quota.data_ptr()
+    )
     if status == _ERR_VALUES:
         check_load_matrix(loads, layout)  # raises the error that names the entry
     if status != 0:

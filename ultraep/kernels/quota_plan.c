@@ -237,20 +237,34 @@ static int64_t replica_rank_time(int64_t load, int64_t replica_load, int64_t syn
     return floor_div(load * (gemm_passes - 1) + forward, gemm_passes);
 }
 
+/* Whether slot s of rank r holds a replica that needs a copy: a filled slot whose expert is not
+ * resident on r (resident_pos: [R * S] drain positions, -1 = none, or NULL for no resident replicas). */
+static int copied(const int64_t *slot_pos, const int64_t *resident_pos, int64_t S, int64_t r, int64_t s) {
+    const int64_t pos = slot_pos[r * S + s];
+    if (pos < 0) return 0;
+    if (resident_pos != NULL)
+        for (int64_t k = 0; k < S; ++k)
+            if (resident_pos[r * S + k] == pos) return 0;
+    return 1;
+}
+
 /* Returns the slowest rank of one candidate with the weight sync counted, in assignments ("Copy cost"
  * in quota.py). slot_pos contains drain positions, so fan[] is indexed by drain position. Rank r's
  * masters are positions r * P .. r * P + P - 1 in either order. send_chunks: [R + 1], the relay
- * trees' link time of n copies in chunk times. fan: [R * P] scratch. */
+ * trees' link time of n copies in chunk times. resident_pos: [R * S] drain positions of the resident
+ * replicas, -1 = none, or NULL; a replica of a resident expert needs no copy. fan: [R * P] scratch. */
 static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota, const int64_t *slot_pos, int64_t R,
                            int64_t P, int64_t S, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
-                           int64_t gemm_passes, const int64_t *send_chunks, int64_t relay_chunks, int64_t *fan) {
+                           int64_t gemm_passes, const int64_t *send_chunks, int64_t relay_chunks,
+                           const int64_t *resident_pos, int64_t *fan) {
     memset(fan, 0, (size_t)(R * P) * sizeof(int64_t));
-    for (int64_t i = 0; i < R * S; ++i)
-        if (slot_pos[i] >= 0) fan[slot_pos[i]] += 1;
+    for (int64_t r = 0; r < R; ++r)
+        for (int64_t s = 0; s < S; ++s)
+            if (copied(slot_pos, resident_pos, S, r, s)) fan[slot_pos[r * S + s]] += 1;
     int64_t busiest = 0;
     for (int64_t r = 0; r < R; ++r) {
         int64_t in = 0, out = 0;
-        for (int64_t s = 0; s < S; ++s) in += slot_pos[r * S + s] >= 0;
+        for (int64_t s = 0; s < S; ++s) in += copied(slot_pos, resident_pos, S, r, s);
         for (int64_t p = 0; p < P; ++p) out += send_chunks[fan[r * P + p]];
         busiest = max64(busiest, max64(in * relay_chunks, out));
     }
@@ -260,7 +274,7 @@ static int64_t costed_peak(const int64_t *rank_load, const int64_t *master_quota
         int64_t t = rank_load[r];
         if (copy_overlap) {
             int64_t in = 0, masters = 0;
-            for (int64_t s = 0; s < S; ++s) in += slot_pos[r * S + s] >= 0;
+            for (int64_t s = 0; s < S; ++s) in += copied(slot_pos, resident_pos, S, r, s);
             for (int64_t p = 0; p < P; ++p) masters += master_quota[r * P + p];
             if (in > 0) t = replica_rank_time(rank_load[r], rank_load[r] - masters, sync, copy_chunks, gemm_passes);
         }
@@ -282,6 +296,7 @@ struct stop_bound {
     int64_t *copies_of;    /* [E] replicas per master, by drain position */
     int64_t *copies_sent;  /* [R] chunk times each rank sends through relay trees */
     int64_t *replica_load; /* [R] quota of each rank's replicas */
+    int64_t *copies_in;    /* [R] replicas each rank receives by copy (not resident) */
     int64_t busiest;       /* maximum chunk times one rank receives or sends */
     /* The three parts of replica_rank_time's numerator without the sync, maximised over the ranks
      * with replicas (the third one times 3 * copy_chunks, so that it stays an integer), and the
@@ -293,6 +308,7 @@ static void stop_bound_reset(struct stop_bound *b, int64_t R, int64_t E) {
     memset(b->copies_of, 0, (size_t)E * sizeof(int64_t));
     memset(b->copies_sent, 0, (size_t)R * sizeof(int64_t));
     memset(b->replica_load, 0, (size_t)R * sizeof(int64_t));
+    memset(b->copies_in, 0, (size_t)R * sizeof(int64_t));
     b->busiest = b->max_gemm = b->max_first_chunk = b->max_last_chunk = b->max_rank_load = 0;
 }
 
@@ -300,7 +316,8 @@ static void stop_bound_reset(struct stop_bound *b, int64_t R, int64_t E) {
  * lower bound of the candidate's final costed peak if it exceeds beat, else -1.
  *
  * Without copy_overlap the bound is the highest load among the ranks with replicas plus the sync. With
- * it the bound is replica_rank_time maximised over the ranks with replicas. With n = copy_chunks and
+ * it the bound is replica_rank_time maximised over the ranks that receive a copy, and the load over
+ * the ranks whose replicas are all resident, which need no copy. With n = copy_chunks and
  * k = gemm_passes its numerator is the largest of load * k, load * (k - 1) + sync * k / n + replica
  * load and load * (k - 1) + sync * k + replica load * (n + 2) / (3 n), with the divisions rounded
  * down. Adding an integer commutes with rounding down, so the three parts' maxima without the sync
@@ -309,13 +326,13 @@ static void stop_bound_reset(struct stop_bound *b, int64_t R, int64_t E) {
 static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_active, const int64_t *recv_rank,
                                           const int64_t *amount, const int64_t *position, const int64_t *donor_rank,
                                           const int64_t *rank_load,
-                                          const int64_t *slots_used, const int64_t *slot_pos, const int64_t *slot_quota,
+                                          const int64_t *slot_pos, const int64_t *slot_quota,
                                           int64_t S, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
                                           int64_t gemm_passes, const int64_t *send_chunks, int64_t relay_chunks,
-                                          int64_t beat) {
+                                          const int64_t *resident_pos, int64_t beat) {
     /* The scalars live in locals here, since stores through the arrays could alias the struct's fields. */
     int64_t *copies_of = b->copies_of, *copies_sent = b->copies_sent;
-    int64_t *replica_load = b->replica_load;
+    int64_t *replica_load = b->replica_load, *copies_in = b->copies_in;
     int64_t busiest = b->busiest, max_gemm = b->max_gemm, max_first_chunk = b->max_first_chunk;
     int64_t max_last_chunk = b->max_last_chunk, max_rank_load = b->max_rank_load;
     for (int64_t i = 0; i < num_active; ++i) {
@@ -327,15 +344,20 @@ static NOINLINE int64_t stop_bound_update(struct stop_bound *b, int64_t num_acti
         const int64_t load = rank_load[recv], backward = load * (gemm_passes - 1);
         max_rank_load = max64(max_rank_load, load);
         max_gemm = max64(max_gemm, load * gemm_passes);
-        max_first_chunk = max64(max_first_chunk, backward + replica_load[recv]);
-        max_last_chunk = max64(max_last_chunk, backward * 3 * copy_chunks + replica_load[recv] * (copy_chunks + 2));
-        /* A slot whose quota is this round's amount is new, since quotas start at a positive amount. */
+        /* A slot whose quota is this round's amount is new, since quotas start at a positive amount. A
+         * new replica of a resident expert needs no copy. */
         int64_t s = 0;
         while (slot_pos[recv * S + s] != position[i]) ++s;
-        if (slot_quota[recv * S + s] != a) continue;
-        const int64_t n = ++copies_of[position[i]];
-        copies_sent[donor_rank[i]] += send_chunks[n] - send_chunks[n - 1];
-        busiest = max64(busiest, max64(slots_used[recv] * relay_chunks, copies_sent[donor_rank[i]]));
+        if (slot_quota[recv * S + s] == a && copied(slot_pos, resident_pos, S, recv, s)) {
+            const int64_t n = ++copies_of[position[i]];
+            copies_sent[donor_rank[i]] += send_chunks[n] - send_chunks[n - 1];
+            copies_in[recv] += 1;
+            busiest = max64(busiest, max64(copies_in[recv] * relay_chunks, copies_sent[donor_rank[i]]));
+        }
+        /* The replica terms bound a rank's time only once it receives a copy; before, its time is its load. */
+        if (copies_in[recv] == 0) continue;
+        max_first_chunk = max64(max_first_chunk, backward + replica_load[recv]);
+        max_last_chunk = max64(max_last_chunk, backward * 3 * copy_chunks + replica_load[recv] * (copy_chunks + 2));
     }
     b->busiest = busiest;
     b->max_gemm = max_gemm;
@@ -410,6 +432,9 @@ static int64_t best_fit_round(const int64_t *master_quota, const int64_t *spare,
  * send_chunks:      [num_ranks + 1] relay_send_chunks(n, relay_chunks) for n = 0 .. num_ranks: the link time
  *                   of n copies of one expert through its relay tree, in chunk times; read with copy_cost > 0.
  * stop_at_target:   QuotaConfig.stop_at_target, 0 or 1.
+ * resident:         [num_ranks * slots] logical expert whose current weights each redundant slot holds,
+ *                   -1 = none, or NULL. Non-NULL adds the resident family and counts no copy for a
+ *                   replica of a resident expert ("Resident replicas" in quota.py).
  * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
  * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
  * Returns 0, or ERR_ARGS / ERR_MEMORY, or ERR_VALUES when an entry is negative or an entry or the
@@ -422,7 +447,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                       int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
                       int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
                       int64_t gemm_passes, int64_t relay_chunks, const int64_t *send_chunks, int64_t stop_at_target,
-                      int64_t *out_slot_expert, int64_t *out_quota) {
+                      const int64_t *resident, int64_t *out_slot_expert, int64_t *out_quota) {
     if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 || num_drains < 1 ||
         over_drain_q < 0 || num_best_fit_steps < 0 ||
         num_mean_steps + num_gap_steps < 1 || fraction_scale < 1 || copy_cost < 0 || copy_chunks < 1 ||
@@ -435,7 +460,9 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
      * best-fit receivers run on their own steps. */
     const int64_t T = num_mean_steps + num_gap_steps, RF = RECEIVER_ORDERS * num_anchors;
     const int64_t best_fit_start = T * RF + (num_drains > 1 ? num_mean_steps * RF : 0);
-    const int64_t C = best_fit_start + num_best_fit_steps;
+    /* With resident replicas, their family runs the ladder's T steps after best fit. */
+    const int64_t resident_start = best_fit_start + num_best_fit_steps;
+    const int64_t C = resident_start + (resident != NULL ? T : 0);
     /* First-round lines are cached per threshold step: the ladder's T steps, then the best-fit steps. */
     const int64_t TC = T + num_best_fit_steps;
 
@@ -448,7 +475,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                           3 * TC * R + 3 * TC /* first-round lines per threshold and receiver order, their lengths */ +
                           E /* spares offered per best-fit bin */ + C /* plain peaks */ +
                           T /* first-drain steps by threshold */ + C /* stopped candidates */ +
-                          E + 2 * R /* copies per master, chunk times sent and replica load per rank */;
+                          E + 2 * R /* copies per master, chunk times sent and replica load per rank */ +
+                          R * S /* resident replicas by drain position */ + R /* copies received per rank */;
     int64_t *mem = (int64_t *)malloc((size_t)words * sizeof(int64_t));
     if (mem == NULL) return ERR_MEMORY;
     int64_t *cursor = mem;
@@ -497,6 +525,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     TAKE(copies_of, E);
     TAKE(copies_sent, R);
     TAKE(replica_load, R);
+    TAKE(resident_pos, R * S);
+    TAKE(copies_in, R);
 #undef TAKE
     for (int64_t i = 0; i < 3 * TC; ++i) first_counts[i] = -1;
     memset(bin_offered, 0, (size_t)E * sizeof(int64_t));
@@ -547,6 +577,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     for (int64_t c = T; c < best_fit_start; ++c) thresholds[c] = thresholds[c < T * RF ? c % T : (c - T * RF) % num_mean_steps];
     for (int64_t t = 0; t < num_best_fit_steps; ++t)
         thresholds[best_fit_start + t] = min64(floor_load + floor_div(mul_wrap(total, best_fit_steps[t]), R * fraction_scale), top);
+    for (int64_t c = resident_start; c < C; ++c) thresholds[c] = thresholds[c - resident_start];
     const int64_t min_quota = max64(floor_div(mul_wrap(total, fraction_q), R * fraction_scale), min_replica_quota);
     const int64_t over_drain = floor_div(mul_wrap(total, over_drain_q), R * fraction_scale);
 
@@ -567,6 +598,11 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
         for (int64_t p = 0; p < P; ++p) drain_expert[r * P + p] += r * P;
     }
     for (int64_t i = 0; i < E; ++i) initial_quota[i] = expert_load[drain_expert[i]];
+    /* Resident replicas by drain position (fan serves as the inverse of drain_expert here). */
+    if (resident != NULL) {
+        for (int64_t i = 0; i < E; ++i) fan[drain_expert[i]] = i;
+        for (int64_t i = 0; i < R * S; ++i) resident_pos[i] = resident[i] >= 0 ? fan[resident[i]] : -1;
+    }
 
     /* The first drain runs step by step in ascending order of threshold (lower step first on ties), every
      * family at one step before the next step. A step takes part while its threshold lies at or below the
@@ -589,7 +625,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     /* Lowest plain peak of the first drain's candidates planned so far. */
     int64_t first_drain_low = INT64_MAX;
     int first_drain_good = 0; /* set with stop_at_target when a first-drain plan is good */
-    struct stop_bound bound = {copies_of, copies_sent, replica_load, 0, 0, 0, 0, 0};
+    struct stop_bound bound = {copies_of, copies_sent, replica_load, copies_in, 0, 0, 0, 0, 0};
     memset(skipped, 0, (size_t)C * sizeof(int64_t));
     memset(stopped, 0, (size_t)C * sizeof(int64_t));
     for (int64_t idx = 0; idx < C; ++idx) {
@@ -607,15 +643,20 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                 if (!skipped[prev]) best_first_drain = min64(best_first_drain, plain_peak[prev]);
         }
         if (idx == T * RF) first_drain_good = found_good;
-        if (idx >= T * RF && (threshold >= best_first_drain || first_drain_good)) {
+        /* The resident family always takes part. */
+        if (idx >= T * RF && c < resident_start && (threshold >= best_first_drain || first_drain_good)) {
             skipped[c] = 1;
             continue;
         }
         /* The candidate's family and threshold index within its block, and the threshold's slot in the
          * first-round line cache. */
-        const int best_fit = c >= best_fit_start;
+        const int best_fit = c >= best_fit_start && c < resident_start;
+        const int resident_family = c >= resident_start;
         int64_t family = c / T, step = c % T;
-        if (best_fit) {
+        if (resident_family) {
+            family = 0; /* after its resident rounds: the first anchor, most spare first, no over-drain */
+            step = c - resident_start;
+        } else if (best_fit) {
             family = 2 * RF;
             step = c - best_fit_start;
         } else if (c >= T * RF) {
@@ -626,7 +667,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
         if (best_fit && !(step < num_mean_steps && best_fit_steps[step] == mean_steps[step])) cache_step = T + step;
         const int64_t anchor = anchors[family % num_anchors];
         const int least_spare_first = family % RF >= num_anchors;
-        const int64_t over = family >= RF && !best_fit ? over_drain : 0;
+        const int64_t over = family >= RF && !best_fit && !resident_family ? over_drain : 0;
         int64_t *rank_load = states + c * state_words;
         int64_t *master_quota = rank_load + R;
         int64_t *slot_pos = master_quota + E;
@@ -721,8 +762,9 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                            first_receivers, first_counts + order_slot);
                 for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
                 int64_t offered_end = 0, num_active = 0, k = 0;
-                /* best_fit_round matches the receivers of best-fit candidates. */
-                for (int64_t i = 0; i < (best_fit ? 0 : num_receivers); ++i) {
+                const int resident_round = resident_family && round < S;
+                /* best_fit_round and the resident rounds match their receivers below. */
+                for (int64_t i = 0; i < (best_fit || resident_round ? 0 : num_receivers); ++i) {
                     const int64_t recv_spare = spare[recv_rank[i]];
                     if (anchor == BY_MASTER_QUOTA) {
                         /* One piece per receiver, so each receiver is a group of its own. */
@@ -751,6 +793,23 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                     num_active = best_fit_round(master_quota, spare, recv_rank, num_receivers, donor_order, num_donors, P,
                                                 position_bits, min_quota, ranked, bin_offered, position, donor_rank, offered, amount);
                     for (int64_t i = 0; i < num_active; ++i) moved |= amount[i] > 0;
+                } else if (resident_round) {
+                    /* Each receiver draws on the expert in its round-th resident slot (_resident_round in
+                     * quota.py), when that master's rank lies above the threshold; the receivers of one
+                     * master in line order, each up to its spare. */
+                    for (int64_t i = 0; i < num_receivers; ++i) {
+                        const int64_t recv = recv_rank[i], pos = resident_pos[recv * S + round];
+                        const int active = pos >= 0 && spare[recv] > 0 && master_quota[pos] > 0 && rank_load[pos / P] > threshold;
+                        position[i] = active ? pos : 0;
+                        donor_rank[i] = position[i] / P;
+                        offered[i] = active ? spare[recv] : 0;
+                        const int64_t before = bin_offered[position[i]];
+                        int64_t a = min64(offered[i], max64(master_quota[position[i]] - before, 0));
+                        bin_offered[position[i]] = before + offered[i];
+                        amount[i] = a < min_quota ? 0 : a;
+                    }
+                    for (int64_t i = 0; i < num_receivers; ++i) bin_offered[position[i]] = 0;
+                    num_active = num_receivers;
                 } else {
                     for (int64_t i = 0; i < num_active; ++i) {
                         if (i == 0 || segment[i] != segment[i - 1]) base = before;
@@ -761,7 +820,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                         moved |= a > 0;
                     }
                 }
-                if (!moved) break;
+                /* A resident round is followed by rounds that match differently, so it never ends the loop. */
+                if (!moved && !resident_round) break;
 
                 /* Step 5: write replicas. A receiver that already has a replica of the expert grows it. */
                 for (int64_t i = 0; i < num_active; ++i) {
@@ -796,9 +856,9 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                 }
                 if (may_stop) {
                     const int64_t peak = stop_bound_update(&bound, num_active, recv_rank, amount, position, donor_rank,
-                                                           rank_load, slots_used, slot_pos, slot_quota, S, copy_cost,
+                                                           rank_load, slot_pos, slot_quota, S, copy_cost,
                                                            copy_overlap, copy_chunks, gemm_passes, send_chunks,
-                                                           relay_chunks, best_load);
+                                                           relay_chunks, resident != NULL ? resident_pos : NULL, best_load);
                     if (peak >= 0 && (idx >= T * RF || bound.max_rank_load >= first_drain_low)) {
                         stop_peak = peak;
                         stop_plain = bound.max_rank_load;
@@ -822,7 +882,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
              * peak is not computed, and its plain peak stays above the best and the target. */
             if (copy_cost > 0 && (m <= best_load || mul_wrap(m, R * fraction_scale) <= limit))
                 max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap,
-                                          copy_chunks, gemm_passes, send_chunks, relay_chunks, fan);
+                                          copy_chunks, gemm_passes, send_chunks, relay_chunks,
+                                          resident != NULL ? resident_pos : NULL, fan);
         }
         best_load = min64(best_load, max_load[c]);
         if (idx < T * RF) first_drain_low = min64(first_drain_low, plain_peak[c]);
@@ -905,19 +966,21 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     return quota_plan(loads, num_ranks, experts_per_rank, slots, mean_steps, num_mean_steps, gap_steps, num_gap_steps,
                       anchors, num_anchors, best_fit_steps, num_best_fit_steps, num_drains, over_drain_q, fraction_scale,
                       min_replica_quota, fraction_q, target_q, prefer_local, num_rounds, copy_cost, copy_overlap,
-                      copy_chunks, gemm_passes, relay_chunks, send_chunks, 0, out_slot_expert, out_quota);
+                      copy_chunks, gemm_passes, relay_chunks, send_chunks, 0, NULL, out_slot_expert, out_quota);
 }
 
 /* quota_plan with its integer arguments in one array, in the same order: num_ranks,
  * experts_per_rank, slots, num_mean_steps, num_gap_steps, num_anchors, num_best_fit_steps, num_drains,
  * over_drain_q, fraction_scale, min_replica_quota, fraction_q, target_q, prefer_local, num_rounds,
- * copy_cost, copy_overlap, copy_chunks, gemm_passes, relay_chunks, stop_at_target. A ctypes caller then
- * converts 9 arguments instead of the 28 of ultraep_quota_plan, which saves about 2 us per call. */
+ * copy_cost, copy_overlap, copy_chunks, gemm_passes, relay_chunks, stop_at_target; then the arrays and
+ * resident (NULL for none). A ctypes caller then converts 10 arguments instead of the 28 of
+ * ultraep_quota_plan, which saves about 2 us per call. */
 int ultraep_quota_plan_packed(const int64_t *loads, const int64_t *settings, const int64_t *mean_steps,
                               const int64_t *gap_steps, const int64_t *anchors, const int64_t *best_fit_steps,
-                              const int64_t *send_chunks, int64_t *out_slot_expert, int64_t *out_quota) {
+                              const int64_t *send_chunks, const int64_t *resident, int64_t *out_slot_expert,
+                              int64_t *out_quota) {
     const int64_t *s = settings;
     return quota_plan(loads, s[0], s[1], s[2], mean_steps, s[3], gap_steps, s[4], anchors, s[5], best_fit_steps, s[6],
                       s[7], s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15], s[16], s[17], s[18], s[19],
-                      send_chunks, s[20], out_slot_expert, out_quota);
+                      send_chunks, s[20], resident, out_slot_expert, out_quota);
 }

@@ -59,6 +59,18 @@ share. So the formula runs in forward units with ``k * sync``, and the backward'
 is added before dividing by ``k``. Ranks without replicas take their load. The
 masters-only plan is always a candidate, so by this measure the chosen plan is never slower than
 no balancing. The copy cost changes only this choice, not the matching.
+
+Resident replicas. With per-layer buffers in inference a redundant slot keeps an expert's weights
+between microbatches, and hot experts tend to stay hot: on the Qwen1.5-MoE step loads at EP60, 89% of
+the replicas one step needs (counted as ``ceil(load / mean) - 1`` per expert) were needed by the step
+before. The planner does not know where those weights sit unless told, so it often places a replica
+on a rank that must copy it while another rank still holds it. Given the table of resident experts
+(``resident``, [num_ranks, redundant_slots_per_rank], -1 = none), one more family runs on the first
+drain's ladder. In round ``k < redundant_slots_per_rank`` each receiver takes from the master of the
+expert in its ``k``-th resident slot, when that master's rank lies above the threshold, up to its
+spare; the receivers of one master draw on it in line order. Later rounds match at the middle
+anchor. The costed peak counts no copy for a replica of an expert resident on its rank, in every
+candidate, and the resident family always takes part in the choice.
 """
 
 from __future__ import annotations
@@ -77,6 +89,7 @@ __all__ = [
     "MAX_COPY_COST",
     "QuotaConfig",
     "QuotaPlanner",
+    "check_resident",
     "copy_cost_in_assignments",
     "load_floor",
     "plan_reference",
@@ -301,19 +314,34 @@ class QuotaPlanner(Planner):
         self.kernel_config: KernelConfig = _as_config(backend)
         self._implementations: dict[torch.device, str] = {}
 
-    def __call__(self, loads: torch.Tensor, layout: ExpertLayout, *, check_values: bool = True) -> Plan:
+    def __call__(
+        self,
+        loads: torch.Tensor,
+        layout: ExpertLayout,
+        *,
+        check_values: bool = True,
+        resident: torch.Tensor | None = None,
+    ) -> Plan:
         """Validate the load matrix and plan, as :meth:`Planner.__call__` does.
+
+        resident: None, or [num_ranks, redundant_slots_per_rank] integer tensor on ``loads.device``:
+          the logical expert whose current weights each redundant slot still holds from an earlier
+          microbatch, -1 = none. The planner then also tries plans that reuse them, and counts no copy
+          for a replica of a resident expert ("Resident replicas" in the module docstring). With
+          ``check_values`` its values are checked (:func:`check_resident`).
 
         On CPU tensors the compiled C planner checks the values in its first pass over the loads, with
         the same errors, so the host reads the matrix once. A subclass that overrides :meth:`plan` is
-        called through it, as every other planner is.
+        called through it, as every other planner is, and plans without ``resident``.
         """
         from ultraep.kernels.dispatch import _plan_checked
 
+        if resident is not None:
+            resident = check_resident(resident, layout, loads.device, check_values=check_values)
         if type(self).plan is not QuotaPlanner.plan:
             return super().__call__(loads, layout, check_values=check_values)
         check_load_matrix(loads, layout, check_values=False)
-        return _plan_checked(self._implementation(loads.device), loads, layout, self.config, check_values)
+        return _plan_checked(self._implementation(loads.device), loads, layout, self.config, check_values, resident)
 
     def plan(self, loads: torch.Tensor, layout: ExpertLayout) -> Plan:
         from ultraep.kernels.dispatch import _plan_with
@@ -330,18 +358,23 @@ class QuotaPlanner(Planner):
         return implementation
 
 
-def plan_reference(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> Plan:
+def plan_reference(
+    loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig, resident: torch.Tensor | None = None
+) -> Plan:
     """Plan with the quota planner in PyTorch tensor code, the reference every other backend matches bit for bit.
 
     loads: [num_ranks, num_experts] int64, any device, validated (entries >= 0).
+    resident: None, or [num_ranks, redundant_slots_per_rank] int64 on ``loads.device``, validated by
+      :func:`check_resident`: the logical expert whose current weights each redundant slot still holds,
+      -1 = none ("Resident replicas" in the module docstring).
     Returns a :class:`Plan` on ``loads.device``. Runs on any device with no host synchronisation
     outside the CPU.
     """
     if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
         return masters_only_plan(loads, layout)
     with torch.inference_mode():
-        state = _match_rounds(loads, layout, config)
-        best = _select_candidate(state, loads, layout, config)
+        state = _match_rounds(loads, layout, config, resident)
+        best = _select_candidate(state, loads, layout, config, resident)
     quota = torch.cat(
         [
             state.master_quota[best].view(layout.num_ranks, layout.experts_per_rank),
@@ -362,10 +395,13 @@ class _CandidateState:
     slot_expert: torch.Tensor  # [num_candidates, num_ranks, redundant_slots_per_rank], -1 = empty
     slot_quota: torch.Tensor  # [num_candidates, num_ranks, redundant_slots_per_rank]
     total: torch.Tensor  # 0-dim, total load
-    late: torch.Tensor  # [num_candidates] bool, candidates of the second donor drain and of best fit
+    late: torch.Tensor  # [num_candidates] bool, candidates of the second donor drain, best fit and resident
+    num_resident: int = 0  # the last num_resident candidates are the resident family's
 
 
-def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> _CandidateState:
+def _match_rounds(
+    loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig, resident: torch.Tensor | None
+) -> _CandidateState:
     num_ranks, experts_per_rank, slots = layout.num_ranks, layout.experts_per_rank, layout.redundant_slots_per_rank
     num_experts = layout.num_experts
     num_segments = num_experts
@@ -398,12 +434,22 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     best_fit_thresholds = floor + (total * consts.best_fit_steps) // (num_ranks * _FRACTION_SCALE)
     family = torch.cat([family, torch.full_like(best_fit_thresholds, 2 * receiver_families)])
     thresholds = torch.cat([thresholds, torch.minimum(best_fit_thresholds, max_load)])  # [num_candidates]
+    # With resident replicas, one more family runs on the first drain's ladder, after best fit.
+    resident_family = 2 * receiver_families + 1
+    num_resident = num_thresholds if resident is not None else 0
+    if num_resident:
+        family = torch.cat([family, torch.full_like(thresholds[:num_thresholds], resident_family)])
+        thresholds = torch.cat([thresholds, thresholds[:num_thresholds]])
     family = family[:, None]  # [num_candidates, 1]
     anchor = consts.anchors[family % len(_ANCHORS)]  # [num_candidates, 1]
     least_spare_first = family % receiver_families >= len(_ANCHORS)
-    late = family >= receiver_families  # [num_candidates, 1]: second drain and best fit
+    late = family >= receiver_families  # [num_candidates, 1]: second drain, best fit and resident
     second_drain = late & (family < 2 * receiver_families)
-    best_fit_rows = slice(family.shape[0] - best_fit_thresholds.numel(), None)
+    num_rows = family.shape[0]
+    best_fit_rows = slice(num_rows - num_resident - best_fit_thresholds.numel(), num_rows - num_resident)
+    resident_rows = slice(num_rows - num_resident, num_rows)
+    # After its resident rounds the resident family matches at the middle anchor, most spare first.
+    anchor = torch.where(family == resident_family, _ANCHORS[0], anchor)
     # Assignments an over-draining donor sheds beyond its excess. The plain drain sheds none extra.
     over_drain = torch.where(second_drain, (total * consts.over_drain) // (num_ranks * _FRACTION_SCALE), 0)
     by_master_quota = anchor == _BY_MASTER_QUOTA  # [num_candidates, 1]
@@ -417,6 +463,7 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     local_key = expert_load.view(num_ranks, experts_per_rank) * experts_per_rank + consts.local_tiebreak
     drain_order = torch.sort(local_key, dim=1, descending=True).indices  # [num_ranks, experts_per_rank]
     drain_expert = (drain_order + consts.rank_base).reshape(-1)  # [num_experts]
+    drain_position = torch.empty_like(drain_expert).scatter_(0, drain_expert, consts.position_index)  # by logical id
 
     rank_load = master_rank_load.expand(num_candidates, num_ranks).clone()
     master_quota = expert_load[drain_expert].expand(num_candidates, num_experts).clone()  # drain order
@@ -432,7 +479,7 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     stop_when_idle = device.type == "cpu"
     line_index = consts.line_index.expand(num_candidates, num_ranks)  # j for the j-th receiver on the line
 
-    for _ in range(num_rounds):
+    for round_idx in range(num_rounds):
         # Step 2: donor pieces, hottest master first within a donor, largest donor first.
         excess = (rank_load - threshold_col).clamp_(min=0)  # [num_candidates, num_ranks]
         shed = excess + over_drain * (excess > 0)
@@ -448,6 +495,7 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
         order_key = torch.where(least_spare_first & (spare > 0), total + 1 - spare, spare)
         recv_rank = torch.sort(order_key * num_ranks + rank_tiebreak, dim=1, descending=True).indices
         recv_spare = spare.gather(1, recv_rank)  # [num_candidates, num_ranks]
+        resident_spare = recv_spare[resident_rows].clone()
         offered_end = recv_spare.cumsum(dim=1)
         anchor_point = offered_end - recv_spare + (recv_spare * anchor) // 4
         # Receivers with spare come first and anchor points ascend, so segment ids ascend along the line.
@@ -484,11 +532,23 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
         amount[best_fit_rows] = fit_amount
         position[best_fit_rows] = fit_position
         donor_rank[best_fit_rows] = fit_position // experts_per_rank
+        resident_round = num_resident > 0 and round_idx < slots
+        if resident_round:
+            # Round k: each receiver draws on the expert in its k-th resident slot.
+            held_position = torch.where(resident[:, round_idx] >= 0, drain_position[resident[:, round_idx].clamp(min=0)], -1)
+            res_position, res_amount = _resident_round(
+                rank_load[resident_rows], threshold_col[resident_rows], master_quota[resident_rows], resident_spare,
+                held_position[recv_rank[resident_rows]], min_quota, layout, consts,
+            )
+            amount[resident_rows] = res_amount
+            position[resident_rows] = res_position
+            donor_rank[resident_rows] = res_position // experts_per_rank
 
         # Step 5: write replicas; a receiver that already holds the expert grows that replica.
         take = amount > 0
-        if stop_when_idle and not bool(take.any()):
-            # Nothing moved, so the state is unchanged and every later round would repeat this one.
+        if stop_when_idle and not resident_round and not bool(take.any()):
+            # Nothing moved, so the state is unchanged and every later round would repeat this one. A
+            # resident round is followed by rounds that match differently, so it never stops the loop.
             break
         used = slots_used.gather(1, recv_rank)
         if slots == 1:
@@ -511,7 +571,9 @@ def _match_rounds(loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig
     # Back from drain positions to logical expert ids.
     slot_expert = torch.where(slot_pos >= 0, drain_expert[slot_pos.clamp(min=0)], -1)
     master_quota = torch.empty_like(master_quota).scatter_(1, drain_expert.expand(num_candidates, -1), master_quota)
-    return _CandidateState(thresholds, rank_load, master_quota, slot_expert, slot_quota, total, late[:, 0])
+    return _CandidateState(
+        thresholds, rank_load, master_quota, slot_expert, slot_quota, total, late[:, 0], num_resident
+    )
 
 
 def _best_fit_round(
@@ -555,6 +617,81 @@ def _best_fit_round(
     amount = torch.where(before == 0, torch.minimum(offered, bin_quota), offered * (before + offered <= bin_quota))
     amount = amount * (amount >= min_quota)
     return position, amount
+
+
+def check_resident(
+    resident: torch.Tensor, layout: ExpertLayout, device: torch.device, *, check_values: bool = True
+) -> torch.Tensor:
+    """Check a table of resident replicas and return it as int64.
+
+    resident: [num_ranks, redundant_slots_per_rank] integer tensor on ``device``; entry ``[r, k]`` is
+      the logical expert whose current weights slot ``k`` of rank ``r`` holds, or -1. With
+      ``check_values`` (reads the table on the host) every entry must lie in [-1, num_experts) and
+      name an expert mastered on another rank.
+    Raises ``TypeError`` or ``ValueError`` naming the bad value.
+    """
+    if not isinstance(resident, torch.Tensor):
+        raise TypeError(f"resident must be a torch.Tensor or None, got {type(resident).__name__}")
+    shape = (layout.num_ranks, layout.redundant_slots_per_rank)
+    if tuple(resident.shape) != shape:
+        raise ValueError(
+            f"resident must have shape [num_ranks, redundant_slots_per_rank] = {list(shape)}, got {list(resident.shape)}"
+        )
+    if resident.dtype.is_floating_point or resident.dtype.is_complex or resident.dtype == torch.bool:
+        raise TypeError(f"resident must be an integer tensor, got {resident.dtype}")
+    if resident.device != device:
+        raise ValueError(f"resident is on {resident.device} but the loads are on {device}; move it to {device}")
+    resident = resident.to(torch.int64)
+    if check_values and resident.numel():
+        bad = (resident < -1) | (resident >= layout.num_experts)
+        if bool(bad.any()):
+            r, k = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"resident[{r}, {k}] = {int(resident[r, k])} is not a logical expert id; use ids in "
+                f"[0, {layout.num_experts}) or -1 for a slot that holds none"
+            )
+        ranks = torch.arange(layout.num_ranks, device=device)[:, None]
+        own = (resident >= 0) & (resident // layout.experts_per_rank == ranks)
+        if bool(own.any()):
+            r, k = (int(i) for i in own.nonzero()[0])
+            raise ValueError(
+                f"resident[{r}, {k}] = {int(resident[r, k])} is mastered on rank {r} itself, and a rank never "
+                "replicates its own masters; pass -1 for that slot"
+            )
+    return resident
+
+
+def _resident_round(
+    rank_load: torch.Tensor,
+    threshold_col: torch.Tensor,
+    master_quota: torch.Tensor,
+    recv_spare: torch.Tensor,
+    held_position: torch.Tensor,
+    min_quota: torch.Tensor,
+    layout: ExpertLayout,
+    consts: _Constants,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return one resident round's (drain position, amount), each [num_candidates, num_ranks] in receiver order.
+
+    held_position: [num_candidates, num_ranks], the drain position of the expert in each receiver's
+    resident slot of this round, -1 = none. A receiver with spare takes from that expert's master
+    when the master's rank lies above the threshold and the master still holds quota. The receivers of
+    one master draw on it in line order, each up to its spare.
+    """
+    num_ranks = rank_load.shape[1]
+    big = torch.iinfo(torch.int64).max
+    position = held_position.clamp(min=0)
+    donor = rank_load.gather(1, position // layout.experts_per_rank) > threshold_col
+    quota_left = master_quota.gather(1, position)
+    active = (held_position >= 0) & donor & (quota_left > 0) & (recv_spare > 0)
+    position = position * active
+    offered = recv_spare * active
+    group_key = torch.where(active, position * num_ranks + consts.line_index, big)
+    grouped = torch.sort(group_key, dim=1)
+    before_sorted = _offered_before_in_group(offered.gather(1, grouped.indices), grouped.values // num_ranks)
+    before = torch.empty_like(before_sorted).scatter_(1, grouped.indices, before_sorted)
+    amount = torch.minimum(offered, (quota_left - before).clamp_(min=0))
+    return position, amount * (amount >= min_quota)
 
 
 def _offered_before_in_group(offered: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -710,14 +847,19 @@ def copy_cost_in_assignments(
     return min(MAX_COPY_COST, max(1, round(cost)))
 
 
-def _costed_peak(state: _CandidateState, layout: ExpertLayout, config: QuotaConfig) -> torch.Tensor:
+def _costed_peak(
+    state: _CandidateState, layout: ExpertLayout, config: QuotaConfig, resident: torch.Tensor | None
+) -> torch.Tensor:
     """Return [num_candidates] int64: each plan's slowest rank with the weight sync counted.
 
-    Units are assignments; the model is "Copy cost" in the module docstring.
+    Units are assignments; the model is "Copy cost" in the module docstring. A replica whose expert
+    is resident in one of its rank's slots needs no copy.
     """
     num_candidates = state.rank_load.shape[0]
     num_ranks, experts_per_rank = layout.num_ranks, layout.experts_per_rank
     filled = state.slot_expert >= 0  # [num_candidates, num_ranks, slots]
+    if resident is not None:
+        filled &= ~(state.slot_expert[:, :, :, None] == resident[None, :, None, :]).any(dim=3)
     units = _relay_units(config)
     chunks_in = filled.sum(dim=2) * units  # [num_candidates, num_ranks], in chunk times
     fan = torch.zeros(num_candidates, layout.num_experts, dtype=torch.int64, device=filled.device)
@@ -741,11 +883,13 @@ def _costed_peak(state: _CandidateState, layout: ExpertLayout, config: QuotaConf
     return peak.clamp_(max=_COSTED_PEAK_LIMIT)
 
 
-def _select_candidate(state: _CandidateState, loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig) -> torch.Tensor:
+def _select_candidate(
+    state: _CandidateState, loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig, resident: torch.Tensor | None
+) -> torch.Tensor:
     """Return a 0-dim int64 index of the best candidate, chosen without reading values on the host."""
     num_ranks = layout.num_ranks
     # [num_candidates]: the peak the choice compares.
-    max_load = _costed_peak(state, layout, config) if config.copy_cost else state.rank_load.max(dim=1).values
+    max_load = _costed_peak(state, layout, config, resident) if config.copy_cost else state.rank_load.max(dim=1).values
     num_replicas = (state.slot_expert >= 0).sum(dim=(1, 2))
 
     target_q = _to_fixed_point(config.balance_target)
@@ -762,6 +906,9 @@ def _select_candidate(state: _CandidateState, loads: torch.Tensor, layout: Exper
         # With a good first-drain plan the search stops there.
         late = late & ~(first_drain & within_target).any()
     valid = first_drain | late
+    if state.num_resident:
+        # The resident family always takes part: its plans copy less, which the thresholds do not show.
+        valid[-state.num_resident :] = True
 
     # Plans at or below the balance target, or tied with the best, are equally good.
     best_load = torch.where(valid, max_load, max_load.max() + 1).min()

@@ -96,6 +96,14 @@ class ManagerConfig:
     slots (:func:`~ultraep.runtime.slot_cache.cached_slot_order`). That changes no rank load. A
     layer's version changes when its master weights get an in-place update visible to autograd, when
     they accumulate a gradient, or on :meth:`ReplicaManager.invalidate_cached_weights`."""
+    plan_with_resident: bool = False
+    """Give the planner, a :class:`~ultraep.planners.quota.QuotaPlanner`, the table of experts whose
+    current weights the layer's redundant slots already contain (its ``resident`` argument). It then
+    also tries plans that keep replicas where their weights are, and counts no copy for them, so a hot
+    expert that stays hot is not copied to new ranks every microbatch. This pays in inference with
+    per-layer buffers (``buffer_layers``). In training every forward changes the weight version, so
+    the table is empty. Needs ``reuse_cached_weights``. The compiled C planner takes the table; the
+    Triton planner does not yet, so on CUDA the PyTorch reference plans with it, more slowly."""
     timeout_s: float | None = None
     """Seconds to wait for one step of weight sync, grad reduce or the all-gathers before raising
     :class:`~ultraep.comm.CommunicationError`; ``None`` uses the process group's timeout."""
@@ -155,6 +163,14 @@ class ManagerConfig:
             raise ValueError(
                 "ManagerConfig.pipeline_replicas=True needs overlap_sync=True: chunks can only be used while later "
                 "ones arrive when the sync runs in the background"
+            )
+        for name in ("reuse_cached_weights", "plan_with_resident"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ManagerConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.plan_with_resident and not self.reuse_cached_weights:
+            raise ValueError(
+                "ManagerConfig.plan_with_resident=True needs reuse_cached_weights=True: without it every replica is "
+                "copied, so none is resident; set reuse_cached_weights=True or plan_with_resident=False"
             )
         if isinstance(self.buffer_layers, bool) or not isinstance(self.buffer_layers, int) or self.buffer_layers < 0:
             raise ValueError(
@@ -385,6 +401,11 @@ class ReplicaManager:
         self.spec = WeightSpec(tuple(tuple(shape) for shape in weight_shapes))
         self.planner = planner if planner is not None else QuotaPlanner()
         self.config = config if config is not None else ManagerConfig()
+        if self.config.plan_with_resident and not isinstance(self.planner, QuotaPlanner):
+            raise ValueError(
+                f"ManagerConfig.plan_with_resident=True needs a QuotaPlanner, which takes the resident table; got "
+                f"{type(self.planner).__name__}. Use a QuotaPlanner or set plan_with_resident=False"
+            )
         self.group = group
         self.rank = dist.get_rank(group)
         self.dtype = dtype
@@ -519,7 +540,8 @@ class ReplicaManager:
 
         # Step 3: plan, then optionally confirm that every rank computed the same plan.
         start = self._clock()
-        plan = self._make_plan(loads, balance)
+        resident = self._resident(layer_id, versions) if balance and self.config.plan_with_resident else None
+        plan = self._make_plan(loads, balance, resident)
         self._record("plan", layer_id, start)
         if self.config.check_plans:
             start = self._clock()
@@ -982,10 +1004,25 @@ class ReplicaManager:
             state.volatile_calls += 1
         return _digest64(state.epoch, state.grad_events, in_place, state.volatile_calls)
 
-    def _make_plan(self, loads: torch.Tensor, balance: bool) -> Plan:
+    def _make_plan(self, loads: torch.Tensor, balance: bool, resident: torch.Tensor | None = None) -> Plan:
         if not balance:
             return masters_only_plan(loads, self.layout)
+        if resident is not None:
+            return self.planner(loads, self.layout, check_values=self.config.check_values, resident=resident)
         return self.planner(loads, self.layout, check_values=self.config.check_values)
+
+    def _resident(self, layer_id: int, versions: Sequence[int]) -> torch.Tensor:
+        """Return [num_ranks, redundant_slots_per_rank] int64 on the manager's device: the expert whose
+        current weights of ``layer_id`` each slot contains, -1 = none. The same on every rank."""
+        layout = self.layout
+        rows = [
+            [
+                key[1] if key is not None and key[0] == layer_id and key[2] == versions[layout.master_rank(key[1])] else -1
+                for key in row
+            ]
+            for row in self._held[self._buffer_set(layer_id)]
+        ]
+        return torch.tensor(rows, dtype=torch.int64).to(self.device)
 
     def _all_gather(self, payload: torch.Tensor, description: str) -> torch.Tensor:
         """All-gather a 1-D int64 payload; returns [num_ranks, len(payload)] on the host."""

@@ -107,6 +107,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "(one set per layer, kept between microbatches) (default shared,layer)",
     )
     parser.add_argument(
+        "--resident",
+        action="store_true",
+        help="in prefill, give the planner of the layer-buffer policies the experts their slots still hold "
+        "(QuotaPlanner's resident argument), so it can reuse them; the runtime does not pass them yet",
+    )
+    parser.add_argument(
         "--quota-setting",
         action="append",
         metavar="NAME=VALUE",
@@ -231,6 +237,7 @@ def _run(args: argparse.Namespace) -> int:
         eplb_interval=args.eplb_interval,
         quota_buffers=_parse_buffers(args.quota_buffers),
         quota_settings=quota_settings,
+        plan_with_resident=args.resident,
     )
     planner_time_s = _parse_planner_times(args.planner_time_us or [])
     known = sorted({spec.label for spec in policies} | {spec.planner for spec in policies})

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ultraep.layout import ExpertLayout
+from ultraep.plan import Plan
 from ultraep.planners.base import Planner
 from ultraep.planners.quota import copy_cost_in_assignments
 from ultraep.planners.registry import make_planner
@@ -112,6 +113,11 @@ class PolicySpec:
     placement changes."""
     planner_on_critical_path: bool = True
     """False for planners that re-place periodically in the background (``eplb``)."""
+    plan_with_resident: bool = False
+    """``"layer"`` lifetime with the ``quota`` planner: pass the planner, as ``resident``, the experts
+    whose weights each slot still holds from the layer's earlier microbatches. The runtime does not
+    pass them yet. :func:`plan_for_models` turns it off in training, where every forward copies every
+    replica, so no slot holds current weights."""
 
     def __post_init__(self) -> None:
         if self.replica_lifetime not in REPLICA_LIFETIMES:
@@ -121,6 +127,11 @@ class PolicySpec:
         slots = self.redundant_slots_per_rank
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
             raise ValueError(f"PolicySpec.redundant_slots_per_rank must be an int >= 0, got {slots!r}")
+        if self.plan_with_resident and (self.replica_lifetime != "layer" or self.planner != "quota"):
+            raise ValueError(
+                f"PolicySpec.plan_with_resident needs replica_lifetime='layer' and planner='quota', got "
+                f"{self.replica_lifetime!r} and {self.planner!r}; set plan_with_resident=False"
+            )
 
     def make_planner(self) -> Planner:
         """Build a fresh planner for one layer."""
@@ -135,6 +146,7 @@ def default_policies(
     eplb_interval: int = DEFAULT_EPLB_INTERVAL,
     quota_buffers: Sequence[str] = QUOTA_BUFFERS,
     quota_settings: tuple[tuple[str, object], ...] = (),
+    plan_with_resident: bool = False,
 ) -> tuple[PolicySpec, ...]:
     """Return ``none``, then ``eplb`` and ``lp_reroute`` per baseline slot count, then ``quota`` per slot count.
 
@@ -142,6 +154,8 @@ def default_policies(
     (the runtime's default). ``"layer"`` adds ``quota s=N layer-buffers``, with one set per layer
     (``ManagerConfig.buffer_layers``), which is the memory the persistent policies use.
     quota_settings: ``QuotaConfig`` settings as ``(name, value)`` pairs for every ``quota`` policy.
+    plan_with_resident: the layer-buffer policies plan with their resident slots
+    (:attr:`PolicySpec.plan_with_resident`) and are labelled ``quota s=N layer-buffers resident``.
     """
     unknown = sorted(set(quota_buffers) - set(QUOTA_BUFFERS))
     if unknown or not quota_buffers:
@@ -157,7 +171,12 @@ def default_policies(
             if buffers == "shared":
                 policies.append(PolicySpec(f"quota s={slots}", "quota", slots, tuple(quota_settings)))
             else:
-                policies.append(PolicySpec(f"quota s={slots} layer-buffers", "quota", slots, tuple(quota_settings), "layer"))
+                policies.append(
+                    PolicySpec(
+                        f"quota s={slots} layer-buffers" + (" resident" if plan_with_resident else ""),
+                        "quota", slots, tuple(quota_settings), "layer", plan_with_resident=plan_with_resident,
+                    )
+                )
     return tuple(policies)
 
 
@@ -425,15 +444,23 @@ def plan_policies(
             quota = torch.empty(num_microbatches, num_layers, layout.num_slots, dtype=torch.int64)
             replicas = torch.empty(num_microbatches, num_layers, num_ranks, spec.redundant_slots_per_rank, dtype=torch.int64)
             wall = torch.empty(num_microbatches, num_layers, dtype=torch.float64)
+            slot_cache = _SlotCache(num_layers, num_ranks, spec.redundant_slots_per_rank) if spec.plan_with_resident else None
             for microbatch_idx in range(num_microbatches):
                 for layer_idx in range(num_layers):
                     loads = workload.loads[microbatch_idx, layer_idx]
-                    start = time.perf_counter()
-                    plan = planners[layer_idx](loads, layout)
+                    if slot_cache is None:
+                        start = time.perf_counter()
+                        plan = planners[layer_idx](loads, layout)
+                    else:
+                        resident = slot_cache.resident(layer_idx)
+                        start = time.perf_counter()
+                        plan = planners[layer_idx](loads, layout, resident=resident)
                     wall[microbatch_idx, layer_idx] = time.perf_counter() - start
                     planners[layer_idx].observe(loads, layout)
                     quota[microbatch_idx, layer_idx] = plan.quota.cpu()
                     replicas[microbatch_idx, layer_idx] = plan.replica_expert_ids.cpu()
+                    if slot_cache is not None:
+                        slot_cache.place_plan(layer_idx, microbatch_idx, plan)
                 bar.update(num_layers)
             if spec.replica_lifetime == "layer":
                 quota, replicas, synced = _place_in_cached_slots(quota, replicas, layout)
@@ -443,6 +470,38 @@ def plan_policies(
             results.append(PolicyPlans(spec, layout, quota, replicas, synced, wall))
             logger.debug("planned %s: median %.3f ms per call", spec.label, float(wall.median()) * 1e3)
     return results
+
+
+class _SlotCache:
+    """What each layer's per-layer slots hold, filled plan by plan as the runtime's slot cache fills them."""
+
+    def __init__(self, num_layers: int, num_ranks: int, width: int) -> None:
+        self.contents: list[list[list[int | None]]] = [[[None] * width for _ in range(num_ranks)] for _ in range(num_layers)]
+        self.last_use = [[[-1] * width for _ in range(num_ranks)] for _ in range(num_layers)]
+
+    def resident(self, layer: int) -> torch.Tensor:
+        """Return [num_ranks, width] int64: the expert each slot of ``layer`` holds, -1 = none."""
+        return torch.tensor([[-1 if e is None else e for e in row] for row in self.contents[layer]], dtype=torch.int64)
+
+    def place(self, layer: int, microbatch: int, rank: int, row: list[int], row_quota: list[int]) -> tuple[list[int], list[bool]]:
+        """Place one rank's planned replicas (expert ids and quotas by slot) with
+        :func:`~ultraep.runtime.slot_cache.cached_slot_order` and return its ``(order, copied)``."""
+        requested = [expert if expert >= 0 and q > 0 else None for expert, q in zip(row, row_quota, strict=True)]
+        contents, last_use = self.contents[layer][rank], self.last_use[layer][rank]
+        order, copied = cached_slot_order(requested, contents, last_use)
+        for k, j in enumerate(order):
+            if requested[j] is not None:
+                contents[k] = requested[j]
+                last_use[k] = microbatch
+        return order, copied
+
+    def place_plan(self, layer: int, microbatch: int, plan: Plan) -> None:
+        """Place every rank's replicas of ``plan``."""
+        layout = plan.layout
+        replica_ids = plan.replica_expert_ids.cpu().tolist()
+        replica_quota = plan.quota.cpu().view(layout.num_ranks, layout.slots_per_rank)[:, layout.experts_per_rank :].tolist()
+        for rank in range(layout.num_ranks):
+            self.place(layer, microbatch, rank, replica_ids[rank], replica_quota[rank])
 
 
 def copy_cost_settings(
@@ -504,6 +563,9 @@ def plan_for_models(
         extra = copy_cost_settings(workload, model, hardware, settings)
         specs = []
         for spec in policies:
+            if spec.plan_with_resident and settings.mode == "train":
+                # Every training forward copies every replica, so no slot holds current weights.
+                spec = dataclasses.replace(spec, plan_with_resident=False)
             if copy_cost and spec.planner == "quota":
                 named = {name for name, _ in spec.settings}
                 added = tuple((name, value) for name, value in extra if name not in named)
@@ -533,22 +595,16 @@ def _place_in_cached_slots(
     replica_ids = replicas.tolist()
     # Permuted in place on the nested lists, converted back to tensors once.
     new_ids, new_quota, synced = replicas.tolist(), quota_view[..., masters:].tolist(), replicas.ge(0).tolist()
+    cache = _SlotCache(num_layers, num_ranks, width)
     for layer in range(num_layers):
-        contents: list[list[int | None]] = [[None] * width for _ in range(num_ranks)]
-        last_use = [[-1] * width for _ in range(num_ranks)]
         for microbatch in range(num_microbatches):
             for rank in range(num_ranks):
                 row = replica_ids[microbatch][layer][rank]
                 row_quota = replica_quota[microbatch][layer][rank]
-                requested = [expert if expert >= 0 and q > 0 else None for expert, q in zip(row, row_quota, strict=True)]
-                order, copied = cached_slot_order(requested, contents[rank], last_use[rank])
+                order, copied = cache.place(layer, microbatch, rank, row, row_quota)
                 new_ids[microbatch][layer][rank] = [row[j] for j in order]
                 new_quota[microbatch][layer][rank] = [row_quota[j] for j in order]
                 synced[microbatch][layer][rank] = copied
-                for k, j in enumerate(order):
-                    if requested[j] is not None:
-                        contents[rank][k] = requested[j]
-                        last_use[rank][k] = microbatch
     out_quota = quota_view.clone()
     out_quota[..., masters:] = torch.tensor(new_quota, dtype=quota.dtype).view(out_quota[..., masters:].shape)
     out_replicas = torch.tensor(new_ids, dtype=replicas.dtype).view(replicas.shape)
