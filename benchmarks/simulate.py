@@ -21,6 +21,8 @@ the masters' GEMM (plus, in training, the gradient reduce behind the next layer'
 and with that background sync sent in chunks that the replicas compute as they arrive. The last
 prefill setting runs once more with ``QuotaConfig(stop_at_target=True)``, which plans faster for a few
 more replicas, and once with stop_at_target and ``balance_target=1.05`` (measured planner time only).
+It also runs with the layer-buffer policies planned from the experts their slots still contain
+(``ManagerConfig.plan_with_resident``), alone and with stop_at_target.
 
 Usage::
 
@@ -79,7 +81,10 @@ STOP_WORDS = ", quota with stop_at_target"
 # plans on the step-load traces rarely bring within 1.001 of the mean.
 LOOSE_STOP = (("stop_at_target", True), ("balance_target", 1.05))
 LOOSE_STOP_WORDS = ", quota with stop_at_target and balance_target 1.05"
-# (mode, planner-time words, cost settings, planner-time overrides, quota settings) of every costing of a workload.
+# The layer-buffer policies planned with the experts their slots contain (QuotaPlanner's resident table).
+RESIDENT_WORDS = ", layer buffers planned with their resident slots"
+# (mode, planner-time words, cost settings, planner-time overrides, quota settings[, plan with resident slots])
+# of every costing of a workload.
 VARIANTS = (
     ("train", "measured on this CPU", CostSettings(mode="train"), None, ()),
     ("train", "set to 0", CostSettings(mode="train"), ZERO_PLANNER_TIME, ()),
@@ -103,6 +108,16 @@ VARIANTS = (
     ("prefill", "measured on this CPU" + OVERLAP_WORDS + PIPELINE_WORDS + STOP_WORDS, PREFILL_PIPELINE, None, STOP_AT_TARGET),
     ("prefill", "set to 0" + OVERLAP_WORDS + PIPELINE_WORDS + STOP_WORDS, PREFILL_PIPELINE, ZERO_PLANNER_TIME, STOP_AT_TARGET),
     ("prefill", "measured on this CPU" + OVERLAP_WORDS + PIPELINE_WORDS + LOOSE_STOP_WORDS, PREFILL_PIPELINE, None, LOOSE_STOP),
+    ("prefill", "measured on this CPU" + OVERLAP_WORDS + PIPELINE_WORDS + RESIDENT_WORDS, PREFILL_PIPELINE, None, (), True),
+    ("prefill", "set to 0" + OVERLAP_WORDS + PIPELINE_WORDS + RESIDENT_WORDS, PREFILL_PIPELINE, ZERO_PLANNER_TIME, (), True),
+    (
+        "prefill",
+        "measured on this CPU" + OVERLAP_WORDS + PIPELINE_WORDS + STOP_WORDS + RESIDENT_WORDS,
+        PREFILL_PIPELINE,
+        None,
+        STOP_AT_TARGET,
+        True,
+    ),
 )
 TARGET_SPEEDUP = 1.5
 
@@ -145,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     for workload in workloads:
         print(f"planning {workload.label} EP{workload.num_ranks} ({workload.num_microbatches} microbatches x {workload.num_layers} layers)", flush=True)
         cache: dict = {}  # quota plans depend on the copy settings, which several variants share
-        for mode, planner_choice, settings, times, quota_settings in VARIANTS:
+        for mode, planner_choice, settings, times, quota_settings, *resident in VARIANTS:
             policies = default_policies(
-                slots, slots, eplb_window=args.eplb_window, eplb_interval=args.eplb_interval, quota_settings=quota_settings
+                slots, slots, eplb_window=args.eplb_window, eplb_interval=args.eplb_interval, quota_settings=quota_settings,
+                plan_with_resident=bool(resident and resident[0]),
             )
             plans = plan_for_models(workload, policies, list(MODELS.values()), hardware, settings, cache=cache, progress=progress)
             results = [
@@ -286,7 +302,10 @@ def render_markdown(command, args, workloads, sections, summary, bundled_note, e
         "Rows marked \"stop_at_target\" plan `quota` with `QuotaConfig(stop_at_target=True)`. Its threshold ladder "
         "ends after the first step with a plan at or below the balance target. Where plans reach the target, it "
         "plans in about half the time and keeps a few more replicas. The row with \"balance_target 1.05\" also "
-        "loosens the target, which with copy costs is compared with the costed peak. "
+        "loosens the target, which with copy costs is compared with the costed peak. Rows marked \"resident slots\" "
+        "give the planner of each `quota ... layer-buffers` policy the experts whose weights its slots still hold "
+        "from the layer's earlier microbatches (`ManagerConfig.plan_with_resident`). It then also tries plans "
+        "that keep replicas where their weights are and counts no copy for them. "
         f"Wall time of the whole run: {elapsed / 60:.1f} min.",
         "",
         bundled_note,

@@ -397,7 +397,7 @@ def _resident_worker(rank: int, world_size: int, plan_with_resident: bool) -> di
 
 
 @pytest.mark.parametrize("plan_with_resident", [False, True], ids=["plain", "resident"])
-def test_planning_with_resident_slots_keeps_a_hot_expert_in_place(tmp_path, plan_with_resident):
+def test_resident_planning_keeps_hot_expert(tmp_path, plan_with_resident):
     results = run_ranks(_resident_worker, 4, tmp_path, plan_with_resident)
     assert all(r == results[0] for r in results)
     rows, moved = results[0]["rows"], results[0]["moved"]

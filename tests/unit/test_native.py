@@ -330,9 +330,8 @@ def test_missing_cc_is_reported_not_skipped(tmp_path):
     ids=range(5),
 )
 def test_native_matches_reference_with_resident_replicas(shape, settings):
-    # Skewed loads whose hot experts are resident on a third of the slots, partly on the ranks the plan
-    # wants and partly elsewhere; the early stop and the costed peak must skip exactly the copies the
-    # reference skips.
+    # Skewed loads whose hot experts are resident in most slots, partly on the ranks the plan wants and
+    # partly elsewhere. The early stop and the costed peak must skip exactly the copies the reference skips.
     num_ranks, experts_per_rank, slots = shape
     layout = ExpertLayout(num_ranks, experts_per_rank, slots)
     config = QuotaConfig(**settings)

@@ -592,9 +592,11 @@ def test_resident_replicas_need_no_copy():
     assert 200 <= int(plan.rank_load().max()) < 400
 
 
-def test_resident_table_is_checked():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_resident_table_is_checked(backend):
+    # "auto" runs the compiled C planner where it builds, which checks the values itself.
     layout = ExpertLayout(4, 1, 1)
-    planner = QuotaPlanner()
+    planner = QuotaPlanner(backend=backend)
     loads = _hot_expert_loads()
     with pytest.raises(ValueError, match=r"shape \[num_ranks, redundant_slots_per_rank\] = \[4, 1\]"):
         planner(loads, layout, resident=torch.full((4, 2), -1))
@@ -613,12 +615,12 @@ def test_resident_table_is_checked():
     st.integers(2, 8), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2**31 - 1),
     st.sampled_from([0, 40, 400]), st.booleans(),
 )
-def test_plans_with_resident_replicas_keep_the_invariants(num_ranks, experts_per_rank, slots, seed, copy_cost, overlap):
+def test_resident_plans_keep_invariants(num_ranks, experts_per_rank, slots, seed, copy_cost, overlap):
     layout = ExpertLayout(num_ranks, experts_per_rank, slots)
     generator = torch.Generator().manual_seed(seed)
     weight = torch.rand(layout.num_experts, generator=generator) ** 4
     loads = torch.stack([torch.bincount(torch.multinomial(weight, 300, True, generator=generator), minlength=layout.num_experts) for _ in range(num_ranks)])
-    # Each slot holds a random expert of another rank, or nothing.
+    # Each slot contains a random expert of another rank, or nothing.
     expert = torch.randint(0, layout.num_experts, (num_ranks, slots), generator=generator)
     own = expert // experts_per_rank == torch.arange(num_ranks)[:, None]
     resident = torch.where(own | (torch.rand(num_ranks, slots, generator=generator) < 0.3), -1, expert)
@@ -629,3 +631,22 @@ def test_plans_with_resident_replicas_keep_the_invariants(num_ranks, experts_per
     # when copies are free.
     if copy_cost == 0:
         assert int(plan.rank_load().max()) <= int(masters_only_plan(loads, layout).rank_load().max())
+
+
+def test_triton_hands_resident_to_reference(caplog):
+    # The Triton kernel does not take the resident table, so the dispatcher sends such calls to the PyTorch
+    # reference on the same device and logs a warning once. No Triton is needed for this path.
+    from ultraep.kernels.dispatch import _plan_with, _warn_once
+    from ultraep.planners.quota import plan_reference
+
+    _warn_once.cache_clear()
+    layout = ExpertLayout(4, 1, 1)
+    config = QuotaConfig(copy_cost=300)
+    loads = _hot_expert_loads()
+    resident = torch.tensor([[-1], [-1], [0], [0]])
+    with caplog.at_level("WARNING", logger="ultraep.kernels.dispatch"):
+        plan = _plan_with("triton", loads, layout, config, resident)
+    expected = plan_reference(loads, layout, config, resident)
+    assert torch.equal(plan.quota, expected.quota)
+    assert torch.equal(plan.replica_expert_ids, expected.replica_expert_ids)
+    assert "does not take resident replicas yet" in caplog.text

@@ -899,7 +899,7 @@ def test_quota_setting_chunks_with_implied_overlap():
         parse_quota_settings(["copy_chunks=8"])
 
 
-def test_planning_with_resident_slots_skips_copies_of_a_persistent_hot_expert():
+def test_resident_planning_skips_repeat_copies():
     # Expert 0 (rank 0) stays hot for 6 microbatches on 4 ranks x 1 expert with 1 slot, while the cold
     # ranks' loads shift, and a copy costs 150 assignments. Both policies copy expert 0 to two ranks
     # in the first microbatch. Later the plain planner picks receivers by their spare and in

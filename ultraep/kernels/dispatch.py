@@ -268,8 +268,8 @@ def _plan_with(
 ) -> Plan:
     """Plan with a resolved implementation; ``loads`` and ``resident`` are already validated.
 
-    The Triton kernel does not take resident replicas; with them it hands over to the PyTorch
-    reference, which runs on the same device without host synchronisation.
+    The Triton kernel does not take resident replicas, so calls with them go to the PyTorch reference.
+    It runs on the same device without host synchronisation.
     """
     if implementation == "triton" and resident is not None:
         _warn_once(

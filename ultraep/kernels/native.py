@@ -49,7 +49,8 @@ CACHE_DIR_ENV_VAR = "ULTRAEP_CACHE_DIR"
 _SOURCE = Path(__file__).with_name("quota_plan.c")
 _COMPILE_FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 _ERR_VALUES = 3
-_ERRORS = {1: "bad arguments", 2: "out of memory", _ERR_VALUES: "a load out of range"}
+_ERR_RESIDENT = 4
+_ERRORS = {1: "bad arguments", 2: "out of memory", _ERR_VALUES: "a load out of range", _ERR_RESIDENT: "a bad resident entry"}
 _lock = threading.Lock()
 
 
@@ -243,8 +244,9 @@ def plan_quota_native(
     loads: [num_ranks, num_experts] integer tensor on the CPU, of the layout's shape (the caller checks
       shape and dtype). The values are checked here, in the pass that sums them: a negative entry, or
       an entry or total above ``MAX_TOTAL_LOAD``, raises the ``ValueError`` of ``check_load_matrix``.
-    resident: None, or the checked [num_ranks, redundant_slots_per_rank] int64 table of
-      :func:`~ultraep.planners.quota.check_resident`, on the CPU.
+    resident: None, or the [num_ranks, redundant_slots_per_rank] table of
+      :func:`~ultraep.planners.quota.check_resident` on the CPU, with its shape and dtype checked. Its
+      values are checked here too, with the errors of ``check_resident``.
     Returns the plan of ``plan_reference(loads, layout, config, resident)``, bit for bit, on the CPU.
     Raises ``RuntimeError`` when the library cannot be built or loaded.
     """
@@ -269,6 +271,10 @@ def plan_quota_native(
     )
     if status == _ERR_VALUES:
         check_load_matrix(loads, layout)  # raises the error that names the entry
+    if status == _ERR_RESIDENT:
+        from ultraep.planners.quota import check_resident
+
+        check_resident(resident, layout, resident.device)  # raises the error that names the entry
     if status != 0:
         raise RuntimeError(f"the native quota planner failed with code {status} ({_ERRORS.get(status, 'unknown')}) for {layout}")
     return Plan(layout, slot_expert, quota)

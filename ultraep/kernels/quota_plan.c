@@ -32,6 +32,7 @@
 #define ERR_ARGS 1
 #define ERR_MEMORY 2
 #define ERR_VALUES 3
+#define ERR_RESIDENT 4
 /* The largest entry and total load the integer arithmetic supports (MAX_TOTAL_LOAD in layout.py). */
 #define MAX_LOAD_BITS 35
 #define MAX_TOTAL_LOAD ((int64_t)1 << MAX_LOAD_BITS)
@@ -237,7 +238,7 @@ static int64_t replica_rank_time(int64_t load, int64_t replica_load, int64_t syn
     return floor_div(load * (gemm_passes - 1) + forward, gemm_passes);
 }
 
-/* Whether slot s of rank r holds a replica that needs a copy: a filled slot whose expert is not
+/* Whether slot s of rank r contains a replica that needs a copy: a filled slot whose expert is not
  * resident on r (resident_pos: [R * S] drain positions, -1 = none, or NULL for no resident replicas). */
 static int copied(const int64_t *slot_pos, const int64_t *resident_pos, int64_t S, int64_t r, int64_t s) {
     const int64_t pos = slot_pos[r * S + s];
@@ -432,12 +433,13 @@ static int64_t best_fit_round(const int64_t *master_quota, const int64_t *spare,
  * send_chunks:      [num_ranks + 1] relay_send_chunks(n, relay_chunks) for n = 0 .. num_ranks: the link time
  *                   of n copies of one expert through its relay tree, in chunk times; read with copy_cost > 0.
  * stop_at_target:   QuotaConfig.stop_at_target, 0 or 1.
- * resident:         [num_ranks * slots] logical expert whose current weights each redundant slot holds,
+ * resident:         [num_ranks * slots] logical expert whose current weights each redundant slot contains,
  *                   -1 = none, or NULL. Non-NULL adds the resident family and counts no copy for a
  *                   replica of a resident expert ("Resident replicas" in quota.py).
  * out_slot_expert:  [num_ranks * slots] logical expert per redundant slot, -1 = empty.
  * out_quota:        [num_ranks * (experts_per_rank + slots)] quota per physical slot.
- * Returns 0, or ERR_ARGS / ERR_MEMORY, or ERR_VALUES when an entry is negative or an entry or the
+ * Returns 0, or ERR_ARGS / ERR_MEMORY, or ERR_RESIDENT when a resident entry is not -1 or an expert
+ * mastered on another rank, or ERR_VALUES when an entry is negative or an entry or the
  * total exceeds MAX_TOTAL_LOAD (nothing is written to the outputs then).
  */
 static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_per_rank, int64_t slots,
@@ -455,6 +457,9 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
         (stop_at_target != 0 && stop_at_target != 1))
         return ERR_ARGS;
     const int64_t R = num_ranks, P = experts_per_rank, S = slots, E = R * P;
+    if (resident != NULL)
+        for (int64_t i = 0; i < R * S; ++i)
+            if (resident[i] < -1 || resident[i] >= E || (resident[i] >= 0 && resident[i] / P == i / S)) return ERR_RESIDENT;
     /* Candidate (o, a, t): receiver order o (most, then least spare first), anchor a, threshold t.
      * With a second drain, over-draining donors run (o, a, t) again for the mean steps t. Then the
      * best-fit receivers run on their own steps. */
@@ -643,8 +648,10 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                 if (!skipped[prev]) best_first_drain = min64(best_first_drain, plain_peak[prev]);
         }
         if (idx == T * RF) first_drain_good = found_good;
-        /* The resident family always takes part. */
-        if (idx >= T * RF && c < resident_start && (threshold >= best_first_drain || first_drain_good)) {
+        /* The resident family takes part at the ladder steps where the first drain does; family 0's
+         * candidate at step t is candidate t. */
+        if (c >= resident_start ? skipped[c - resident_start]
+                                : idx >= T * RF && (threshold >= best_first_drain || first_drain_good)) {
             skipped[c] = 1;
             continue;
         }
@@ -794,9 +801,9 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                                                 position_bits, min_quota, ranked, bin_offered, position, donor_rank, offered, amount);
                     for (int64_t i = 0; i < num_active; ++i) moved |= amount[i] > 0;
                 } else if (resident_round) {
-                    /* Each receiver draws on the expert in its round-th resident slot (_resident_round in
-                     * quota.py), when that master's rank lies above the threshold; the receivers of one
-                     * master in line order, each up to its spare. */
+                    /* Each receiver takes up to its spare from the expert in its round-th resident slot
+                     * (_resident_round in quota.py) when that master's rank lies above the threshold. The
+                     * receivers of one master draw on it in line order. */
                     for (int64_t i = 0; i < num_receivers; ++i) {
                         const int64_t recv = recv_rank[i], pos = resident_pos[recv * S + round];
                         const int active = pos >= 0 && spare[recv] > 0 && master_quota[pos] > 0 && rank_load[pos / P] > threshold;

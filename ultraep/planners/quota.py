@@ -63,14 +63,13 @@ no balancing. The copy cost changes only this choice, not the matching.
 Resident replicas. With per-layer buffers in inference a redundant slot keeps an expert's weights
 between microbatches, and hot experts tend to stay hot: on the Qwen1.5-MoE step loads at EP60, 89% of
 the replicas one step needs (counted as ``ceil(load / mean) - 1`` per expert) were needed by the step
-before. The planner does not know where those weights sit unless told, so it often places a replica
-on a rank that must copy it while another rank still holds it. Given the table of resident experts
-(``resident``, [num_ranks, redundant_slots_per_rank], -1 = none), one more family runs on the first
-drain's ladder. In round ``k < redundant_slots_per_rank`` each receiver takes from the master of the
-expert in its ``k``-th resident slot, when that master's rank lies above the threshold, up to its
-spare; the receivers of one master draw on it in line order. Later rounds match at the middle
-anchor. The costed peak counts no copy for a replica of an expert resident on its rank, in every
-candidate, and the resident family always takes part in the choice.
+before. Without the table of resident experts the planner often places a replica on a rank that must
+copy it while another rank still contains its weights. Given the table (``resident``, [num_ranks,
+redundant_slots_per_rank], -1 = none), one more family runs on the first drain's ladder. In round
+``k < redundant_slots_per_rank`` each receiver takes up to its spare from the master of the expert in
+its ``k``-th resident slot, when that master's rank lies above the threshold. The receivers of one
+master draw on it in line order. Later rounds match at the middle anchor. The costed peak counts no copy for a replica of an expert resident on its rank, in every
+candidate. The resident family takes part at the ladder steps where the first drain does.
 """
 
 from __future__ import annotations
@@ -325,7 +324,7 @@ class QuotaPlanner(Planner):
         """Validate the load matrix and plan, as :meth:`Planner.__call__` does.
 
         resident: None, or [num_ranks, redundant_slots_per_rank] integer tensor on ``loads.device``:
-          the logical expert whose current weights each redundant slot still holds from an earlier
+          the logical expert whose current weights each redundant slot still contains from an earlier
           microbatch, -1 = none. The planner then also tries plans that reuse them, and counts no copy
           for a replica of a resident expert ("Resident replicas" in the module docstring). With
           ``check_values`` its values are checked (:func:`check_resident`).
@@ -336,12 +335,15 @@ class QuotaPlanner(Planner):
         """
         from ultraep.kernels.dispatch import _plan_checked
 
-        if resident is not None:
-            resident = check_resident(resident, layout, loads.device, check_values=check_values)
         if type(self).plan is not QuotaPlanner.plan:
             return super().__call__(loads, layout, check_values=check_values)
         check_load_matrix(loads, layout, check_values=False)
-        return _plan_checked(self._implementation(loads.device), loads, layout, self.config, check_values, resident)
+        implementation = self._implementation(loads.device)
+        if resident is not None:
+            # The C planner checks the values itself, at no cost next to a host-side check.
+            values = check_values and implementation != "native"
+            resident = check_resident(resident, layout, loads.device, check_values=values)
+        return _plan_checked(implementation, loads, layout, self.config, check_values, resident)
 
     def plan(self, loads: torch.Tensor, layout: ExpertLayout) -> Plan:
         from ultraep.kernels.dispatch import _plan_with
@@ -625,7 +627,7 @@ def check_resident(
     """Check a table of resident replicas and return it as int64.
 
     resident: [num_ranks, redundant_slots_per_rank] integer tensor on ``device``; entry ``[r, k]`` is
-      the logical expert whose current weights slot ``k`` of rank ``r`` holds, or -1. With
+      the logical expert whose current weights slot ``k`` of rank ``r`` contains, or -1. With
       ``check_values`` (reads the table on the host) every entry must lie in [-1, num_experts) and
       name an expert mastered on another rank.
     Raises ``TypeError`` or ``ValueError`` naming the bad value.
@@ -675,7 +677,7 @@ def _resident_round(
 
     held_position: [num_candidates, num_ranks], the drain position of the expert in each receiver's
     resident slot of this round, -1 = none. A receiver with spare takes from that expert's master
-    when the master's rank lies above the threshold and the master still holds quota. The receivers of
+    when the master's rank lies above the threshold and the master has quota left. The receivers of
     one master draw on it in line order, each up to its spare.
     """
     num_ranks = rank_load.shape[1]
@@ -907,8 +909,9 @@ def _select_candidate(
         late = late & ~(first_drain & within_target).any()
     valid = first_drain | late
     if state.num_resident:
-        # The resident family always takes part: its plans copy less, which the thresholds do not show.
-        valid[-state.num_resident :] = True
+        # The resident family takes part at the ladder steps where the first drain does. Above them a
+        # plan rarely ends below its threshold, which lies above the lowest peak so far.
+        valid[-state.num_resident :] = first_drain[: state.num_resident]
 
     # Plans at or below the balance target, or tied with the best, are equally good.
     best_load = torch.where(valid, max_load, max_load.max() + 1).min()

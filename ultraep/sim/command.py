@@ -109,8 +109,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resident",
         action="store_true",
-        help="in prefill, give the planner of the layer-buffer policies the experts their slots still hold "
-        "(QuotaPlanner's resident argument), so it can reuse them; the runtime does not pass them yet",
+        help="in prefill, give the planner of the layer-buffer policies the experts their slots still contain "
+        "(ManagerConfig.plan_with_resident), so it can keep replicas where their weights are",
     )
     parser.add_argument(
         "--quota-setting",

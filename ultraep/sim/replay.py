@@ -115,9 +115,9 @@ class PolicySpec:
     """False for planners that re-place periodically in the background (``eplb``)."""
     plan_with_resident: bool = False
     """``"layer"`` lifetime with the ``quota`` planner: pass the planner, as ``resident``, the experts
-    whose weights each slot still holds from the layer's earlier microbatches. The runtime does not
-    pass them yet. :func:`plan_for_models` turns it off in training, where every forward copies every
-    replica, so no slot holds current weights."""
+    whose weights each slot still contains from the layer's earlier microbatches, as the runtime does
+    with ``ManagerConfig.plan_with_resident``. :func:`plan_for_models` turns it off in training, where
+    every forward copies every replica, so no slot contains current weights."""
 
     def __post_init__(self) -> None:
         if self.replica_lifetime not in REPLICA_LIFETIMES:
@@ -473,14 +473,14 @@ def plan_policies(
 
 
 class _SlotCache:
-    """What each layer's per-layer slots hold, filled plan by plan as the runtime's slot cache fills them."""
+    """Contents of each layer's per-layer slots, filled plan by plan as the runtime's slot cache fills them."""
 
     def __init__(self, num_layers: int, num_ranks: int, width: int) -> None:
         self.contents: list[list[list[int | None]]] = [[[None] * width for _ in range(num_ranks)] for _ in range(num_layers)]
         self.last_use = [[[-1] * width for _ in range(num_ranks)] for _ in range(num_layers)]
 
     def resident(self, layer: int) -> torch.Tensor:
-        """Return [num_ranks, width] int64: the expert each slot of ``layer`` holds, -1 = none."""
+        """Return [num_ranks, width] int64: the expert each slot of ``layer`` contains, -1 = none."""
         return torch.tensor([[-1 if e is None else e for e in row] for row in self.contents[layer]], dtype=torch.int64)
 
     def place(self, layer: int, microbatch: int, rank: int, row: list[int], row_quota: list[int]) -> tuple[list[int], list[bool]]:
@@ -564,7 +564,7 @@ def plan_for_models(
         specs = []
         for spec in policies:
             if spec.plan_with_resident and settings.mode == "train":
-                # Every training forward copies every replica, so no slot holds current weights.
+                # Every training forward copies every replica, so no slot contains current weights.
                 spec = dataclasses.replace(spec, plan_with_resident=False)
             if copy_cost and spec.planner == "quota":
                 named = {name for name, _ in spec.settings}
