@@ -56,6 +56,8 @@ class PlanCase:
     candidates_per_program: int | None = None
     first_row: tuple[int, ...] = ()  # loads "first_row": rank 0 produces these, the other ranks nothing
     rows: tuple[tuple[int, ...], ...] = ()  # loads "rows": rank r produces rows[r]
+    resident_seed: int | None = None  # plan with a resident table from _make_resident, or without one
+    resident_rows: tuple[tuple[int, ...], ...] = ()  # or with this resident table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +189,29 @@ PLAN_CASES = [
         "ep8_e64_s1_copy_cost_8_chunks_4_per_program",
         8, 8, 1, "zipf", seed=12, config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8), candidates_per_program=4,
     ),
+    # Resident tables: the resident family, and copies skipped for resident replicas in every family.
+    PlanCase("ep8_e32_s2_resident", 8, 4, 2, "zipf", seed=16, resident_seed=0),
+    PlanCase("ep6_e6_s1_resident_copy_cost", 6, 1, 1, "zipf", seed=17, config=QuotaConfig(copy_cost=300), resident_seed=1),
+    PlanCase(
+        "ep16_e64_s4_resident_copy_overlap_4_per_program",
+        16, 4, 4, "zipf", seed=18, config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8, relay_chunks=8),
+        candidates_per_program=4, resident_seed=2,
+    ),
+    # In the programs of the lower thresholds the resident rounds move nothing, and the rounds after them
+    # must still run: there the resident family has the best plan.
+    PlanCase(
+        "ep6_e6_s2_resident_rounds_move_nothing", 6, 1, 2, "rows",
+        rows=(
+            (168, 114, 43, 24, 86, 65), (17, 15, 4, 2, 9, 3), (16, 7, 3, 3, 12, 9),
+            (148, 119, 40, 41, 89, 63), (14, 14, 7, 3, 9, 3), (915, 667, 267, 170, 554, 427),
+        ),
+        config=QuotaConfig(copy_cost=90, stop_at_target=True, balance_target=1.02), candidates_per_program=2,
+        resident_rows=((4, 2), (4, 5), (-1, -1), (5, -1), (-1, 0), (1, -1)),
+    ),
+    PlanCase(
+        "ep8_e16_s1_resident_stop_at_target",
+        8, 2, 1, "zipf", seed=19, config=QuotaConfig(stop_at_target=True, balance_target=1.02, copy_cost=90), resident_seed=3,
+    ),
 ]
 
 REROUTE_CASES = [
@@ -257,6 +282,22 @@ def _make_loads(case: PlanCase) -> torch.Tensor:
     return loads.to(torch.int64)
 
 
+def _make_resident(case: PlanCase) -> torch.Tensor | None:
+    """Return the case's resident table, or None for a case without one.
+
+    Generated tables fill about 70% of the slots with one of the three hottest experts of another rank.
+    """
+    if case.resident_rows:
+        return torch.tensor(case.resident_rows)
+    if case.resident_seed is None:
+        return None
+    gen = torch.Generator().manual_seed(case.resident_seed)
+    hot = torch.argsort(_make_loads(case).sum(dim=0), descending=True)[:3]
+    expert = hot[torch.randint(0, 3, (case.num_ranks, case.slots), generator=gen)]
+    own = expert // case.experts_per_rank == torch.arange(case.num_ranks)[:, None]
+    return torch.where(own | (torch.rand(case.num_ranks, case.slots, generator=gen) < 0.3), -1, expert)
+
+
 def _make_topk_ids(case: RerouteCase) -> list[torch.Tensor]:
     num_experts = case.num_ranks * case.experts_per_rank
     gen = torch.Generator().manual_seed(case.num_ranks * 1000 + case.num_tokens)
@@ -315,7 +356,9 @@ def _run_kernels(out_path: str, sort_kernel) -> None:
     for case in PLAN_CASES:
         layout = ExpertLayout(case.num_ranks, case.experts_per_rank, case.slots)
         loads = _make_loads(case)
-        plan = plan_quota_triton(loads, layout, case.config, candidates_per_program=case.candidates_per_program)
+        plan = plan_quota_triton(
+            loads, layout, case.config, _make_resident(case), candidates_per_program=case.candidates_per_program
+        )
         results["plan"][case.id] = (loads, plan.replica_expert_ids, plan.quota)
     for case in REROUTE_CASES:
         layout = ExpertLayout(case.num_ranks, case.experts_per_rank, case.slots)
@@ -359,12 +402,25 @@ def test_plan_kernel_matches_reference(interpreted, case):
     loads, replica_expert_ids, quota = interpreted["plan"][case.id]
     assert torch.equal(loads, _make_loads(case))
     layout = ExpertLayout(case.num_ranks, case.experts_per_rank, case.slots)
-    expected = plan_reference(loads, layout, case.config)
+    expected = plan_reference(loads, layout, case.config, _make_resident(case))
     assert replica_expert_ids.dtype == torch.int64
     assert quota.dtype == torch.int64
     assert torch.equal(replica_expert_ids, expected.replica_expert_ids)
     assert torch.equal(quota, expected.quota)
     check_plan(Plan(layout, replica_expert_ids, quota), loads, min_replica_quota=case.config.min_replica_quota)
+
+
+def test_resident_cases_reuse_resident_slots(interpreted):
+    # Guards against resident tables that no plan uses: some replica must sit where its expert is resident.
+    reused = []
+    for case in PLAN_CASES:
+        resident = _make_resident(case)
+        if resident is None:
+            continue
+        replicas = interpreted["plan"][case.id][1]
+        if bool(((replicas[:, :, None] == resident[:, None, :]) & (replicas[:, :, None] >= 0)).any()):
+            reused.append(case.id)
+    assert len(reused) >= 2, reused
 
 
 def test_plan_cases_exercise_replicas(interpreted):

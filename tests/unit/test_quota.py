@@ -631,22 +631,3 @@ def test_resident_plans_keep_invariants(num_ranks, experts_per_rank, slots, seed
     # when copies are free.
     if copy_cost == 0:
         assert int(plan.rank_load().max()) <= int(masters_only_plan(loads, layout).rank_load().max())
-
-
-def test_triton_hands_resident_to_reference(caplog):
-    # The Triton kernel does not take the resident table, so the dispatcher sends such calls to the PyTorch
-    # reference on the same device and logs a warning once. No Triton is needed for this path.
-    from ultraep.kernels.dispatch import _plan_with, _warn_once
-    from ultraep.planners.quota import plan_reference
-
-    _warn_once.cache_clear()
-    layout = ExpertLayout(4, 1, 1)
-    config = QuotaConfig(copy_cost=300)
-    loads = _hot_expert_loads()
-    resident = torch.tensor([[-1], [-1], [0], [0]])
-    with caplog.at_level("WARNING", logger="ultraep.kernels.dispatch"):
-        plan = _plan_with("triton", loads, layout, config, resident)
-    expected = plan_reference(loads, layout, config, resident)
-    assert torch.equal(plan.quota, expected.quota)
-    assert torch.equal(plan.replica_expert_ids, expected.replica_expert_ids)
-    assert "does not take resident replicas yet" in caplog.text

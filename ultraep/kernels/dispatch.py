@@ -266,24 +266,14 @@ def _plan_with(
     config: QuotaConfig,
     resident: torch.Tensor | None = None,
 ) -> Plan:
-    """Plan with a resolved implementation; ``loads`` and ``resident`` are already validated.
-
-    The Triton kernel does not take resident replicas, so calls with them go to the PyTorch reference.
-    It runs on the same device without host synchronisation.
-    """
-    if implementation == "triton" and resident is not None:
-        _warn_once(
-            "the Triton quota planner does not take resident replicas yet; planning with them in the PyTorch "
-            "reference on the same device, which is slower"
-        )
-        implementation = "torch"
+    """Plan with a resolved implementation; ``loads`` and ``resident`` are already validated."""
     if implementation == "torch":
         return plan_reference(loads.to(torch.int64), layout, config, resident)
     if implementation == "native":
         from ultraep.kernels.native import plan_quota_native
 
         return plan_quota_native(loads, layout, config, resident)
-    return _load_kernels().plan_quota(loads, layout, config)
+    return _load_kernels().plan_quota(loads, layout, config, resident)
 
 
 def reroute_ids(

@@ -148,8 +148,21 @@ def _best_fit_choice(
     active = (recv_spare > 0) & (num_bins > 0)
     position = tl.where(active, fit_key % Q_P2, 0).to(tl.int32)
     bin_quota = tl.where(active, fit_key // Q_P2, 0)
-    # Spares offered to the same bin before each receiver: sort the receivers by (bin, line index).
     offered = tl.where(active, recv_spare, 0)
+    before, bin_line_sorted = _offered_before_in_bin(position, active, offered, line_idx, R_P2, LOG_R, INTERPRETED)
+    amount = tl.where(before == 0, tl.minimum(offered, bin_quota), tl.where(before + offered <= bin_quota, offered, 0))
+    amount = tl.where(amount >= min_quota, amount, 0)
+    return position, amount, bin_line_sorted
+
+
+@triton.jit
+def _offered_before_in_bin(position, active, offered, line_idx, R_P2: tl.constexpr, LOG_R: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Return (before, bin_line_sorted) for receivers grouped by bin (drain position).
+
+    before: [T_P2, R_P2] int64, what the active receivers before each one on the line offered to its
+    bin. bin_line_sorted: [T_P2, R_P2] int64, the keys bin * R_P2 + line index sorted ascending, _BIG
+    for inactive receivers; _sum_by_bin reads them.
+    """
     bin_line_key = tl.where(active, position.to(tl.int64) * R_P2 + line_idx, _BIG)
     bin_line_sorted = _sort_rows(bin_line_key, LOG_R, False, INTERPRETED)  # [T_P2, R_P2]
     sorted_line = (bin_line_sorted % R_P2).to(tl.int32)
@@ -158,8 +171,39 @@ def _best_fit_choice(
     group_index = _count_not_above(bin_line_sorted, position.to(tl.int64) * R_P2 - 1, R_P2, LOG_R)
     through_before = tl.where(sorted_index > 0, tl.gather(offered_through, tl.maximum(sorted_index - 1, 0), 1), 0)
     group_before = tl.where(group_index > 0, tl.gather(offered_through, tl.maximum(group_index - 1, 0), 1), 0)
-    before = through_before - group_before
-    amount = tl.where(before == 0, tl.minimum(offered, bin_quota), tl.where(before + offered <= bin_quota, offered, 0))
+    return through_before - group_before, bin_line_sorted
+
+
+@triton.jit
+def _resident_choice(
+    rank_load,  # [T_P2, R_P2] int64
+    threshold_col,  # [T_P2, 1] int64
+    master_quota,  # [T_P2, R_P2, M_P2] int64, drain order
+    recv_spare,  # [T_P2, R_P2] int64, receiver line order
+    held_position,  # [T_P2, R_P2] int32, receiver line order: drain position of this round's resident expert, -1 = none
+    min_quota,
+    line_idx,  # [1, R_P2]
+    T_P2: tl.constexpr,
+    R_P2: tl.constexpr,
+    M_P2: tl.constexpr,
+    Q_P2: tl.constexpr,
+    LOG_R: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    """Return one resident round (reference: _resident_round) in receiver line order, as _best_fit_choice does.
+
+    A receiver with spare takes up to its spare from the master of its resident expert when that
+    master's rank lies above the threshold and the master has quota left. The receivers of one master
+    draw on it in line order.
+    """
+    held = tl.maximum(held_position, 0)
+    donor = tl.gather(rank_load, held // M_P2, 1) > threshold_col
+    quota_left = tl.gather(tl.reshape(master_quota, [T_P2, Q_P2]), held, 1)
+    active = (held_position >= 0) & donor & (quota_left > 0) & (recv_spare > 0)
+    position = tl.where(active, held, 0).to(tl.int32)
+    offered = tl.where(active, recv_spare, 0)
+    before, bin_line_sorted = _offered_before_in_bin(position, active, offered, line_idx, R_P2, LOG_R, INTERPRETED)
+    amount = tl.minimum(offered, tl.maximum(quota_left - before, 0))
     amount = tl.where(amount >= min_quota, amount, 0)
     return position, amount, bin_line_sorted
 
@@ -190,6 +234,7 @@ def _quota_plan_kernel(
     slot_quota_scratch_ptr,  # [NUM_PROGRAMS * T_P2, R_P2 * S_P2] int64 scratch: quota per redundant slot
     ticket_ptr,  # [1] int32, zero on entry: programs that have finished their candidates
     send_table_ptr,  # [NUM_RANKS + 1] int64: relay_send_table(NUM_RANKS, relay_chunks), read with COPY_AWARE
+    resident_ptr,  # [NUM_RANKS, SLOTS] int64: logical expert resident in each redundant slot, -1 = none; read with HAS_RESIDENT
     min_replica_quota,  # QuotaConfig.min_replica_quota
     fraction_q,  # QuotaConfig.min_replica_fraction in units of 1 / FRACTION_SCALE
     target_q,  # QuotaConfig.balance_target in units of 1 / FRACTION_SCALE
@@ -223,6 +268,7 @@ def _quota_plan_kernel(
     SRC_BLOCK: tl.constexpr,  # source ranks summed per step while reading the load matrix
     INTERPRETED: tl.constexpr,  # running under TRITON_INTERPRET=1 (selects the sort; same results)
     COPY_AWARE: tl.constexpr,  # copy_cost > 0: candidates are compared with the weight sync counted
+    HAS_RESIDENT: tl.constexpr,  # a resident table is given: its family runs, and resident replicas need no copy
 ):
     NUM_EXPERTS: tl.constexpr = NUM_RANKS * EXPERTS_PER_RANK
     NUM_THRESHOLDS: tl.constexpr = len(STEPS)
@@ -235,7 +281,10 @@ def _quota_plan_kernel(
     # receivers are one more family, the last.
     RECEIVER_FAMILIES: tl.constexpr = RECEIVER_ORDERS * NUM_ANCHORS
     BEST_FIT_FAMILY: tl.constexpr = NUM_DRAINS * RECEIVER_FAMILIES
-    NUM_PROGRAMS: tl.constexpr = (BEST_FIT_FAMILY + 1) * NUM_TILES
+    # With a resident table its family follows best fit, on the first drain's ladder.
+    RESIDENT_FAMILY: tl.constexpr = BEST_FIT_FAMILY + 1
+    NUM_FAMILIES: tl.constexpr = BEST_FIT_FAMILY + 2 if HAS_RESIDENT else BEST_FIT_FAMILY + 1
+    NUM_PROGRAMS: tl.constexpr = NUM_FAMILIES * NUM_TILES
     Q_P2: tl.constexpr = R_P2 * M_P2  # length of the donor piece line (R_P2 donors x M_P2 masters)
     SLOTS_PER_RANK: tl.constexpr = EXPERTS_PER_RANK + SLOTS
 
@@ -284,6 +333,7 @@ def _quota_plan_kernel(
     gap = tl.maximum(max_load - floor_load, 0)
     family = pid // NUM_TILES
     best_fit = family == BEST_FIT_FAMILY
+    resident_family = family == RESIDENT_FAMILY
     step_q = tl.zeros([T_P2], tl.int64)
     for i in tl.static_range(NUM_THRESHOLDS):
         step_q = tl.where((candidates == i) & ~best_fit, STEPS[i], step_q)
@@ -298,9 +348,12 @@ def _quota_plan_kernel(
     anchor = 0
     for i in tl.static_range(NUM_ANCHORS):
         anchor = tl.where(family % NUM_ANCHORS == i, ANCHORS[i], anchor)
-    least_spare_first = family % RECEIVER_FAMILIES >= NUM_ANCHORS
+    # After its resident rounds the resident family matches at the first anchor, most spare first.
+    anchor = tl.where(resident_family, ANCHORS[0], anchor)
+    least_spare_first = (family % RECEIVER_FAMILIES >= NUM_ANCHORS) & ~resident_family
     # Assignments an over-draining donor sheds beyond its excess. The plain drain sheds none extra.
-    over_drain = tl.where((family >= RECEIVER_FAMILIES) & ~best_fit, (total * OVER_DRAIN) // (NUM_RANKS * FRACTION_SCALE), 0)
+    plain_drain = best_fit | resident_family
+    over_drain = tl.where((family >= RECEIVER_FAMILIES) & ~plain_drain, (total * OVER_DRAIN) // (NUM_RANKS * FRACTION_SCALE), 0)
 
     # Drain order: each donor drains its masters by descending load, lower local index first on
     # ties. Sorting the unique key load * m + (m - 1 - j) yields both the load and j.
@@ -309,6 +362,14 @@ def _quota_plan_kernel(
     drain_local = tl.where(master_ok, EXPERTS_PER_RANK - 1 - drain_key % EXPERTS_PER_RANK, 0)
     drain_expert = ranks[:, None] * EXPERTS_PER_RANK + drain_local  # [R_P2, M_P2]: logical expert at drain position
     initial_quota = tl.where(master_ok, drain_key // EXPERTS_PER_RANK, 0)  # expert loads in drain order
+    # Resident replicas as drain positions, [R_P2, S_P2] int32, -1 = none.
+    resident_pos = tl.full([R_P2, S_P2], -1, tl.int32)
+    if HAS_RESIDENT:
+        resident = tl.load(resident_ptr + ranks[:, None] * SLOTS + slot_idx_range[None, :], mask=slot_ok, other=-1)
+        drain_flat = tl.reshape(tl.where(master_ok, drain_expert, -1), [Q_P2])
+        position_flat = tl.arange(0, Q_P2)
+        matches = (drain_flat[None, None, :] == resident[:, :, None]) & (resident[:, :, None] >= 0)
+        resident_pos = tl.max(tl.where(matches, position_flat[None, None, :], -1), axis=2).to(tl.int32)
 
     # Per-candidate state. Master quotas are kept in drain order. slot_pos is the drain position
     # (donor_rank * M_P2 + p) of the expert in each redundant slot, -1 = empty.
@@ -385,6 +446,28 @@ def _quota_plan_kernel(
                 T_P2, R_P2, Q_P2, LOG_R, LOG_Q, INTERPRETED,
             )
         position = tl.where(best_fit, fit_position.to(position.dtype), position)
+        # Resident rounds (reference: _resident_round): in round k each receiver draws on the expert in
+        # its k-th resident slot. As with best fit, only its own programs run it under the interpreter.
+        if HAS_RESIDENT:
+            resident_round = resident_family & (round_idx < SLOTS)
+            column = tl.max(tl.where(slot_idx_range[None, :] == round_idx, resident_pos, -1), axis=1)  # [R_P2]
+            held_position = tl.gather(tl.broadcast_to(column[None, :], [T_P2, R_P2]), recv_rank, 1)
+            if INTERPRETED:
+                if resident_round:
+                    res_position, res_amount, res_bins = _resident_choice(
+                        rank_load, threshold_col, master_quota, recv_spare, held_position, min_quota, line_idx,
+                        T_P2, R_P2, M_P2, Q_P2, LOG_R, INTERPRETED,
+                    )
+                else:
+                    res_position = position
+                    res_amount = recv_spare * 0
+                    res_bins = tl.full([T_P2, R_P2], _BIG, tl.int64)
+            else:
+                res_position, res_amount, res_bins = _resident_choice(
+                    rank_load, threshold_col, master_quota, recv_spare, held_position, min_quota, line_idx,
+                    T_P2, R_P2, M_P2, Q_P2, LOG_R, INTERPRETED,
+                )
+            position = tl.where(resident_round, res_position.to(position.dtype), position)
 
         # Receivers of one piece are adjacent on the line (pieces ascend along it), so counting
         # receivers per piece locates each receiver's group: served[q] = receivers of pieces <= q.
@@ -402,6 +485,8 @@ def _quota_plan_kernel(
         amount = tl.minimum(tl.maximum(quota_at - offered_before + group_base, 0), offered)
         amount = tl.where(amount >= min_quota, amount, 0)  # [T_P2, R_P2] in receiver order
         amount = tl.where(best_fit, fit_amount, amount)
+        if HAS_RESIDENT:
+            amount = tl.where(resident_round, res_amount, amount)
         take = amount > 0
 
         # Step 5: pick the redundant slot; a receiver that already holds the expert grows that replica.
@@ -411,7 +496,19 @@ def _quota_plan_kernel(
         first_match = tl.min(tl.where(is_same_expert, slot_idx_range[None, None, :], S_P2), axis=2)
         chosen_slot = tl.where(first_match < S_P2, first_match, tl.minimum(used, SLOTS - 1))
         new_slot = (take & (first_match >= S_P2)).to(tl.int32)
+        # New replicas that need a copy: those of experts not resident on their receiver.
+        new_copy = new_slot
+        if HAS_RESIDENT:
+            receiver_resident = tl.gather(
+                tl.broadcast_to(resident_pos[None, :, :], [T_P2, R_P2, S_P2]),
+                tl.broadcast_to(recv_rank[:, :, None], [T_P2, R_P2, S_P2]), 1,
+            )
+            is_resident = tl.max((receiver_resident == position[:, :, None]).to(tl.int32), axis=2) > 0
+            new_copy = tl.where(is_resident, 0, new_slot)
         moved = tl.max(tl.max(take.to(tl.int32), axis=1), axis=0)
+        if HAS_RESIDENT:
+            # A resident round is followed by rounds that match differently, so it never ends the loop.
+            moved = tl.maximum(moved, resident_round.to(tl.int32))
 
         # Receiver line back to rank order through the inverse permutation, then write the slots.
         recv_line = _sort_rows(recv_rank * R_P2 + line_idx, LOG_R, False, INTERPRETED) % R_P2  # line index of each rank
@@ -448,23 +545,38 @@ def _quota_plan_kernel(
         else:
             fit_drained = tl.reshape(_sum_by_bin(bin_line_sorted, amount, T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
             drained = tl.where(best_fit, fit_drained, drained)
+        if HAS_RESIDENT:
+            # A resident round groups its receivers by bin, as best fit does.
+            if INTERPRETED:
+                if resident_round:
+                    drained = tl.reshape(_sum_by_bin(res_bins, amount, T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+            else:
+                res_drained = tl.reshape(_sum_by_bin(res_bins, amount, T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+                drained = tl.where(resident_round, res_drained, drained)
         master_quota -= drained
         rank_load -= tl.sum(drained, axis=2)
         if COPY_AWARE:
             # New replicas per piece, counted the way the amounts are: receivers of pieces <= q made
             # new_through[q] of them.
-            new_end = tl.cumsum(new_slot.to(tl.int64), axis=1)
+            new_end = tl.cumsum(new_copy.to(tl.int64), axis=1)
             new_through = tl.where(served > 0, tl.gather(new_end, tl.maximum(served - 1, 0), 1), 0)
             new_before = tl.where(line_pos > 0, tl.gather(new_through, tl.maximum(line_pos - 1, 0), 1), 0)
             new_by_line = tl.reshape(tl.gather(new_through, line_pos, 1) - new_before, [T_P2, R_P2, M_P2])
-            new_by_position = tl.reshape(tl.where(has_taker, tl.gather(new_slot, taker, 1), 0), [T_P2, R_P2, M_P2])
+            new_by_position = tl.reshape(tl.where(has_taker, tl.gather(new_copy, taker, 1), 0), [T_P2, R_P2, M_P2])
             new_by_master = tl.where(by_master_quota, new_by_position, new_by_line)
             if INTERPRETED:
                 if best_fit:
-                    new_by_master = tl.reshape(_sum_by_bin(bin_line_sorted, new_slot.to(tl.int64), T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+                    new_by_master = tl.reshape(_sum_by_bin(bin_line_sorted, new_copy.to(tl.int64), T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
             else:
-                new_by_fit = tl.reshape(_sum_by_bin(bin_line_sorted, new_slot.to(tl.int64), T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+                new_by_fit = tl.reshape(_sum_by_bin(bin_line_sorted, new_copy.to(tl.int64), T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
                 new_by_master = tl.where(best_fit, new_by_fit, new_by_master)
+            if HAS_RESIDENT:
+                if INTERPRETED:
+                    if resident_round:
+                        new_by_master = tl.reshape(_sum_by_bin(res_bins, new_copy.to(tl.int64), T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+                else:
+                    new_by_resident = tl.reshape(_sum_by_bin(res_bins, new_copy.to(tl.int64), T_P2, R_P2, Q_P2, LOG_R), [T_P2, R_P2, M_P2])
+                    new_by_master = tl.where(resident_round, new_by_resident, new_by_master)
             fan += new_by_master
         round_idx += 1
 
@@ -478,7 +590,12 @@ def _quota_plan_kernel(
     plain_peak = peak
     if COPY_AWARE:
         # The peak with the weight sync counted, as _costed_peak in quota.py.
-        copies_in = tl.sum((slot_pos >= 0).to(tl.int64), axis=2)  # [T_P2, R_P2]
+        copied_slot = slot_pos >= 0  # [T_P2, R_P2, S_P2]: filled, and not with a resident expert
+        if HAS_RESIDENT:
+            for k in tl.static_range(SLOTS):
+                column_k = tl.max(tl.where(slot_idx_range[None, :] == k, resident_pos, -1), axis=1)  # [R_P2]
+                copied_slot = copied_slot & (slot_pos != column_k[None, :, None])
+        copies_in = tl.sum(copied_slot.to(tl.int64), axis=2)  # [T_P2, R_P2]
         # fan <= NUM_RANKS - 1 (one replica per other rank), 0 on padding, so the table read stays inside.
         chunks_out = tl.sum(tl.load(send_table_ptr + fan), axis=2)
         busiest = tl.max(tl.maximum(copies_in * relay_chunks, chunks_out), axis=1)
@@ -529,8 +646,10 @@ def _quota_plan_kernel(
         row_threshold = (row_program % NUM_TILES) * T_P2 + all_rows % T_P2
         # The second drain's families run on the mean steps only and the best-fit family on its own
         # steps, so their other rows are padding.
-        row_over = row_program // NUM_TILES >= RECEIVER_FAMILIES  # second drain and best fit
-        row_steps = tl.where(row_program // NUM_TILES == BEST_FIT_FAMILY, NUM_BEST_FIT, tl.where(row_over, NUM_MEAN_STEPS, NUM_THRESHOLDS))
+        row_family = row_program // NUM_TILES
+        row_resident = row_family == RESIDENT_FAMILY  # on the first drain's ladder
+        row_over = (row_family >= RECEIVER_FAMILIES) & ~row_resident  # second drain and best fit
+        row_steps = tl.where(row_family == BEST_FIT_FAMILY, NUM_BEST_FIT, tl.where(row_over, NUM_MEAN_STEPS, NUM_THRESHOLDS))
         row_ok = (row_program < NUM_PROGRAMS) & (row_threshold < row_steps)
         all_peak = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 0, mask=row_ok, other=0, cache_modifier=".cg")
         all_replicas = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 1, mask=row_ok, other=0, cache_modifier=".cg")
@@ -540,7 +659,7 @@ def _quota_plan_kernel(
         # The first drain's steps count in ascending order of threshold (lower step first on ties)
         # while each threshold lies at or below the balance target or the lowest peak of the steps
         # before it (reference: _first_drain_steps). step_rank is a row's step's place in that order.
-        first_drain = row_ok & ~row_over
+        first_drain = row_ok & ~row_over & ~row_resident
         step_rank = row_threshold * 0
         for step in tl.static_range(NUM_THRESHOLDS):
             step_threshold = tl.max(tl.where(first_drain & (row_threshold == step), all_threshold, -1), axis=0)
@@ -614,7 +733,11 @@ class _LaunchConfig:
 
 
 def _launch_config(
-    layout: ExpertLayout, config: QuotaConfig, candidates_per_program: int | None, interpreted: bool
+    layout: ExpertLayout,
+    config: QuotaConfig,
+    candidates_per_program: int | None,
+    interpreted: bool,
+    has_resident: bool = False,
 ) -> _LaunchConfig:
     steps = _ladder()
     r_p2 = _pow2(layout.num_ranks)
@@ -635,7 +758,8 @@ def _launch_config(
     # the 21 thresholds), which the choice ignores. The best-fit family adds one family of programs, and
     # every program plans the longer of the two ladders. The GPU time this costs has not been measured.
     num_tiles = triton.cdiv(max(len(steps), len(_BEST_FIT_STEPS_Q)), t_p2)
-    num_programs = (num_drains * _RECEIVER_ORDERS * len(_ANCHORS) + 1) * num_tiles
+    # Families: every (drain, order, anchor), best fit, and with a resident table the resident family.
+    num_programs = (num_drains * _RECEIVER_ORDERS * len(_ANCHORS) + 1 + int(has_resident)) * num_tiles
 
     constexprs = {
         "NUM_RANKS": layout.num_ranks,
@@ -662,6 +786,7 @@ def _launch_config(
         "SRC_BLOCK": min(r_p2, _pow2(max(1, 8192 // q_p2))),
         "INTERPRETED": interpreted,
         "COPY_AWARE": config.copy_cost > 0,
+        "HAS_RESIDENT": has_resident,
     }
     # NOTE: about 32 tile entries per thread; a guess from ptxas register counts for sm_90, not from timings.
     num_warps = min(16, max(4, (t_p2 * q_p2) // 128))
@@ -672,6 +797,7 @@ def plan_quota_triton(
     loads: torch.Tensor,
     layout: ExpertLayout,
     config: QuotaConfig,
+    resident: torch.Tensor | None = None,
     *,
     candidates_per_program: int | None = None,
 ) -> Plan:
@@ -683,17 +809,20 @@ def plan_quota_triton(
     layout: the expert layout. Each program keeps ``[candidates, num_ranks * experts_per_rank]``
       tiles in registers, so very large groups (past 256 ranks x 8 master slots) may spill.
     config: quota planner settings.
+    resident: None, or [num_ranks, redundant_slots_per_rank] int64 on ``loads.device``: the logical
+      expert whose current weights each redundant slot contains, -1 = none, with its values checked
+      (:func:`~ultraep.planners.quota.check_resident`).
     candidates_per_program: thresholds each program plans side by side (a power of two); ``None``
       picks about 512 tile entries per program on a GPU and one program per receiver family under the
       interpreter. The plan does not depend on it.
-    Returns the same plan as ``plan_reference(loads, layout, config)``, bit for bit, with its
+    Returns the same plan as ``plan_reference(loads, layout, config, resident)``, bit for bit, with its
     tensors on ``loads.device``. One rank or no redundant slots take the masters-only plan (no kernel).
     Reads nothing back to the host, so the call can be captured in a CUDA graph.
     """
     if layout.redundant_slots_per_rank == 0 or layout.num_ranks == 1:
         # Static per layout: no replica can help, and plan_reference returns the same plan.
         return masters_only_plan(loads.to(torch.int64), layout)
-    launch = _launch_config(layout, config, candidates_per_program, RUNS_IN_INTERPRETER)
+    launch = _launch_config(layout, config, candidates_per_program, RUNS_IN_INTERPRETER, resident is not None)
     c = launch.constexprs
     device = loads.device
     loads = loads.to(torch.int64).contiguous()
@@ -708,6 +837,8 @@ def plan_quota_triton(
     slot_quota_scratch = torch.empty((rows, c["R_P2"] * c["S_P2"]), dtype=torch.int64, device=device)
     ticket = torch.zeros(1, dtype=torch.int32, device=device)
     send_table = relay_send_table(layout.num_ranks, config.relay_chunks, device)
+    # Without a table the kernel never reads this pointer, so any int64 tensor serves.
+    resident = replica_expert_ids if resident is None else resident.to(device=device, dtype=torch.int64).contiguous()
 
     _quota_plan_kernel[(launch.num_programs,)](
         loads,
@@ -719,6 +850,7 @@ def plan_quota_triton(
         slot_quota_scratch,
         ticket,
         send_table,
+        resident,
         config.min_replica_quota,
         _to_fixed_point(config.min_replica_fraction),
         _to_fixed_point(config.balance_target),

@@ -102,8 +102,7 @@ class ManagerConfig:
     also tries plans that keep replicas where their weights are, and counts no copy for them, so a hot
     expert that stays hot is not copied to new ranks every microbatch. This pays in inference with
     per-layer buffers (``buffer_layers``). In training every forward changes the weight version, so
-    the table is empty. Needs ``reuse_cached_weights``. The compiled C planner takes the table; the
-    Triton planner does not yet, so on CUDA the PyTorch reference plans with it, more slowly."""
+    the table is empty. Needs ``reuse_cached_weights``."""
     timeout_s: float | None = None
     """Seconds to wait for one step of weight sync, grad reduce or the all-gathers before raising
     :class:`~ultraep.comm.CommunicationError`; ``None`` uses the process group's timeout."""
