@@ -208,6 +208,11 @@ PLAN_CASES = [
         config=QuotaConfig(copy_cost=90, stop_at_target=True, balance_target=1.02), candidates_per_program=2,
         resident_rows=((4, 2), (4, 5), (-1, -1), (5, -1), (-1, 0), (1, -1)),
     ),
+    # No copy cost: among equally good plans the one that copies fewer replicas wins.
+    PlanCase(
+        "ep5_e5_s1_resident_wins_tie", 5, 1, 1, "first_row", first_row=(400, 100, 100, 100, 100),
+        config=QuotaConfig(balance_target=1.2), resident_rows=((-1,), (-1,), (-1,), (0,), (0,)),
+    ),
     PlanCase(
         "ep8_e16_s1_resident_stop_at_target",
         8, 2, 1, "zipf", seed=19, config=QuotaConfig(stop_at_target=True, balance_target=1.02, copy_cost=90), resident_seed=3,

@@ -593,6 +593,22 @@ def test_resident_replicas_need_no_copy():
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_resident_replicas_win_ties(backend):
+    # No copy cost. Expert 0 carries 400 of 800 assignments over 5 ranks, and balance target 1.2 allows a
+    # max rank load of 192: at the threshold 187 three receivers of 100 suffice (71 each). Without a
+    # table the planner picks ranks 1 to 3. Ranks 3 and 4 still contain expert 0, and among the equally
+    # good plans with three replicas the one that copies only to rank 1 wins.
+    layout = ExpertLayout(5, 1, 1)
+    loads = torch.diag(torch.tensor([400, 100, 100, 100, 100]))
+    planner = QuotaPlanner(balance_target=1.2, backend=backend)
+    assert planner(loads, layout).replica_expert_ids.view(-1).tolist() == [-1, 0, 0, 0, -1]
+    plan = planner(loads, layout, resident=torch.tensor([[-1], [-1], [-1], [0], [0]]))
+    check_plan(plan, loads)
+    assert plan.replica_expert_ids.view(-1).tolist() == [-1, 0, -1, 0, 0]
+    assert int(plan.rank_load().max()) == 187
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_resident_table_is_checked(backend):
     # "auto" runs the compiled C planner where it builds, which checks the values itself.
     layout = ExpertLayout(4, 1, 1)
@@ -631,3 +647,14 @@ def test_resident_plans_keep_invariants(num_ranks, experts_per_rank, slots, seed
     # when copies are free.
     if copy_cost == 0:
         assert int(plan.rank_load().max()) <= int(masters_only_plan(loads, layout).rank_load().max())
+
+
+def test_subclass_plan_rejects_resident():
+    # A subclass that overrides plan() cannot take the table, so passing one is an error, not a no-op.
+    class Fixed(QuotaPlanner):
+        def plan(self, loads, layout):
+            return masters_only_plan(loads, layout)
+
+    layout = ExpertLayout(4, 1, 1)
+    with pytest.raises(TypeError, match="Fixed overrides plan\\(\\), which takes no resident table"):
+        Fixed()(_hot_expert_loads(), layout, resident=torch.full((4, 1), -1))

@@ -33,7 +33,7 @@ import torch
 
 from ultraep.layout import ExpertLayout, check_load_matrix
 from ultraep.plan import Plan
-from ultraep.planners.quota import QuotaConfig, plan_reference
+from ultraep.planners.quota import QuotaConfig, check_resident, plan_reference
 from ultraep.reroute import _check_topk_ids, count_local_load, reroute
 
 __all__ = [
@@ -219,6 +219,7 @@ def plan_quota(
     *,
     backend: str | KernelConfig | None = None,
     check_values: bool = False,
+    resident: torch.Tensor | None = None,
 ) -> Plan:
     """Plan one layer and microbatch with the quota planner.
 
@@ -229,8 +230,12 @@ def plan_quota(
     backend: see the module docstring; ``None`` reads ``ULTRAEP_KERNEL_BACKEND``.
     check_values: also check for negative entries and totals past ``MAX_TOTAL_LOAD``; reads ``loads`` on
       the host, so leave it off on a CUDA-graph hot path.
+    resident: None, or [num_ranks, redundant_slots_per_rank] integer tensor on ``loads.device``: the
+      logical expert whose current weights each redundant slot contains, -1 = none
+      (:func:`~ultraep.planners.quota.check_resident`; its values are checked with ``check_values``
+      and always by the compiled C planner).
     Returns a :class:`Plan` on ``loads.device``, identical on every backend to the PyTorch reference
-    ``plan_reference(loads, layout, config)``.
+    ``plan_reference(loads, layout, config, resident)``.
     """
     if not isinstance(layout, ExpertLayout):
         raise TypeError(f"layout must be an ExpertLayout, got {type(layout).__name__}")
@@ -238,7 +243,11 @@ def plan_quota(
     if not isinstance(config, QuotaConfig):
         raise TypeError(f"config must be a QuotaConfig or None, got {type(config).__name__}")
     check_load_matrix(loads, layout, check_values=False)
-    return _plan_checked(resolve_backend(backend, loads.device, "plan"), loads, layout, config, check_values)
+    implementation = resolve_backend(backend, loads.device, "plan")
+    if resident is not None:
+        values = check_values and implementation != "native"
+        resident = check_resident(resident, layout, loads.device, check_values=values)
+    return _plan_checked(implementation, loads, layout, config, check_values, resident)
 
 
 def _plan_checked(

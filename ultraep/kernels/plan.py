@@ -196,11 +196,11 @@ def _resident_choice(
     master's rank lies above the threshold and the master has quota left. The receivers of one master
     draw on it in line order.
     """
-    held = tl.maximum(held_position, 0)
-    donor = tl.gather(rank_load, held // M_P2, 1) > threshold_col
-    quota_left = tl.gather(tl.reshape(master_quota, [T_P2, Q_P2]), held, 1)
+    safe_position = tl.maximum(held_position, 0)  # a valid index where the receiver has no resident expert
+    donor = tl.gather(rank_load, safe_position // M_P2, 1) > threshold_col
+    quota_left = tl.gather(tl.reshape(master_quota, [T_P2, Q_P2]), safe_position, 1)
     active = (held_position >= 0) & donor & (quota_left > 0) & (recv_spare > 0)
-    position = tl.where(active, held, 0).to(tl.int32)
+    position = tl.where(active, safe_position, 0).to(tl.int32)
     offered = tl.where(active, recv_spare, 0)
     before, bin_line_sorted = _offered_before_in_bin(position, active, offered, line_idx, R_P2, LOG_R, INTERPRETED)
     amount = tl.minimum(offered, tl.maximum(quota_left - before, 0))
@@ -588,13 +588,13 @@ def _quota_plan_kernel(
     # Step 6: publish this program's candidates: what the choice needs, and the state to copy out.
     peak = tl.max(rank_load, axis=1)  # [T_P2]
     plain_peak = peak
+    copied_slot = slot_pos >= 0  # [T_P2, R_P2, S_P2]: filled, and not with a resident expert
+    if HAS_RESIDENT:
+        for k in tl.static_range(SLOTS):
+            column_k = tl.max(tl.where(slot_idx_range[None, :] == k, resident_pos, -1), axis=1)  # [R_P2]
+            copied_slot = copied_slot & (slot_pos != column_k[None, :, None])
     if COPY_AWARE:
         # The peak with the weight sync counted, as _costed_peak in quota.py.
-        copied_slot = slot_pos >= 0  # [T_P2, R_P2, S_P2]: filled, and not with a resident expert
-        if HAS_RESIDENT:
-            for k in tl.static_range(SLOTS):
-                column_k = tl.max(tl.where(slot_idx_range[None, :] == k, resident_pos, -1), axis=1)  # [R_P2]
-                copied_slot = copied_slot & (slot_pos != column_k[None, :, None])
         copies_in = tl.sum(copied_slot.to(tl.int64), axis=2)  # [T_P2, R_P2]
         # fan <= NUM_RANKS - 1 (one replica per other rank), 0 on padding, so the table read stays inside.
         chunks_out = tl.sum(tl.load(send_table_ptr + fan), axis=2)
@@ -608,7 +608,8 @@ def _quota_plan_kernel(
         busy = (rank_load * (gemm_passes - 1) + forward) // gemm_passes
         overlapped_peak = tl.max(tl.where(copies_in > 0, busy, rank_load), axis=1)
         peak = tl.minimum(tl.where(copy_overlap != 0, overlapped_peak, peak + sync), COSTED_PEAK_LIMIT)
-    num_replicas = tl.sum(tl.sum((slot_pos >= 0).to(tl.int64), axis=2), axis=1)
+    # Replicas that need a copy: with resident slots a plan that reuses them wins a tie.
+    num_replicas = tl.sum(tl.sum(copied_slot.to(tl.int64), axis=2), axis=1)
     local = tl.zeros([T_P2], tl.int64)
     if PREFER_LOCAL:
         # Assignments an instance on their own source rank can serve: min(quota, loads[rank, expert]).

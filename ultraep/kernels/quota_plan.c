@@ -904,8 +904,10 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     for (int64_t c = 0; c < C; ++c) {
         if (skipped[c] || stopped[c]) continue; /* a stopped candidate is never good, so its count is not read */
         const int64_t *slot_pos = states + c * state_words + R + E;
+        /* Replicas that need a copy: with resident slots a plan that reuses them wins a tie. */
         int64_t n = 0;
-        for (int64_t i = 0; i < R * S; ++i) n += slot_pos[i] >= 0;
+        for (int64_t r = 0; r < R; ++r)
+            for (int64_t s = 0; s < S; ++s) n += copied(slot_pos, resident != NULL ? resident_pos : NULL, S, r, s);
         num_replicas[c] = n;
     }
     int64_t fewest = INT64_MAX;

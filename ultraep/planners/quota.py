@@ -69,7 +69,9 @@ redundant_slots_per_rank], -1 = none), one more family runs on the first drain's
 ``k < redundant_slots_per_rank`` each receiver takes up to its spare from the master of the expert in
 its ``k``-th resident slot, when that master's rank lies above the threshold. The receivers of one
 master draw on it in line order. Later rounds match at the middle anchor. The costed peak counts no copy for a replica of an expert resident on its rank, in every
-candidate. The resident family takes part at the ladder steps where the first drain does.
+candidate, and among equally good plans the fewest replicas means the fewest that need a copy, so
+with or without a copy cost a plan that reuses resident replicas wins a tie. The resident family
+takes part at the ladder steps where the first drain does.
 """
 
 from __future__ import annotations
@@ -331,11 +333,16 @@ class QuotaPlanner(Planner):
 
         On CPU tensors the compiled C planner checks the values in its first pass over the loads, with
         the same errors, so the host reads the matrix once. A subclass that overrides :meth:`plan` is
-        called through it, as every other planner is, and plans without ``resident``.
+        called through it, as every other planner is, and rejects ``resident``.
         """
         from ultraep.kernels.dispatch import _plan_checked
 
         if type(self).plan is not QuotaPlanner.plan:
+            if resident is not None:
+                raise TypeError(
+                    f"{type(self).__name__} overrides plan(), which takes no resident table; call it without "
+                    "resident, or override __call__ too"
+                )
             return super().__call__(loads, layout, check_values=check_values)
         check_load_matrix(loads, layout, check_values=False)
         implementation = self._implementation(loads.device)
@@ -859,9 +866,7 @@ def _costed_peak(
     """
     num_candidates = state.rank_load.shape[0]
     num_ranks, experts_per_rank = layout.num_ranks, layout.experts_per_rank
-    filled = state.slot_expert >= 0  # [num_candidates, num_ranks, slots]
-    if resident is not None:
-        filled &= ~(state.slot_expert[:, :, :, None] == resident[None, :, None, :]).any(dim=3)
+    filled = _copied_slots(state, resident)  # [num_candidates, num_ranks, slots]
     units = _relay_units(config)
     chunks_in = filled.sum(dim=2) * units  # [num_candidates, num_ranks], in chunk times
     fan = torch.zeros(num_candidates, layout.num_experts, dtype=torch.int64, device=filled.device)
@@ -885,6 +890,14 @@ def _costed_peak(
     return peak.clamp_(max=_COSTED_PEAK_LIMIT)
 
 
+def _copied_slots(state: _CandidateState, resident: torch.Tensor | None) -> torch.Tensor:
+    """Return [num_candidates, num_ranks, slots] bool: filled slots whose expert is not resident on their rank."""
+    filled = state.slot_expert >= 0
+    if resident is not None:
+        filled &= ~(state.slot_expert[:, :, :, None] == resident[None, :, None, :]).any(dim=3)
+    return filled
+
+
 def _select_candidate(
     state: _CandidateState, loads: torch.Tensor, layout: ExpertLayout, config: QuotaConfig, resident: torch.Tensor | None
 ) -> torch.Tensor:
@@ -892,7 +905,8 @@ def _select_candidate(
     num_ranks = layout.num_ranks
     # [num_candidates]: the peak the choice compares.
     max_load = _costed_peak(state, layout, config, resident) if config.copy_cost else state.rank_load.max(dim=1).values
-    num_replicas = (state.slot_expert >= 0).sum(dim=(1, 2))
+    # Replicas that need a copy: with resident slots a plan that reuses them wins a tie.
+    num_replicas = _copied_slots(state, resident).sum(dim=(1, 2))
 
     target_q = _to_fixed_point(config.balance_target)
     first_drain = _first_drain_steps(state, max_load, num_ranks, target_q, config.stop_at_target)

@@ -448,13 +448,12 @@ def plan_policies(
             for microbatch_idx in range(num_microbatches):
                 for layer_idx in range(num_layers):
                     loads = workload.loads[microbatch_idx, layer_idx]
+                    start = time.perf_counter()
                     if slot_cache is None:
-                        start = time.perf_counter()
                         plan = planners[layer_idx](loads, layout)
                     else:
-                        resident = slot_cache.resident(layer_idx)
-                        start = time.perf_counter()
-                        plan = planners[layer_idx](loads, layout, resident=resident)
+                        # Timed with the call: the runtime builds the table on the critical path too.
+                        plan = planners[layer_idx](loads, layout, resident=slot_cache.resident(layer_idx))
                     wall[microbatch_idx, layer_idx] = time.perf_counter() - start
                     planners[layer_idx].observe(loads, layout)
                     quota[microbatch_idx, layer_idx] = plan.quota.cpu()
@@ -481,7 +480,8 @@ class _SlotCache:
 
     def resident(self, layer: int) -> torch.Tensor:
         """Return [num_ranks, width] int64: the expert each slot of ``layer`` contains, -1 = none."""
-        return torch.tensor([[-1 if e is None else e for e in row] for row in self.contents[layer]], dtype=torch.int64)
+        flat = [-1 if expert is None else expert for row in self.contents[layer] for expert in row]
+        return torch.tensor(flat, dtype=torch.int64).view(len(self.contents[layer]), -1)
 
     def place(self, layer: int, microbatch: int, rank: int, row: list[int], row_quota: list[int]) -> tuple[list[int], list[bool]]:
         """Place one rank's planned replicas (expert ids and quotas by slot) with
@@ -565,7 +565,8 @@ def plan_for_models(
         for spec in policies:
             if spec.plan_with_resident and settings.mode == "train":
                 # Every training forward copies every replica, so no slot contains current weights.
-                spec = dataclasses.replace(spec, plan_with_resident=False)
+                label = spec.label.removesuffix(" resident")
+                spec = dataclasses.replace(spec, label=label, plan_with_resident=False)
             if copy_cost and spec.planner == "quota":
                 named = {name for name, _ in spec.settings}
                 added = tuple((name, value) for name, value in extra if name not in named)
