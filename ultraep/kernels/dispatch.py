@@ -243,11 +243,7 @@ def plan_quota(
     if not isinstance(config, QuotaConfig):
         raise TypeError(f"config must be a QuotaConfig or None, got {type(config).__name__}")
     check_load_matrix(loads, layout, check_values=False)
-    implementation = resolve_backend(backend, loads.device, "plan")
-    if resident is not None:
-        values = check_values and implementation != "native"
-        resident = check_resident(resident, layout, loads.device, check_values=values)
-    return _plan_checked(implementation, loads, layout, config, check_values, resident)
+    return _plan_checked(resolve_backend(backend, loads.device, "plan"), loads, layout, config, check_values, resident)
 
 
 def _plan_checked(
@@ -258,13 +254,16 @@ def _plan_checked(
     check_values: bool,
     resident: torch.Tensor | None = None,
 ) -> Plan:
-    """Check the load values unless the C planner does so as it sums them, then plan.
+    """Check ``resident`` and the values unless the C planner does so itself, then plan.
 
-    Shape and dtype of ``loads`` are already checked, and so is ``resident``. With ``check_values``
-    off, only the C planner checks.
+    Shape and dtype of ``loads`` are already checked. With ``check_values`` off, only the C planner
+    checks values. It checks them while it reads them, which costs less than a host-side check.
     """
-    if check_values and implementation != "native":
+    native = implementation == "native"
+    if check_values and not native:
         check_load_matrix(loads, layout)
+    if resident is not None:
+        resident = check_resident(resident, layout, loads.device, check_values=check_values and not native)
     return _plan_with(implementation, loads, layout, config, resident)
 
 

@@ -604,6 +604,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     }
     for (int64_t i = 0; i < E; ++i) initial_quota[i] = expert_load[drain_expert[i]];
     /* Resident replicas by drain position (fan serves as the inverse of drain_expert here). */
+    /* Resident drain positions for the copy model, or NULL without a table. */
+    const int64_t *resident_at = resident != NULL ? resident_pos : NULL;
     if (resident != NULL) {
         for (int64_t i = 0; i < E; ++i) fan[drain_expert[i]] = i;
         for (int64_t i = 0; i < R * S; ++i) resident_pos[i] = resident[i] >= 0 ? fan[resident[i]] : -1;
@@ -865,7 +867,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                     const int64_t peak = stop_bound_update(&bound, num_active, recv_rank, amount, position, donor_rank,
                                                            rank_load, slot_pos, slot_quota, S, copy_cost,
                                                            copy_overlap, copy_chunks, gemm_passes, send_chunks,
-                                                           relay_chunks, resident != NULL ? resident_pos : NULL, best_load);
+                                                           relay_chunks, resident_at, best_load);
                     if (peak >= 0 && (idx >= T * RF || bound.max_rank_load >= first_drain_low)) {
                         stop_peak = peak;
                         stop_plain = bound.max_rank_load;
@@ -890,7 +892,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
             if (copy_cost > 0 && (m <= best_load || mul_wrap(m, R * fraction_scale) <= limit))
                 max_load[c] = costed_peak(rank_load, master_quota, slot_pos, R, P, S, copy_cost, copy_overlap,
                                           copy_chunks, gemm_passes, send_chunks, relay_chunks,
-                                          resident != NULL ? resident_pos : NULL, fan);
+                                          resident_at, fan);
         }
         best_load = min64(best_load, max_load[c]);
         if (idx < T * RF) first_drain_low = min64(first_drain_low, plain_peak[c]);
@@ -907,7 +909,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
         /* Replicas that need a copy: with resident slots a plan that reuses them wins a tie. */
         int64_t n = 0;
         for (int64_t r = 0; r < R; ++r)
-            for (int64_t s = 0; s < S; ++s) n += copied(slot_pos, resident != NULL ? resident_pos : NULL, S, r, s);
+            for (int64_t s = 0; s < S; ++s) n += copied(slot_pos, resident_at, S, r, s);
         num_replicas[c] = n;
     }
     int64_t fewest = INT64_MAX;

@@ -68,10 +68,11 @@ copy it while another rank still contains its weights. Given the table (``reside
 redundant_slots_per_rank], -1 = none), one more family runs on the first drain's ladder. In round
 ``k < redundant_slots_per_rank`` each receiver takes up to its spare from the master of the expert in
 its ``k``-th resident slot, when that master's rank lies above the threshold. The receivers of one
-master draw on it in line order. Later rounds match at the middle anchor. The costed peak counts no copy for a replica of an expert resident on its rank, in every
-candidate, and among equally good plans the fewest replicas means the fewest that need a copy, so
-with or without a copy cost a plan that reuses resident replicas wins a tie. The resident family
-takes part at the ladder steps where the first drain does.
+master draw on it in line order. Later rounds match at the middle anchor. In every candidate the
+costed peak counts no copy for a replica of an expert resident on its rank. Among equally good plans
+the fewest replicas means the fewest that need a copy, so with or without a copy cost a plan that
+reuses resident replicas wins a tie. The resident family takes part at the ladder steps where the
+first drain does.
 """
 
 from __future__ import annotations
@@ -345,12 +346,7 @@ class QuotaPlanner(Planner):
                 )
             return super().__call__(loads, layout, check_values=check_values)
         check_load_matrix(loads, layout, check_values=False)
-        implementation = self._implementation(loads.device)
-        if resident is not None:
-            # The C planner checks the values itself, at no cost next to a host-side check.
-            values = check_values and implementation != "native"
-            resident = check_resident(resident, layout, loads.device, check_values=values)
-        return _plan_checked(implementation, loads, layout, self.config, check_values, resident)
+        return _plan_checked(self._implementation(loads.device), loads, layout, self.config, check_values, resident)
 
     def plan(self, loads: torch.Tensor, layout: ExpertLayout) -> Plan:
         from ultraep.kernels.dispatch import _plan_with
@@ -374,7 +370,7 @@ def plan_reference(
 
     loads: [num_ranks, num_experts] int64, any device, validated (entries >= 0).
     resident: None, or [num_ranks, redundant_slots_per_rank] int64 on ``loads.device``, validated by
-      :func:`check_resident`: the logical expert whose current weights each redundant slot still holds,
+      :func:`check_resident`: the logical expert whose current weights each redundant slot contains,
       -1 = none ("Resident replicas" in the module docstring).
     Returns a :class:`Plan` on ``loads.device``. Runs on any device with no host synchronisation
     outside the CPU.
@@ -602,7 +598,6 @@ def _best_fit_round(
     line order, each with its whole spare, as long as the spares so far fit. When the first one's
     spare does not fit, it takes the whole bin.
     """
-    num_ranks = rank_load.shape[1]
     num_experts = layout.num_experts
     big = torch.iinfo(torch.int64).max
     donor = rank_load > threshold_col  # [num_candidates, num_ranks]
@@ -617,12 +612,8 @@ def _best_fit_round(
     position = torch.where(active, key % num_experts, 0)
     bin_quota = torch.where(active, key // num_experts, 0)
 
-    # Spares offered to the same bin before each receiver, in line order.
     offered = recv_spare * active
-    group_key = torch.where(active, position * num_ranks + consts.line_index, big)
-    grouped = torch.sort(group_key, dim=1)
-    before_sorted = _offered_before_in_group(offered.gather(1, grouped.indices), grouped.values // num_ranks)
-    before = torch.empty_like(before_sorted).scatter_(1, grouped.indices, before_sorted)
+    before = _offered_before_in_bin(offered, position, active, consts)
     amount = torch.where(before == 0, torch.minimum(offered, bin_quota), offered * (before + offered <= bin_quota))
     amount = amount * (amount >= min_quota)
     return position, amount
@@ -687,20 +678,27 @@ def _resident_round(
     when the master's rank lies above the threshold and the master has quota left. The receivers of
     one master draw on it in line order, each up to its spare.
     """
-    num_ranks = rank_load.shape[1]
-    big = torch.iinfo(torch.int64).max
     position = held_position.clamp(min=0)
     donor = rank_load.gather(1, position // layout.experts_per_rank) > threshold_col
     quota_left = master_quota.gather(1, position)
     active = (held_position >= 0) & donor & (quota_left > 0) & (recv_spare > 0)
     position = position * active
     offered = recv_spare * active
-    group_key = torch.where(active, position * num_ranks + consts.line_index, big)
-    grouped = torch.sort(group_key, dim=1)
-    before_sorted = _offered_before_in_group(offered.gather(1, grouped.indices), grouped.values // num_ranks)
-    before = torch.empty_like(before_sorted).scatter_(1, grouped.indices, before_sorted)
+    before = _offered_before_in_bin(offered, position, active, consts)
     amount = torch.minimum(offered, (quota_left - before).clamp_(min=0))
     return position, amount * (amount >= min_quota)
+
+
+def _offered_before_in_bin(
+    offered: torch.Tensor, position: torch.Tensor, active: torch.Tensor, consts: _Constants
+) -> torch.Tensor:
+    """Return [num_candidates, num_ranks] int64: what the active receivers before each one in line
+    order offered to the same bin (drain ``position``). All three arguments are in receiver order."""
+    num_ranks = offered.shape[1]
+    group_key = torch.where(active, position * num_ranks + consts.line_index, torch.iinfo(torch.int64).max)
+    grouped = torch.sort(group_key, dim=1)
+    before_sorted = _offered_before_in_group(offered.gather(1, grouped.indices), grouped.values // num_ranks)
+    return torch.empty_like(before_sorted).scatter_(1, grouped.indices, before_sorted)
 
 
 def _offered_before_in_group(offered: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
