@@ -189,6 +189,26 @@ PLAN_CASES = [
         "ep8_e64_s1_copy_cost_8_chunks_4_per_program",
         8, 8, 1, "zipf", seed=12, config=QuotaConfig(copy_cost=1228, copy_overlap=True, copy_chunks=8), candidates_per_program=4,
     ),
+    # Rotated receiver lines: the best plan comes from a rotated line (test_one_slot_rotated_lines in
+    # test_quota.py), and with 8 candidates per program the rotated families span several programs.
+    PlanCase(
+        "ep10_e60_s1_rotated_lines", 10, 6, 1, "first_row",
+        first_row=(
+            511, 148, 595, 170, 3, 157, 0, 25, 9, 6, 120, 6, 7, 30, 48, 62, 37, 20, 11, 57, 4, 9, 1, 10, 102, 0, 7, 7, 66,
+            22, 19, 17, 1, 7, 61, 36, 1372, 264, 195, 2416, 2871, 349, 2, 0, 57, 0, 16, 12, 12, 37, 88, 21, 0, 24, 12, 0,
+            37, 0, 24, 40,
+        ),
+        config=QuotaConfig(balance_target=1.0),
+    ),
+    PlanCase(
+        "ep10_e60_s1_rotated_lines_copy_cost_8_per_program", 10, 6, 1, "first_row",
+        first_row=(
+            42, 0, 40, 35, 53, 0, 0, 38, 0, 77, 25, 15, 0, 27, 20, 17, 83, 32, 0, 64, 23, 0, 0, 40, 51, 0, 10, 19, 3, 4, 0,
+            1, 0, 7, 30, 27, 87, 0, 3, 77, 18, 0, 0, 246, 1694, 1145, 1566, 455, 51, 2, 43, 6, 3, 0, 336, 818, 516, 4, 23,
+            2364,
+        ),
+        config=QuotaConfig(balance_target=1.0, copy_cost=40, copy_overlap=True, copy_chunks=4), candidates_per_program=8,
+    ),
     # Resident tables: the resident family, and copies skipped for resident replicas in every family.
     PlanCase("ep8_e32_s2_resident", 8, 4, 2, "zipf", seed=16, resident_seed=0),
     PlanCase("ep6_e6_s1_resident_copy_cost", 6, 1, 1, "zipf", seed=17, config=QuotaConfig(copy_cost=300), resident_seed=1),

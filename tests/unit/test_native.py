@@ -13,6 +13,7 @@ from ultraep.kernels import native, plan_quota, resolve_backend
 from ultraep.kernels.native import native_available, native_library_path, native_unavailable_reason, plan_quota_native
 from ultraep.layout import MAX_TOTAL_LOAD, ExpertLayout
 from ultraep.plan import check_plan
+from ultraep.planners import quota as quota_module
 from ultraep.planners.quota import QuotaConfig, QuotaPlanner, plan_reference
 
 pytestmark = pytest.mark.skipif(not native_available(), reason=f"native planner unavailable: {native_unavailable_reason()}")
@@ -42,6 +43,21 @@ def _assert_same(loads, layout, config):
     assert torch.equal(got.quota, expected.quota), (layout, config)
     check_plan(got, loads, min_replica_quota=config.min_replica_quota)
     return got
+
+
+def _hot_ranks(num_ranks, experts_per_rank, seed):
+    """Top-1-like loads with one or two hot ranks, where one slot per rank is tightest: 1,000 tokens per
+    rank on average, with the hot ranks' experts 4-34 times as popular."""
+    gen = torch.Generator().manual_seed(seed)
+    num_experts = num_ranks * experts_per_rank
+    weights = torch.rand(num_experts, generator=gen) ** 3
+    for rank in torch.randint(0, num_ranks, (1 + seed % 2,), generator=gen).tolist():
+        hot = slice(rank * experts_per_rank, (rank + 1) * experts_per_rank)
+        weights[hot] *= 4 + 30 * torch.rand(experts_per_rank, generator=gen)
+    rates = weights / weights.sum() * 1000 * num_ranks
+    loads = torch.zeros(num_ranks, num_experts, dtype=torch.int64)
+    loads[0] = torch.poisson(rates, generator=gen).to(torch.int64)
+    return loads
 
 
 def _skewed(num_ranks, num_experts, seed, power=6.0, scale=100.0):
@@ -83,6 +99,28 @@ def test_native_matches_reference_on_adversarial_loads(shape):
     for name, loads in cases.items():
         for config in CONFIGS[:3]:
             _assert_same(loads.contiguous().to(torch.int64), layout, config)
+
+
+@pytest.mark.parametrize("shape", [(10, 6, 1), (8, 4, 1), (16, 4, 1)], ids=str)
+def test_native_matches_reference_on_hot_rank_loads(shape):
+    # One slot and one or two hot ranks: the loads where the rotated receiver lines can decide the plan.
+    layout = ExpertLayout(*shape)
+    for seed in range(12):
+        loads = _hot_ranks(layout.num_ranks, layout.experts_per_rank, seed)
+        for config in [QuotaConfig(balance_target=1.0), QuotaConfig()] + ([CONFIGS[7], CONFIGS[11]] if seed < 4 else []):
+            _assert_same(loads, layout, config)
+
+
+def test_hot_rank_loads_reach_rotated_lines(monkeypatch):
+    # Guards the test above: at 10 x 6 a rotated line gives the plan on some of its loads (seeds 4, 8
+    # and 9 of the first 12), so the C rotations are compared with the reference's.
+    layout = ExpertLayout(10, 6, 1)
+    loads = [_hot_ranks(10, 6, seed) for seed in range(12)]
+    plans = [plan_reference(matrix, layout, QuotaConfig()) for matrix in loads]
+    monkeypatch.setattr(quota_module, "_num_rotations", lambda slots: 0)
+    unrotated = [plan_reference(matrix, layout, QuotaConfig()) for matrix in loads]
+    changed = [seed for seed, (a, b) in enumerate(zip(plans, unrotated, strict=True)) if not torch.equal(a.quota, b.quota)]
+    assert changed == [4, 8, 9]
 
 
 COPY_BOUND_CONFIGS = [
@@ -229,11 +267,12 @@ def test_native_checks_total_load():
             call()
 
 
-def test_packed_call_matches_full_call():
+def test_packed_call_matches_full_call(monkeypatch):
     # plan_quota_native calls the C planner with its settings packed into one array. The benchmark's
-    # A/B timing calls it with all 26 arguments, and both must run the same planner.
+    # A/B timing calls it with all 26 arguments, which plan without the rotated receiver lines; with
+    # two or more slots, where those never run, both must run the same planner.
     library = native._library()
-    for shape, config in [((8, 4, 2), QuotaConfig()), ((16, 2, 1), CONFIGS[7]), ((5, 7, 3), CONFIGS[4])]:
+    for shape, config in [((8, 4, 2), QuotaConfig()), ((16, 2, 2), CONFIGS[7]), ((5, 7, 3), CONFIGS[4])]:
         layout = ExpertLayout(*shape)
         loads = _skewed(layout.num_ranks, layout.num_experts, seed=11)
         slot_expert = torch.empty(layout.num_ranks, layout.redundant_slots_per_rank, dtype=torch.int64)
@@ -243,6 +282,16 @@ def test_packed_call_matches_full_call():
         assert torch.equal(packed.quota, quota), shape
         assert torch.equal(packed.replica_expert_ids, slot_expert), shape
         assert torch.equal(quota, plan_reference(loads, layout, config).quota), shape
+    # With one slot the full call plans as the reference does without the rotated lines.
+    layout = ExpertLayout(10, 6, 1)
+    loads = _hot_ranks(10, 6, seed=4)  # where a rotated line gives the reference's plan
+    slot_expert = torch.empty(10, 1, dtype=torch.int64)
+    quota = torch.empty(layout.num_slots, dtype=torch.int64)
+    assert library.ultraep_quota_plan(*native.call_arguments(loads, layout, QuotaConfig(), slot_expert, quota)) == 0
+    monkeypatch.setattr(quota_module, "_num_rotations", lambda slots: 0)
+    unrotated = plan_reference(loads, layout, QuotaConfig())
+    assert torch.equal(quota, unrotated.quota)
+    assert torch.equal(slot_expert, unrotated.replica_expert_ids)
 
 
 def test_call_arguments_rejects_stop_at_target():

@@ -10,6 +10,7 @@ from ultraep.evaluate import master_imbalance
 from ultraep.layout import ExpertLayout
 from ultraep.plan import check_plan
 from ultraep.planners.base import masters_only_plan
+from ultraep.planners import quota as quota_module
 from ultraep.planners.quota import MAX_COPY_COST, QuotaConfig, QuotaPlanner
 
 
@@ -422,6 +423,34 @@ def test_one_slot_best_fit(backend):
     assert plan.rank_load().tolist() == [17, 17, 17, 17, 17]
     assert plan.replica_expert_ids.view(-1).tolist() == [5, 1, -1, 0, 0]
     assert plan.quota.tolist() == [13, 1, 3, 0, 0, 17, 11, 6, 0, 0, 0, 17, 0, 0, 17]
+
+
+# Expert loads of a top-1 microbatch at 10 ranks x 6 experts with one hot rank: rank 6 carries 7,467 of
+# 10,240 assignments. It is seed 265 of hot_rank_loads in benchmarks/planner_hard.py, and the MILP
+# (HiGHS) proves its one-slot optimum 1086.
+_HOT_RANK_LOADS = (
+    511, 148, 595, 170, 3, 157, 0, 25, 9, 6, 120, 6, 7, 30, 48, 62, 37, 20, 11, 57, 4, 9, 1, 10, 102, 0, 7, 7, 66, 22,
+    19, 17, 1, 7, 61, 36, 1372, 264, 195, 2416, 2871, 349, 2, 0, 57, 0, 16, 12, 12, 37, 88, 21, 0, 24, 12, 0, 37, 0, 24, 40,
+)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_one_slot_rotated_lines(backend, monkeypatch):
+    # Rank 6 must shed about 6,400 into eight receivers with 880-1000 of spare each, so groups of three
+    # receivers must cover its experts of 2,871 and 2,416 almost exactly. Without the rotated lines
+    # the best plan ends at 1105, 1.75% above the optimum; a rotated line ends at 1095, within 1%.
+    loads = torch.zeros(10, 60, dtype=torch.int64)
+    loads[0] = torch.tensor(_HOT_RANK_LOADS)
+    layout = ExpertLayout(10, 6, 1)
+    plan = QuotaPlanner(QuotaConfig(balance_target=1.0), backend=backend)(loads, layout)
+    check_plan(plan, loads)
+    assert int(plan.rank_load().max()) == 1095
+    monkeypatch.setattr(quota_module, "_num_rotations", lambda slots: 0)
+    unrotated = QuotaPlanner(QuotaConfig(balance_target=1.0), backend="torch")(loads, layout)
+    assert int(unrotated.rank_load().max()) == 1105
+    # With two slots, where no rotations run, the same load balances to the mean.
+    two_slots = QuotaPlanner(QuotaConfig(balance_target=1.0), backend=backend)(loads, ExpertLayout(10, 6, 2))
+    assert int(two_slots.rank_load().max()) == 1024
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])

@@ -198,7 +198,10 @@ def call_arguments(
     loads: [num_ranks, num_experts] contiguous int64 CPU tensor. slot_expert: [num_ranks,
     redundant_slots_per_rank] and quota: [num_slots], contiguous int64 CPU tensors the call fills.
     The tuple contains raw pointers, so the caller keeps every tensor alive while it calls. That entry
-    point plans without ``QuotaConfig.stop_at_target``, so a config with it raises ValueError.
+    point plans without ``QuotaConfig.stop_at_target``, so a config with it raises ValueError. It also
+    plans without the rotated receiver lines, so with one redundant slot per rank its plan can differ
+    from :func:`plan_quota_native`'s (it keeps the arguments of earlier builds for
+    ``benchmarks/planner_ab.py``).
     """
     if config.stop_at_target:
         raise ValueError("call_arguments: ultraep_quota_plan has no stop_at_target argument; plan with plan_quota_native")
@@ -227,11 +230,14 @@ def _packed_arguments(layout: ExpertLayout, config: QuotaConfig) -> tuple:
     """Build the tensors that ``ultraep_quota_plan_packed`` reads for one layout and config.
 
     Returns (tensors, pointers). The tensors stay alive with the cache entry. The pointers are those of
-    the packed integer settings, the four step arrays and the relay send table, in the call's order after
-    ``loads``.
+    the packed integer settings (:func:`_integer_settings`, then the rotated receiver lines: their count,
+    the number of their anchors and the anchors), the four step arrays and the relay send table, in the
+    call's order after ``loads``.
     """
     mean_steps, gap_steps, anchors, best_fit_steps = _settings(config)[:4]
-    ints = torch.tensor(_integer_settings(layout, config), dtype=torch.int64)
+    num_rotations = quota_module._num_rotations(layout.redundant_slots_per_rank)
+    rotations = (num_rotations, len(quota_module._ROTATION_ANCHORS), *quota_module._ROTATION_ANCHORS)
+    ints = torch.tensor(_integer_settings(layout, config) + rotations, dtype=torch.int64)
     tensors = (ints, mean_steps, gap_steps, anchors, best_fit_steps, _send_table(layout.num_ranks, config.relay_chunks))
     return tensors, tuple(tensor.data_ptr() for tensor in tensors)
 

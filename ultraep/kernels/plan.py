@@ -44,8 +44,10 @@ from ultraep.planners.quota import (
     _BY_MASTER_QUOTA,
     _OVER_DRAIN_Q,
     _RECEIVER_ORDERS,
+    _ROTATION_ANCHORS,
     QuotaConfig,
     _num_drains,
+    _num_rotations,
     _to_fixed_point,
     default_num_rounds,
     relay_send_table,
@@ -253,6 +255,8 @@ def _quota_plan_kernel(
     ANCHORS: tl.constexpr,  # receiver anchors in quarters of the receiver's interval, or BY_MASTER_QUOTA
     RECEIVER_ORDERS: tl.constexpr,  # receiver orders tried with each anchor
     NUM_DRAINS: tl.constexpr,  # donor drains tried with each receiver family (1, or 2 with one slot)
+    ROTATIONS: tl.constexpr,  # rotated receiver lines, rotations 1 .. ROTATIONS (0 for none), on the best-fit steps
+    ROTATION_ANCHORS: tl.constexpr,  # anchors each rotation runs with
     OVER_DRAIN: tl.constexpr,  # what the second drain sheds beyond the excess, in 1 / FRACTION_SCALE of the mean
     FRACTION_SCALE: tl.constexpr,
     PREFER_LOCAL: tl.constexpr,
@@ -278,12 +282,14 @@ def _quota_plan_kernel(
     NUM_TILES: tl.constexpr = (MAX_STEPS + T_P2 - 1) // T_P2  # threshold tiles per family
     # A receiver family is (order, anchor): order 0 takes receivers most spare first, order 1 least first.
     # Each runs with every donor drain, so a family here is (drain, order, anchor). The best-fit
-    # receivers are one more family, the last.
+    # receivers are one more family, then one family per (rotation, rotation anchor).
     RECEIVER_FAMILIES: tl.constexpr = RECEIVER_ORDERS * NUM_ANCHORS
     BEST_FIT_FAMILY: tl.constexpr = NUM_DRAINS * RECEIVER_FAMILIES
-    # With a resident table its family follows best fit, on the first drain's ladder.
-    RESIDENT_FAMILY: tl.constexpr = BEST_FIT_FAMILY + 1
-    NUM_FAMILIES: tl.constexpr = BEST_FIT_FAMILY + 2 if HAS_RESIDENT else BEST_FIT_FAMILY + 1
+    NUM_ROTATION_ANCHORS: tl.constexpr = len(ROTATION_ANCHORS)
+    ROTATION_FAMILY: tl.constexpr = BEST_FIT_FAMILY + 1  # the first rotated family
+    # With a resident table its family comes last, on the first drain's ladder.
+    RESIDENT_FAMILY: tl.constexpr = ROTATION_FAMILY + ROTATIONS * NUM_ROTATION_ANCHORS
+    NUM_FAMILIES: tl.constexpr = RESIDENT_FAMILY + 1 if HAS_RESIDENT else RESIDENT_FAMILY
     NUM_PROGRAMS: tl.constexpr = NUM_FAMILIES * NUM_TILES
     Q_P2: tl.constexpr = R_P2 * M_P2  # length of the donor piece line (R_P2 donors x M_P2 masters)
     SLOTS_PER_RANK: tl.constexpr = EXPERTS_PER_RANK + SLOTS
@@ -333,15 +339,17 @@ def _quota_plan_kernel(
     gap = tl.maximum(max_load - floor_load, 0)
     family = pid // NUM_TILES
     best_fit = family == BEST_FIT_FAMILY
+    rotated = (family >= ROTATION_FAMILY) & (family < RESIDENT_FAMILY)
     resident_family = family == RESIDENT_FAMILY
+    on_best_fit_steps = best_fit | rotated
     step_q = tl.zeros([T_P2], tl.int64)
     for i in tl.static_range(NUM_THRESHOLDS):
-        step_q = tl.where((candidates == i) & ~best_fit, STEPS[i], step_q)
+        step_q = tl.where((candidates == i) & ~on_best_fit_steps, STEPS[i], step_q)
     for i in tl.static_range(NUM_BEST_FIT):
-        step_q = tl.where((candidates == i) & best_fit, BEST_FIT_STEPS[i], step_q)
+        step_q = tl.where((candidates == i) & on_best_fit_steps, BEST_FIT_STEPS[i], step_q)
     mean_part = (total * step_q) // (NUM_RANKS * FRACTION_SCALE)
     gap_part = (gap * step_q) // FRACTION_SCALE
-    on_mean = best_fit | (candidates < NUM_MEAN_STEPS)
+    on_mean = on_best_fit_steps | (candidates < NUM_MEAN_STEPS)
     thresholds = tl.minimum(floor_load + tl.where(on_mean, mean_part, gap_part), max_load)
     threshold_col = thresholds[:, None]  # [T_P2, 1]
     min_quota = tl.maximum((total * fraction_q) // (NUM_RANKS * FRACTION_SCALE), min_replica_quota)
@@ -350,9 +358,14 @@ def _quota_plan_kernel(
         anchor = tl.where(family % NUM_ANCHORS == i, ANCHORS[i], anchor)
     # After its resident rounds the resident family matches at the first anchor, most spare first.
     anchor = tl.where(resident_family, ANCHORS[0], anchor)
-    least_spare_first = (family % RECEIVER_FAMILIES >= NUM_ANCHORS) & ~resident_family
+    # A rotated family moves the first `rotation` receivers of the most-spare-first line to its end.
+    rotation = 0
+    for i in tl.static_range(ROTATIONS * NUM_ROTATION_ANCHORS):
+        anchor = tl.where(family == ROTATION_FAMILY + i, ROTATION_ANCHORS[i % NUM_ROTATION_ANCHORS], anchor)
+        rotation = tl.where(family == ROTATION_FAMILY + i, i // NUM_ROTATION_ANCHORS + 1, rotation)
+    least_spare_first = (family % RECEIVER_FAMILIES >= NUM_ANCHORS) & (family < BEST_FIT_FAMILY)
     # Assignments an over-draining donor sheds beyond its excess. The plain drain sheds none extra.
-    plain_drain = best_fit | resident_family
+    plain_drain = best_fit | rotated | resident_family
     over_drain = tl.where((family >= RECEIVER_FAMILIES) & ~plain_drain, (total * OVER_DRAIN) // (NUM_RANKS * FRACTION_SCALE), 0)
 
     # Drain order: each donor drains its masters by descending load, lower local index first on
@@ -403,6 +416,12 @@ def _quota_plan_kernel(
         order_key = tl.where(least_spare_first & (spare > 0), total + 1 - spare, spare)
         recv_key = _sort_rows(order_key * R_P2 + rank_tiebreak, LOG_R, True, INTERPRETED)
         recv_rank = (R_P2 - 1 - recv_key % R_P2).to(tl.int32)  # [T_P2, R_P2]: rank at receiver line index
+        if ROTATIONS > 0:
+            # Rotation j moves the first j receivers with spare (j mod their count) behind the others.
+            # Rotation 0, every other family's, leaves the line as sorted.
+            with_spare = tl.maximum(tl.sum((spare > 0).to(tl.int32), axis=1), 1)[:, None]  # [T_P2, 1]
+            rotated_index = (line_idx + rotation) % with_spare
+            recv_rank = tl.gather(recv_rank, tl.where(line_idx < with_spare, rotated_index, line_idx), 1)
         recv_spare = tl.gather(spare, recv_rank, 1)
         anchor_point = tl.cumsum(recv_spare, axis=1) - recv_spare + (recv_spare * anchor) // 4
         segment = _count_not_above(piece_end, anchor_point, Q_P2, LOG_Q)  # [T_P2, R_P2]: first piece ending past it
@@ -645,12 +664,13 @@ def _quota_plan_kernel(
         all_rows = tl.arange(0, P_P2 * T_P2)  # [P_P2 * T_P2]
         row_program = all_rows // T_P2
         row_threshold = (row_program % NUM_TILES) * T_P2 + all_rows % T_P2
-        # The second drain's families run on the mean steps only and the best-fit family on its own
-        # steps, so their other rows are padding.
+        # The second drain's families run on the mean steps only, and the best-fit and rotated families
+        # on the best-fit steps, so their other rows are padding.
         row_family = row_program // NUM_TILES
         row_resident = row_family == RESIDENT_FAMILY  # on the first drain's ladder
-        row_over = (row_family >= RECEIVER_FAMILIES) & ~row_resident  # second drain and best fit
-        row_steps = tl.where(row_family == BEST_FIT_FAMILY, NUM_BEST_FIT, tl.where(row_over, NUM_MEAN_STEPS, NUM_THRESHOLDS))
+        row_over = (row_family >= RECEIVER_FAMILIES) & ~row_resident  # second drain, best fit and rotations
+        row_best_fit_steps = (row_family >= BEST_FIT_FAMILY) & ~row_resident  # best fit and the rotations
+        row_steps = tl.where(row_best_fit_steps, NUM_BEST_FIT, tl.where(row_over, NUM_MEAN_STEPS, NUM_THRESHOLDS))
         row_ok = (row_program < NUM_PROGRAMS) & (row_threshold < row_steps)
         all_peak = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 0, mask=row_ok, other=0, cache_modifier=".cg")
         all_replicas = tl.load(summary_ptr + all_rows * SUMMARY_WORDS + 1, mask=row_ok, other=0, cache_modifier=".cg")
@@ -681,7 +701,7 @@ def _quota_plan_kernel(
             bar = tl.where(still, tl.minimum(bar, tl.min(tl.where(at_step, all_peak, _BIG), axis=0)), bar)
         row_ok = row_ok & (row_over | (step_rank < steps_taking_part))
         first_drain = first_drain & (step_rank < steps_taking_part)
-        # A second-drain or best-fit candidate counts only below every first-drain plan's max rank load.
+        # A second-drain, best-fit or rotated candidate counts only below every first-drain plan's max rank load.
         best_first_drain = tl.min(tl.where(first_drain, all_plain_peak, _BIG), axis=0)
         row_ok = row_ok & (~row_over | (all_threshold < best_first_drain))
         if STOP_AT_TARGET:
@@ -756,11 +776,15 @@ def _launch_config(
         t_p2 = min(all_thresholds, candidates_per_program)
     num_drains = _num_drains(layout.redundant_slots_per_rank)
     # NOTE: with one slot the second drain doubles the programs, and they also plan the gap steps (8 of
-    # the 21 thresholds), which the choice ignores. The best-fit family adds one family of programs, and
-    # every program plans the longer of the two ladders. The GPU time this costs has not been measured.
+    # the 21 thresholds), which the choice ignores. The rotated lines add 16 families with one slot, 33
+    # in all then instead of 17. The best-fit family adds one family of programs, and every program
+    # plans the longer of the two ladders. The GPU time this costs has not been measured.
     num_tiles = triton.cdiv(max(len(steps), len(_BEST_FIT_STEPS_Q)), t_p2)
-    # Families: every (drain, order, anchor), best fit, and with a resident table the resident family.
-    num_programs = (num_drains * _RECEIVER_ORDERS * len(_ANCHORS) + 1 + int(has_resident)) * num_tiles
+    # Families: every (drain, order, anchor), best fit, every (rotation, rotation anchor), and with a
+    # resident table the resident family.
+    num_rotations = _num_rotations(layout.redundant_slots_per_rank)
+    num_families = num_drains * _RECEIVER_ORDERS * len(_ANCHORS) + 1 + num_rotations * len(_ROTATION_ANCHORS)
+    num_programs = (num_families + int(has_resident)) * num_tiles
 
     constexprs = {
         "NUM_RANKS": layout.num_ranks,
@@ -772,6 +796,8 @@ def _launch_config(
         "ANCHORS": tuple(int(a) for a in _ANCHORS),
         "RECEIVER_ORDERS": _RECEIVER_ORDERS,
         "NUM_DRAINS": num_drains,
+        "ROTATIONS": num_rotations,
+        "ROTATION_ANCHORS": tuple(int(a) for a in _ROTATION_ANCHORS),
         "OVER_DRAIN": _OVER_DRAIN_Q,
         "FRACTION_SCALE": _FRACTION_SCALE,
         "PREFER_LOCAL": bool(config.prefer_local),

@@ -72,6 +72,15 @@ static int64_t merge_descending(const int64_t *x, int64_t nx, const int64_t *y, 
     return k;
 }
 
+/* Reverses x[lo..hi). */
+static void reverse(int64_t *x, int64_t lo, int64_t hi) {
+    for (--hi; lo < hi; ++lo, --hi) {
+        const int64_t t = x[lo];
+        x[lo] = x[hi];
+        x[hi] = t;
+    }
+}
+
 /* Puts the larger of keys[i] and keys[j] first, without a branch. */
 static void order_pair(int64_t *keys, int64_t i, int64_t j) {
     const int64_t x = keys[i], y = keys[j];
@@ -433,6 +442,9 @@ static int64_t best_fit_round(const int64_t *master_quota, const int64_t *spare,
  * send_chunks:      [num_ranks + 1] relay_send_chunks(n, relay_chunks) for n = 0 .. num_ranks: the link time
  *                   of n copies of one expert through its relay tree, in chunk times; read with copy_cost > 0.
  * stop_at_target:   QuotaConfig.stop_at_target, 0 or 1.
+ * num_rotations:    rotated receiver lines tried (0 for none): rotation j = 1 .. num_rotations moves the
+ *                   first j receivers of the most-spare-first line to its end. Each runs on the best-fit
+ *                   steps with each of the num_rotation_anchors rotation_anchors, after best fit.
  * resident:         [num_ranks * slots] logical expert whose current weights each redundant slot contains,
  *                   -1 = none, or NULL. Non-NULL adds the resident family and counts no copy for a
  *                   replica of a resident expert ("Resident replicas" in quota.py).
@@ -449,12 +461,14 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                       int64_t min_replica_quota, int64_t fraction_q, int64_t target_q, int64_t prefer_local,
                       int64_t num_rounds, int64_t copy_cost, int64_t copy_overlap, int64_t copy_chunks,
                       int64_t gemm_passes, int64_t relay_chunks, const int64_t *send_chunks, int64_t stop_at_target,
+                      int64_t num_rotations, const int64_t *rotation_anchors, int64_t num_rotation_anchors,
                       const int64_t *resident, int64_t *out_slot_expert, int64_t *out_quota) {
     if (num_ranks < 1 || experts_per_rank < 1 || slots < 1 || num_rounds < 1 || num_anchors < 1 || num_drains < 1 ||
         over_drain_q < 0 || num_best_fit_steps < 0 ||
         num_mean_steps + num_gap_steps < 1 || fraction_scale < 1 || copy_cost < 0 || copy_chunks < 1 ||
         gemm_passes < 1 || relay_chunks < 1 || (copy_cost > 0 && send_chunks == NULL) ||
-        (stop_at_target != 0 && stop_at_target != 1))
+        (stop_at_target != 0 && stop_at_target != 1) || num_rotations < 0 ||
+        (num_rotations > 0 && (num_rotation_anchors < 1 || rotation_anchors == NULL)))
         return ERR_ARGS;
     const int64_t R = num_ranks, P = experts_per_rank, S = slots, E = R * P;
     if (resident != NULL)
@@ -465,8 +479,10 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
      * best-fit receivers run on their own steps. */
     const int64_t T = num_mean_steps + num_gap_steps, RF = RECEIVER_ORDERS * num_anchors;
     const int64_t best_fit_start = T * RF + (num_drains > 1 ? num_mean_steps * RF : 0);
-    /* With resident replicas, their family runs the ladder's T steps after best fit. */
-    const int64_t resident_start = best_fit_start + num_best_fit_steps;
+    /* The rotated receiver lines follow on the best-fit steps, one block of steps per (rotation, anchor).
+     * With resident replicas, their family runs the ladder's T steps last. */
+    const int64_t rotation_start = best_fit_start + num_best_fit_steps;
+    const int64_t resident_start = rotation_start + num_rotations * num_rotation_anchors * num_best_fit_steps;
     const int64_t C = resident_start + (resident != NULL ? T : 0);
     /* First-round lines are cached per threshold step: the ladder's T steps, then the best-fit steps. */
     const int64_t TC = T + num_best_fit_steps;
@@ -582,6 +598,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     for (int64_t c = T; c < best_fit_start; ++c) thresholds[c] = thresholds[c < T * RF ? c % T : (c - T * RF) % num_mean_steps];
     for (int64_t t = 0; t < num_best_fit_steps; ++t)
         thresholds[best_fit_start + t] = min64(floor_load + floor_div(mul_wrap(total, best_fit_steps[t]), R * fraction_scale), top);
+    for (int64_t c = rotation_start; c < resident_start; ++c)
+        thresholds[c] = thresholds[best_fit_start + (c - rotation_start) % num_best_fit_steps];
     for (int64_t c = resident_start; c < C; ++c) thresholds[c] = thresholds[c - resident_start];
     const int64_t min_quota = max64(floor_div(mul_wrap(total, fraction_q), R * fraction_scale), min_replica_quota);
     const int64_t over_drain = floor_div(mul_wrap(total, over_drain_q), R * fraction_scale);
@@ -659,10 +677,17 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
         }
         /* The candidate's family and threshold index within its block, and the threshold's slot in the
          * first-round line cache. */
-        const int best_fit = c >= best_fit_start && c < resident_start;
+        const int best_fit = c >= best_fit_start && c < rotation_start;
+        const int rotated = c >= rotation_start && c < resident_start;
         const int resident_family = c >= resident_start;
-        int64_t family = c / T, step = c % T;
-        if (resident_family) {
+        int64_t family = c / T, step = c % T, rotation = 0, anchor = 0;
+        if (rotated) {
+            family = 0; /* most spare first without over-drain, as family 0, but with a rotation anchor */
+            const int64_t block = (c - rotation_start) / num_best_fit_steps;
+            step = (c - rotation_start) % num_best_fit_steps;
+            rotation = block / num_rotation_anchors + 1;
+            anchor = rotation_anchors[block % num_rotation_anchors];
+        } else if (resident_family) {
             family = 0; /* after its resident rounds: the first anchor, most spare first, no over-drain */
             step = c - resident_start;
         } else if (best_fit) {
@@ -673,8 +698,8 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
             step = (c - T * RF) % num_mean_steps;
         }
         int64_t cache_step = step;
-        if (best_fit && !(step < num_mean_steps && best_fit_steps[step] == mean_steps[step])) cache_step = T + step;
-        const int64_t anchor = anchors[family % num_anchors];
+        if ((best_fit || rotated) && !(step < num_mean_steps && best_fit_steps[step] == mean_steps[step])) cache_step = T + step;
+        if (!rotated) anchor = anchors[family % num_anchors];
         const int least_spare_first = family % RF >= num_anchors;
         const int64_t over = family >= RF && !best_fit && !resident_family ? over_drain : 0;
         int64_t *rank_load = states + c * state_words;
@@ -769,6 +794,14 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
                  * receivers after that prefix take nothing and change nothing. */
                 order_line(order_key, R, touched, num_touched, is_touched, recv_keys, &num_receivers, recv_rank, keys,
                            first_receivers, first_counts + order_slot);
+                if (rotated && num_receivers > 1) {
+                    /* The first (rotation mod num_receivers) receivers with spare move behind the others.
+                     * Three reversals rotate the line in place. */
+                    const int64_t shift = rotation % num_receivers;
+                    reverse(recv_rank, 0, shift);
+                    reverse(recv_rank, shift, num_receivers);
+                    reverse(recv_rank, 0, num_receivers);
+                }
                 for (int64_t t = 0; t < num_touched; ++t) is_touched[touched[t]] = 0;
                 int64_t offered_end = 0, num_active = 0, k = 0;
                 const int resident_round = resident_family && round < S;
@@ -963,8 +996,9 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
     return 0;
 }
 
-/* quota_plan without stop_at_target (0), with the arguments of earlier builds since the relay-tree copy
- * model (relay_chunks, send_chunks), so that benchmarks/planner_ab.py can time this build against them. */
+/* quota_plan without stop_at_target and without rotated receiver lines (both 0), with the arguments of
+ * earlier builds since the relay-tree copy model (relay_chunks, send_chunks), so that
+ * benchmarks/planner_ab.py can time this build against them. */
 int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_per_rank, int64_t slots,
                        const int64_t *mean_steps, int64_t num_mean_steps, const int64_t *gap_steps,
                        int64_t num_gap_steps, const int64_t *anchors, int64_t num_anchors,
@@ -977,15 +1011,16 @@ int ultraep_quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_
     return quota_plan(loads, num_ranks, experts_per_rank, slots, mean_steps, num_mean_steps, gap_steps, num_gap_steps,
                       anchors, num_anchors, best_fit_steps, num_best_fit_steps, num_drains, over_drain_q, fraction_scale,
                       min_replica_quota, fraction_q, target_q, prefer_local, num_rounds, copy_cost, copy_overlap,
-                      copy_chunks, gemm_passes, relay_chunks, send_chunks, 0, NULL, out_slot_expert, out_quota);
+                      copy_chunks, gemm_passes, relay_chunks, send_chunks, 0, 0, NULL, 0, NULL, out_slot_expert, out_quota);
 }
 
 /* quota_plan with its integer arguments in one array, in the same order: num_ranks,
  * experts_per_rank, slots, num_mean_steps, num_gap_steps, num_anchors, num_best_fit_steps, num_drains,
  * over_drain_q, fraction_scale, min_replica_quota, fraction_q, target_q, prefer_local, num_rounds,
- * copy_cost, copy_overlap, copy_chunks, gemm_passes, relay_chunks, stop_at_target; then the arrays and
- * resident (NULL for none). A ctypes caller then converts 10 arguments instead of the 28 of
- * ultraep_quota_plan, which saves about 2 us per call. */
+ * copy_cost, copy_overlap, copy_chunks, gemm_passes, relay_chunks, stop_at_target, num_rotations,
+ * num_rotation_anchors, then the num_rotation_anchors rotation anchors; then the arrays and resident
+ * (NULL for none). A ctypes caller then converts 10 arguments instead of the 28 of ultraep_quota_plan,
+ * which saves about 2 us per call. */
 int ultraep_quota_plan_packed(const int64_t *loads, const int64_t *settings, const int64_t *mean_steps,
                               const int64_t *gap_steps, const int64_t *anchors, const int64_t *best_fit_steps,
                               const int64_t *send_chunks, const int64_t *resident, int64_t *out_slot_expert,
@@ -993,5 +1028,5 @@ int ultraep_quota_plan_packed(const int64_t *loads, const int64_t *settings, con
     const int64_t *s = settings;
     return quota_plan(loads, s[0], s[1], s[2], mean_steps, s[3], gap_steps, s[4], anchors, s[5], best_fit_steps, s[6],
                       s[7], s[8], s[9], s[10], s[11], s[12], s[13], s[14], s[15], s[16], s[17], s[18], s[19],
-                      send_chunks, s[20], resident, out_slot_expert, out_quota);
+                      send_chunks, s[20], s[21], s + 23, s[22], resident, out_slot_expert, out_quota);
 }

@@ -29,9 +29,16 @@ next round. So a donor keeps the ends of several masters instead of whole master
 spares are filled exactly, which a tight slot budget needs. The second drain and best fit take part
 only at thresholds below the lowest max rank load that the plain drain reached.
 
+Rotated receiver lines. With one slot per rank the receivers that share a donor's piece must fill it
+almost exactly, and the order of the receiver line decides which receivers share one. Rotation ``j``
+moves the first ``j`` receivers with spare of the most-spare-first line behind the others, so the
+largest receivers meet the later pieces. Rotations 1 to 8 run, each with the anchors at a
+quarter and at three quarters, on best fit's steps with the plain drain, and take part where best fit
+does. With two or more slots they do not run.
+
 The planner runs this in one batch for a fixed ladder of thresholds, with each of the eight pairs of
-receiver order and anchor (the second drain runs on the ladder's first part, best fit on its own
-steps). The ladder runs from a lower bound of the optimum (the load floor, at least the mean) to the
+receiver order and anchor (the second drain runs on the ladder's first part, best fit and the
+rotated lines on best fit's steps). The ladder runs from a lower bound of the optimum (the load floor, at least the mean) to the
 unbalanced maximum. The first drain's steps take part from the lowest threshold up while each
 threshold lies at or below the balance target or at or below the lowest peak of the steps below it.
 A plan rarely ends below its threshold, so the steps above could almost never win, and the compiled
@@ -156,6 +163,26 @@ def _num_drains(redundant_slots_per_rank: int) -> int:
     return 2 if redundant_slots_per_rank == 1 else 1
 
 
+# Rotated receiver lines (module docstring). With one slot per rank the receivers that share a piece
+# must fill it almost exactly, and the most-spare-first line fixes which receivers meet which pieces.
+# Rotation j moves that line's first j receivers to its end. Each rotation runs with the
+# anchors below on the best-fit steps, with the plain drain. On 300 hot-rank microbatches at 10 ranks
+# x 6 experts with one slot (benchmarks/planner_hard.py), 61 plans ended more than 0.5% above the load
+# floor. On 12 of those 61 the plan lay more than 1% above the lowest max rank load that the first
+# drain's matching reached with 400 random receiver orders, three anchors and both drains at every
+# threshold from the floor up. Rotations 1-8 with anchors 1 and 3 left 6 of them. With anchors 1, 2
+# and 3, four rotations (with both drains) left 8 and twelve left 6; eight with the middle anchor alone
+# left 9. At 8 ranks x 4 experts they left none of 29 (1 before). Two slots leave no such gap, so
+# the rotations run with one slot only.
+_ROTATIONS = 8
+_ROTATION_ANCHORS = (1, 3)
+
+
+def _num_rotations(redundant_slots_per_rank: int) -> int:
+    """Return the receiver-line rotations the planner tries: _ROTATIONS with one slot, else 0."""
+    return _ROTATIONS if redundant_slots_per_rank == 1 else 0
+
+
 # Best-fit receivers (module docstring) run on the mean steps and a coarser continuation of them, in
 # fractions of the mean rank load above the load floor. A one-slot load that misses every mean step
 # often balances a few percent above the mean, where the gap steps are sparse. Best-fit candidates at
@@ -211,7 +238,7 @@ class QuotaConfig:
     """Matching rounds per threshold; ``None`` means ``redundant_slots_per_rank + 7``."""
     stop_at_target: bool = False
     """Stop the threshold ladder after the first step that gives a plan at or below the balance target,
-    and skip the second drain and best fit then. By default the planner also tries the higher steps
+    and skip the second drain, best fit and the rotated lines then. By default the planner also tries the higher steps
     up to the target and keeps the plan with the fewest replicas. On loads that reach the target,
     stopping made the compiled C planner 1.6-1.9x as fast at EP32-EP64 and 1.3-1.5x at EP8-EP16
     (``benchmarks/planner_ab.py``), for up to about 10% more replicas. The chosen plan may then differ
@@ -437,24 +464,43 @@ def _match_rounds(
         family = torch.cat([family, over_family])
         thresholds = torch.cat([thresholds, thresholds[:num_mean].repeat(receiver_families)])
     best_fit_thresholds = floor + (total * consts.best_fit_steps) // (num_ranks * _FRACTION_SCALE)
+    best_fit_thresholds = torch.minimum(best_fit_thresholds, max_load)
+    num_best_fit = best_fit_thresholds.numel()
     family = torch.cat([family, torch.full_like(best_fit_thresholds, 2 * receiver_families)])
-    thresholds = torch.cat([thresholds, torch.minimum(best_fit_thresholds, max_load)])  # [num_candidates]
-    # With resident replicas, one more family runs on the first drain's ladder, after best fit.
+    thresholds = torch.cat([thresholds, best_fit_thresholds])  # [num_candidates]
+    # With one slot, the rotated receiver lines follow on the best-fit steps: family
+    # rotation_family + k runs rotation k // num_rotation_anchors + 1 with anchor
+    # _ROTATION_ANCHORS[k % num_rotation_anchors].
+    num_rotation_anchors = len(_ROTATION_ANCHORS)
+    num_rotation_families = _num_rotations(slots) * num_rotation_anchors
+    num_rotation_rows = num_rotation_families * num_best_fit
+    rotation_family = 2 * receiver_families + 2
+    if num_rotation_rows:
+        rotation_ids = torch.arange(rotation_family, rotation_family + num_rotation_families, device=device)
+        family = torch.cat([family, rotation_ids.repeat_interleave(num_best_fit)])
+        thresholds = torch.cat([thresholds, best_fit_thresholds.repeat(num_rotation_families)])
+    # With resident replicas, one more family runs on the first drain's ladder, last.
     resident_family = 2 * receiver_families + 1
     num_resident = num_thresholds if resident is not None else 0
     if num_resident:
         family = torch.cat([family, torch.full_like(thresholds[:num_thresholds], resident_family)])
         thresholds = torch.cat([thresholds, thresholds[:num_thresholds]])
     family = family[:, None]  # [num_candidates, 1]
+    rotated = family >= rotation_family  # [num_candidates, 1]
     anchor = consts.anchors[family % len(_ANCHORS)]  # [num_candidates, 1]
-    least_spare_first = family % receiver_families >= len(_ANCHORS)
-    late = family >= receiver_families  # [num_candidates, 1]: second drain, best fit and resident
+    least_spare_first = (family % receiver_families >= len(_ANCHORS)) & (family < 2 * receiver_families)
+    late = family >= receiver_families  # [num_candidates, 1]: second drain, best fit, rotations and resident
     second_drain = late & (family < 2 * receiver_families)
     num_rows = family.shape[0]
-    best_fit_rows = slice(num_rows - num_resident - best_fit_thresholds.numel(), num_rows - num_resident)
+    best_fit_end = num_rows - num_resident - num_rotation_rows
+    best_fit_rows = slice(best_fit_end - num_best_fit, best_fit_end)
     resident_rows = slice(num_rows - num_resident, num_rows)
     # After its resident rounds the resident family matches at the middle anchor, most spare first.
     anchor = torch.where(family == resident_family, _ANCHORS[0], anchor)
+    rotation_index = (family - rotation_family).clamp(min=0)
+    anchor = torch.where(rotated, consts.rotation_anchors[rotation_index % num_rotation_anchors], anchor)
+    # The line position each rotated family's receiver line starts at; 0 leaves the line as sorted.
+    rotation = torch.where(rotated, rotation_index // num_rotation_anchors + 1, 0)  # [num_candidates, 1]
     # Assignments an over-draining donor sheds beyond its excess. The plain drain sheds none extra.
     over_drain = torch.where(second_drain, (total * consts.over_drain) // (num_ranks * _FRACTION_SCALE), 0)
     by_master_quota = anchor == _BY_MASTER_QUOTA  # [num_candidates, 1]
@@ -499,6 +545,11 @@ def _match_rounds(
         spare = (threshold_col - rank_load).mul_(slots_used < slots).clamp_(min=0)
         order_key = torch.where(least_spare_first & (spare > 0), total + 1 - spare, spare)
         recv_rank = torch.sort(order_key * num_ranks + rank_tiebreak, dim=1, descending=True).indices
+        if num_rotation_rows:
+            # A rotated line moves its first `rotation` receivers with spare behind the others.
+            with_spare = (spare > 0).sum(dim=1, keepdim=True).clamp_(min=1)
+            rotated_index = (line_index + rotation) % with_spare
+            recv_rank = recv_rank.gather(1, torch.where(line_index < with_spare, rotated_index, line_index))
         recv_spare = spare.gather(1, recv_rank)  # [num_candidates, num_ranks]
         resident_spare = recv_spare[resident_rows].clone()
         offered_end = recv_spare.cumsum(dim=1)
@@ -759,6 +810,7 @@ class _Constants:
     best_fit_steps: torch.Tensor  # [num_best_fit_steps] int64
     over_drain: int  # _OVER_DRAIN in units of 1 / _FRACTION_SCALE
     anchors: torch.Tensor  # [num_anchors] int64, quarters
+    rotation_anchors: torch.Tensor  # [len(_ROTATION_ANCHORS)] int64, quarters
     gap_steps: torch.Tensor  # [num_gap_steps] int64
     rank_tiebreak: torch.Tensor  # [num_ranks]: num_ranks-1 .. 0, lower rank first on ties
     line_index: torch.Tensor  # [num_ranks]: 0 .. num_ranks-1
@@ -785,6 +837,7 @@ def _constants(layout: ExpertLayout, device: torch.device) -> _Constants:
     segment = torch.arange(layout.num_experts, device=device)
     cached = _Constants(
         anchors=torch.tensor(_ANCHORS, dtype=torch.int64, device=device),
+        rotation_anchors=torch.tensor(_ROTATION_ANCHORS, dtype=torch.int64, device=device),
         mean_steps=torch.tensor(_MEAN_STEPS_Q, dtype=torch.int64, device=device),
         best_fit_steps=torch.tensor(_BEST_FIT_STEPS_Q, dtype=torch.int64, device=device),
         over_drain=_OVER_DRAIN_Q,
