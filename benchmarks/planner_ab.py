@@ -87,7 +87,7 @@ def bind_packed(loads: torch.Tensor, layout: ExpertLayout, config: quota.QuotaCo
     arguments = (loads.data_ptr(), settings.data_ptr(), *pointers[1:], None, slot_expert.data_ptr(), slot_quota.data_ptr())
     function = native._library().ultraep_quota_plan_packed
 
-    def call() -> tuple[torch.Tensor, torch.Tensor]:
+    def call() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         status = function(*arguments)
         if status != 0:
             raise RuntimeError(f"ultraep_quota_plan_packed returned {status} for {layout}")

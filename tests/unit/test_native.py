@@ -123,6 +123,31 @@ def test_hot_rank_loads_reach_rotated_lines(monkeypatch):
     assert changed == [4, 8, 9]
 
 
+def test_rotated_lines_with_stop_and_resident(monkeypatch):
+    # Rotated lines beside the other late rules, in C as in the reference: on seed 18 a rotated line
+    # wins with balance_target 1.02, and stop_at_target leaves it out after a good first-drain plan.
+    # On seed 4 a rotated line wins with a resident table too.
+    layout = ExpertLayout(10, 6, 1)
+    resident = ((torch.arange(10) + 1) % 10 * 6)[:, None]  # each rank holds the first master of the next
+    cases = [
+        (_hot_ranks(10, 6, 18), QuotaConfig(balance_target=1.02), None),
+        (_hot_ranks(10, 6, 18), QuotaConfig(balance_target=1.02, stop_at_target=True), None),
+        (_hot_ranks(10, 6, 4), QuotaConfig(), resident),
+    ]
+    plans = []
+    for loads, config, table in cases:
+        expected = plan_reference(loads, layout, config, table)
+        got = plan_quota_native(loads, layout, config, table)
+        assert torch.equal(got.quota, expected.quota), config
+        assert torch.equal(got.replica_expert_ids, expected.replica_expert_ids), config
+        plans.append(expected)
+    monkeypatch.setattr(quota_module, "_num_rotations", lambda slots: 0)
+    unrotated = [plan_reference(loads, layout, config, table) for loads, config, table in cases]
+    assert not torch.equal(plans[0].quota, unrotated[0].quota)  # a rotated line wins
+    assert torch.equal(plans[1].quota, unrotated[1].quota)  # stop_at_target leaves the rotated lines out
+    assert not torch.equal(plans[2].quota, unrotated[2].quota)  # a rotated line wins beside the resident family
+
+
 COPY_BOUND_CONFIGS = [
     dict(copy_overlap=True, copy_chunks=8, relay_chunks=8),
     dict(copy_overlap=True, copy_chunks=4, gemm_passes=3),
@@ -269,7 +294,7 @@ def test_native_checks_total_load():
 
 def test_packed_call_matches_full_call(monkeypatch):
     # plan_quota_native calls the C planner with its settings packed into one array. The benchmark's
-    # A/B timing calls it with all 26 arguments, which plan without the rotated receiver lines; with
+    # A/B timing calls it with all 28 arguments, which plan without the rotated receiver lines; with
     # two or more slots, where those never run, both must run the same planner.
     library = native._library()
     for shape, config in [((8, 4, 2), QuotaConfig()), ((16, 2, 2), CONFIGS[7]), ((5, 7, 3), CONFIGS[4])]:
@@ -285,13 +310,17 @@ def test_packed_call_matches_full_call(monkeypatch):
     # With one slot the full call plans as the reference does without the rotated lines.
     layout = ExpertLayout(10, 6, 1)
     loads = _hot_ranks(10, 6, seed=4)  # where a rotated line gives the reference's plan
-    slot_expert = torch.empty(10, 1, dtype=torch.int64)
-    quota = torch.empty(layout.num_slots, dtype=torch.int64)
-    assert library.ultraep_quota_plan(*native.call_arguments(loads, layout, QuotaConfig(), slot_expert, quota)) == 0
+    full = []
+    for config in (QuotaConfig(), CONFIGS[7]):
+        slot_expert = torch.empty(10, 1, dtype=torch.int64)
+        quota = torch.empty(layout.num_slots, dtype=torch.int64)
+        assert library.ultraep_quota_plan(*native.call_arguments(loads, layout, config, slot_expert, quota)) == 0
+        full.append((config, slot_expert, quota))
     monkeypatch.setattr(quota_module, "_num_rotations", lambda slots: 0)
-    unrotated = plan_reference(loads, layout, QuotaConfig())
-    assert torch.equal(quota, unrotated.quota)
-    assert torch.equal(slot_expert, unrotated.replica_expert_ids)
+    for config, slot_expert, quota in full:
+        unrotated = plan_reference(loads, layout, config)
+        assert torch.equal(quota, unrotated.quota), config
+        assert torch.equal(slot_expert, unrotated.replica_expert_ids), config
 
 
 def test_call_arguments_rejects_stop_at_target():

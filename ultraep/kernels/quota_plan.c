@@ -634,7 +634,7 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
      * balance target or at or below the lowest peak of the steps before it (best_load). The reference leaves
      * the first drain out of the choice from the first step that does neither, so those candidates are
      * not planned. With stop_at_target the first drain also ends after a step with a good plan. Then
-     * the second drain and best fit run, in candidate order. The reference also leaves those out at
+     * the second drain, best fit and the rotated lines run, in candidate order. The reference also leaves those out at
      * thresholds at or above the lowest max rank load of the first drain's plans, and with
      * stop_at_target after a good first-drain plan, so they are not planned either. */
     for (int64_t t = 0; t < T; ++t) {

@@ -427,7 +427,7 @@ class _CandidateState:
     slot_expert: torch.Tensor  # [num_candidates, num_ranks, redundant_slots_per_rank], -1 = empty
     slot_quota: torch.Tensor  # [num_candidates, num_ranks, redundant_slots_per_rank]
     total: torch.Tensor  # 0-dim, total load
-    late: torch.Tensor  # [num_candidates] bool, candidates of the second donor drain, best fit and resident
+    late: torch.Tensor  # [num_candidates] bool: second donor drain, best fit, rotated lines and resident
     num_resident: int = 0  # the last num_resident candidates are the resident family's
 
 
@@ -962,8 +962,8 @@ def _select_candidate(
     target_q = _to_fixed_point(config.balance_target)
     first_drain = _first_drain_steps(state, max_load, num_ranks, target_q, config.stop_at_target)
 
-    # A candidate of the second drain or of best fit takes part only if its threshold lies below every
-    # first-drain plan's max rank load, so the compiled planner does not plan the others.
+    # A candidate of the second drain, best fit or a rotated line takes part only if its threshold lies
+    # below every first-drain plan's max rank load, so the compiled planner does not plan the others.
     plain_peak = state.rank_load.max(dim=1).values
     best_first_drain = torch.where(first_drain, plain_peak, plain_peak.max() + 1).min()
     late = state.late & (state.thresholds < best_first_drain)
