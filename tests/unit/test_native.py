@@ -128,7 +128,7 @@ def test_rotated_lines_with_stop_and_resident(monkeypatch):
     # wins with balance_target 1.02, and stop_at_target leaves it out after a good first-drain plan.
     # On seed 4 a rotated line wins with a resident table too.
     layout = ExpertLayout(10, 6, 1)
-    resident = ((torch.arange(10) + 1) % 10 * 6)[:, None]  # each rank holds the first master of the next
+    resident = ((torch.arange(10) + 1) % 10 * 6)[:, None]  # each rank's slot contains the next rank's first expert
     cases = [
         (_hot_ranks(10, 6, 18), QuotaConfig(balance_target=1.02), None),
         (_hot_ranks(10, 6, 18), QuotaConfig(balance_target=1.02, stop_at_target=True), None),
@@ -294,8 +294,8 @@ def test_native_checks_total_load():
 
 def test_packed_call_matches_full_call(monkeypatch):
     # plan_quota_native calls the C planner with its settings packed into one array. The benchmark's
-    # A/B timing calls it with all 28 arguments, which plan without the rotated receiver lines; with
-    # two or more slots, where those never run, both must run the same planner.
+    # A/B timing calls it with all 28 arguments, which plan without the rotated receiver lines. With
+    # two or more slots those never run, so both calls must run the same planner.
     library = native._library()
     for shape, config in [((8, 4, 2), QuotaConfig()), ((16, 2, 2), CONFIGS[7]), ((5, 7, 3), CONFIGS[4])]:
         layout = ExpertLayout(*shape)
