@@ -121,9 +121,9 @@ def random_order_search(
 ) -> tuple[int, Plan | None]:
     """Return the lowest max rank load below ``stop`` that :func:`line_matching` reaches, and its plan.
 
-    For each threshold from ``start`` up, tries ``orders`` random receiver orders, each with the
-    anchors 1, 2 and 3 and with the plain and the over-draining donors (half the mean beyond the
-    excess), and stops at the first threshold that some plan ends at or below. Returns ``(stop, None)``
+    For each threshold from ``start`` up, tries ``orders`` random receiver orders. Each order runs with
+    the anchors 1, 2 and 3, and with the plain and the over-draining donors (half the mean beyond the
+    excess). The search stops at the first threshold that some plan ends at or below. Returns ``(stop, None)``
     when no plan ends below ``stop``. Every returned plan passes ``check_plan``.
     """
     rng = random.Random(seed)
@@ -227,7 +227,7 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
         *details,
         f"\nOne slot, quota against the randomized search ({args.search_orders} random receiver orders per threshold, "
-        "each with 3 anchors and 2 drains), on the seeds where quota ends more than 0.5% above the load floor; the "
+        "each with 3 anchors and 2 drains), on the seeds where quota ends more than 0.5% above the load floor. The "
         "others lie within 0.5% of their optimum already. quota / search divides quota's max rank load by the "
         "search's, which bounds quota's gap to the optimum from below.\n",
         "| ranks x experts/rank | seeds searched | quota > 1.01 x search | quota > 1.005 x search | quota / search (mean) "
