@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import numbers
 
 import torch
 
-from ultraep.layout import ExpertLayout
+from ultraep.layout import ExpertLayout, check_load_matrix
 
 __all__ = ["Plan", "PlanInvariantError", "check_plan"]
 
@@ -157,15 +159,30 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict, device: torch.device | str = "cpu") -> Plan:
-        """Rebuild a plan from :meth:`to_dict` output; raises ``ValueError`` on inconsistent maps."""
-        layout = ExpertLayout(
-            int(data["num_ranks"]), int(data["experts_per_rank"]), int(data["redundant_slots_per_rank"])
-        )
-        physical_to_logical = torch.tensor(data["physical_to_logical"], dtype=torch.int64, device=device)
-        if physical_to_logical.shape != (layout.num_slots,):
-            raise ValueError(
-                f"physical_to_logical has {physical_to_logical.numel()} entries, expected num_slots={layout.num_slots}"
-            )
+        """Rebuild a plan from :meth:`to_dict` output (for example a file written by ``ultraep plan``).
+
+        Raises ``ValueError`` naming the key and the bad value in these cases: a count is not an int,
+        a list has the wrong length or non-integer entries, or a master is moved. Also when the plan
+        breaks an invariant that needs no load matrix (see :func:`check_plan`), and when
+        ``logical_to_physical``, ``logical_replica_count``, ``rank_load`` or ``imbalance``, where
+        present, disagree with the plan.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan must be a dict of the keys that Plan.to_dict writes, got {type(data).__name__}")
+        missing = [key for key in ("num_ranks", "experts_per_rank", "redundant_slots_per_rank", "physical_to_logical", "quota") if key not in data]
+        if missing:
+            raise ValueError(f"the plan is missing the key(s) {', '.join(missing)}; write plans with Plan.to_dict or ultraep plan")
+        sizes = {}
+        for key in ("num_ranks", "experts_per_rank", "redundant_slots_per_rank"):
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"plan key {key!r} must be an int, got {type(value).__name__} {value!r}")
+            sizes[key] = int(value)
+        try:
+            layout = ExpertLayout(**sizes)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the plan's layout is invalid: {error}") from error
+        physical_to_logical = _int_list(data, "physical_to_logical", layout.num_slots, device)
         table = physical_to_logical.view(layout.num_ranks, layout.slots_per_rank)
         expected_masters = torch.arange(layout.num_experts, device=device).view(layout.num_ranks, layout.experts_per_rank)
         if not torch.equal(table[:, : layout.experts_per_rank], expected_masters):
@@ -173,21 +190,100 @@ class Plan:
                 "physical_to_logical moves a master: master slot j of rank r must hold logical expert "
                 "r * experts_per_rank + j"
             )
-        quota = torch.tensor(data["quota"], dtype=torch.int64, device=device)
+        quota = _int_list(data, "quota", layout.num_slots, device)
         plan = cls(layout, table[:, layout.experts_per_rank :].contiguous(), quota)
+        try:
+            _check_structure(plan)
+        except PlanInvariantError as error:
+            raise ValueError(f"the plan is inconsistent: {error}") from error
+        derived = {
+            "logical_replica_count": plan.logical_replica_count(),
+            "rank_load": plan.rank_load(),
+        }
+        for key, expected in derived.items():
+            if key in data and _int_list(data, key, expected.numel(), device).tolist() != expected.tolist():
+                raise ValueError(f"plan key {key!r} is {list(data[key])} but the plan's maps and quotas give {expected.tolist()}")
+        if "logical_to_physical" in data:
+            rows = data["logical_to_physical"]
+            width = len(rows[0]) if isinstance(rows, list) and rows and isinstance(rows[0], list) else 0
+            expected = plan.logical_to_physical(max(width, int(plan.logical_replica_count().max())))
+            listed = _int_list(data, "logical_to_physical", layout.num_experts * width, device, rows=layout.num_experts)
+            if listed.tolist() != expected.reshape(-1).tolist():
+                raise ValueError(
+                    f"plan key 'logical_to_physical' is {rows} but physical_to_logical gives {expected.tolist()} "
+                    "(master first, then replicas by slot id, padded with -1)"
+                )
+        if "imbalance" in data:
+            value = data["imbalance"]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isclose(value, plan.imbalance(), rel_tol=1e-12):
+                raise ValueError(f"plan key 'imbalance' is {value!r} but the plan's quotas give {plan.imbalance()!r}")
         return plan
+
+
+def _int_list(data: dict, key: str, length: int, device: torch.device | str, rows: int | None = None) -> torch.Tensor:
+    """Return ``data[key]`` as a flat int64 tensor of ``length`` entries; raise ``ValueError`` naming the key otherwise.
+
+    rows: the number of equal-length rows of a nested list, or None for a flat list.
+    """
+    value = data[key]
+    items = value
+    if rows is not None:
+        if not isinstance(value, list) or len(value) != rows or not all(isinstance(row, list) for row in value):
+            raise ValueError(f"plan key {key!r} must be a list of {rows} lists, got {value!r}")
+        items = [item for row in value for item in row]
+        if rows and len(items) != length:
+            raise ValueError(f"plan key {key!r} must have {rows} rows of {length // rows} entries, got {value!r}")
+    if not isinstance(items, list) or len(items) != length:
+        got = len(items) if isinstance(items, list) else type(items).__name__
+        raise ValueError(f"plan key {key!r} must be a list of {length} ints, got {got} entries")
+    for index, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise ValueError(f"plan key {key!r} entry {index} is {item!r}; every entry must be an int")
+    return torch.tensor(items, dtype=torch.int64, device=device)
 
 
 def check_plan(plan: Plan, loads: torch.Tensor, *, min_replica_quota: int = 0) -> None:
     """Check every plan invariant against the load matrix; raise :class:`PlanInvariantError` naming the first break.
 
-    loads: [num_ranks, num_experts] integer tensor, same device as the plan.
+    loads: [num_ranks, num_experts] integer tensor, same device as the plan. A load matrix of the
+      wrong type, shape or dtype, or with a negative entry, raises the ``TypeError`` or ``ValueError``
+      of :func:`~ultraep.layout.check_load_matrix` instead.
 
-    Invariants: quotas are non-negative; the quotas of each expert's instances sum to its load; an
-    empty redundant slot has quota 0; no rank holds two instances of one expert; replica ids are valid
-    logical expert ids; every replica has quota >= ``min_replica_quota``. Reads the plan on the host.
+    Invariants: both plan tensors hold integers and have the layout's shapes; quotas are
+    non-negative; the quotas of each expert's instances sum to its load; an empty redundant slot has
+    quota 0; no rank holds two instances of one expert; replica ids are valid logical expert ids;
+    every replica has quota >= ``min_replica_quota``. Reads the plan on the host.
     """
     layout = plan.layout
+    check_load_matrix(loads, layout)
+    _check_structure(plan)
+    replicas = plan.replica_expert_ids.cpu()
+    slot_quota = plan.quota.cpu().view(layout.num_ranks, layout.slots_per_rank)[:, layout.experts_per_rank :]
+    small = (replicas >= 0) & (slot_quota < min_replica_quota)
+    if bool(small.any()):
+        rank, idx = torch.nonzero(small)[0].tolist()
+        raise PlanInvariantError(
+            f"replica of expert {int(replicas[rank, idx])} on rank {rank} has quota {int(slot_quota[rank, idx])}, "
+            f"below min_replica_quota={min_replica_quota}"
+        )
+    expected = loads.cpu().to(torch.int64).sum(dim=0)
+    got = plan.to("cpu").expert_load()
+    if not torch.equal(expected, got):
+        expert = int(torch.nonzero(expected != got)[0])
+        raise PlanInvariantError(
+            f"quotas of expert {expert} sum to {int(got[expert])} but its load is {int(expected[expert])}"
+        )
+
+
+def _check_structure(plan: Plan) -> None:
+    """Check the invariants that need no load matrix; raise :class:`PlanInvariantError` naming the first break."""
+    layout = plan.layout
+    for name in ("replica_expert_ids", "quota"):
+        tensor = getattr(plan, name)
+        if not isinstance(tensor, torch.Tensor):
+            raise PlanInvariantError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise PlanInvariantError(f"{name} must be an integer tensor (int64), got dtype {tensor.dtype}")
     if tuple(plan.replica_expert_ids.shape) != (layout.num_ranks, layout.redundant_slots_per_rank):
         raise PlanInvariantError(
             f"replica_expert_ids has shape {list(plan.replica_expert_ids.shape)}, expected "
@@ -195,8 +291,8 @@ def check_plan(plan: Plan, loads: torch.Tensor, *, min_replica_quota: int = 0) -
         )
     if tuple(plan.quota.shape) != (layout.num_slots,):
         raise PlanInvariantError(f"quota has shape {list(plan.quota.shape)}, expected [{layout.num_slots}]")
-    replicas = plan.replica_expert_ids.cpu()
-    quota = plan.quota.cpu()
+    replicas = plan.replica_expert_ids.cpu().to(torch.int64)
+    quota = plan.quota.cpu().to(torch.int64)
     if bool((quota < 0).any()):
         slot = int(torch.nonzero(quota < 0)[0])
         raise PlanInvariantError(f"quota of physical slot {slot} is negative ({int(quota[slot])})")
@@ -209,22 +305,13 @@ def check_plan(plan: Plan, loads: torch.Tensor, *, min_replica_quota: int = 0) -
     if bool(empty_with_quota.any()):
         rank, idx = torch.nonzero(empty_with_quota)[0].tolist()
         raise PlanInvariantError(f"empty redundant slot {idx} of rank {rank} has quota {int(slot_quota[rank, idx])}")
-    small = (replicas >= 0) & (slot_quota < min_replica_quota)
-    if bool(small.any()):
-        rank, idx = torch.nonzero(small)[0].tolist()
-        raise PlanInvariantError(
-            f"replica of expert {int(replicas[rank, idx])} on rank {rank} has quota {int(slot_quota[rank, idx])}, "
-            f"below min_replica_quota={min_replica_quota}"
-        )
-    table = plan.physical_to_logical().cpu().view(layout.num_ranks, layout.slots_per_rank)
-    for rank in range(layout.num_ranks):
-        held = table[rank][table[rank] >= 0]
-        if held.unique().numel() != held.numel():
-            raise PlanInvariantError(f"rank {rank} holds two instances of one expert: slots hold {held.tolist()}")
-    expected = loads.cpu().to(torch.int64).sum(dim=0)
-    got = plan.to("cpu").expert_load()
-    if not torch.equal(expected, got):
-        expert = int(torch.nonzero(expected != got)[0])
-        raise PlanInvariantError(
-            f"quotas of expert {expert} sum to {int(got[expert])} but its load is {int(expected[expert])}"
-        )
+    # Two instances of one expert on one rank share a key rank * num_experts + expert.
+    table = Plan(layout, replicas, quota).physical_to_logical().view(layout.num_ranks, layout.slots_per_rank)
+    ranks = torch.arange(layout.num_ranks).view(-1, 1).expand_as(table)
+    keys = (ranks * layout.num_experts + table)[table >= 0]
+    sorted_keys = torch.sort(keys).values
+    repeated = sorted_keys[1:] == sorted_keys[:-1]
+    if bool(repeated.any()):
+        rank, expert = divmod(int(sorted_keys[1:][repeated][0]), layout.num_experts)
+        contents = table[rank][table[rank] >= 0].tolist()
+        raise PlanInvariantError(f"rank {rank} holds two instances of expert {expert}: its slots contain {contents}")
