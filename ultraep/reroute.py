@@ -16,15 +16,19 @@ Which assignment goes where depends only on token order (a stable sort, no atomi
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ultraep.layout import ExpertLayout, check_load_matrix
-from ultraep.plan import Plan
+from ultraep.plan import Plan, PlanInvariantError, check_plan
 
 __all__ = ["count_local_load", "reroute", "source_quota"]
 
 
 def _check_topk_ids(topk_ids: torch.Tensor, num_experts: int, check_values: bool) -> None:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     if not isinstance(topk_ids, torch.Tensor):
         raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
     if topk_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -50,9 +54,13 @@ def count_local_load(topk_ids: torch.Tensor, num_experts: int, *, check_values: 
 
     topk_ids: [num_tokens, topk] integer tensor, any device. Logical expert per assignment; -1 = unused
       (padding rows, dropped tokens), never counted. A token that names one expert twice counts twice.
+    num_experts: logical experts of the layer (a positive int).
+    check_values: check that every id lies in [-1, num_experts) (reads the ids on the host). Without
+      it, ids outside that range are neither checked nor counted.
     Returns [num_experts] int64 on ``topk_ids.device``; all-gather it to build the load matrix.
     """
     _check_topk_ids(topk_ids, num_experts, check_values)
+    num_experts = int(num_experts)
     flat = topk_ids.reshape(-1).to(torch.int64)
     # -1 goes to an extra bin that is dropped, so it can never wrap around to the last expert.
     bins = torch.where(flat >= 0, flat, num_experts)
@@ -71,16 +79,32 @@ def _local_take(plan: Plan, loads: torch.Tensor):
     return slot_to_expert, slot_rank, local_take
 
 
-def source_quota(plan: Plan, loads: torch.Tensor) -> torch.Tensor:
+def _check_plan_fits(plan: Plan, loads: torch.Tensor) -> None:
+    """Raise ``ValueError`` when ``plan`` breaks an invariant or was not made from ``loads``."""
+    try:
+        check_plan(plan, loads)
+    except PlanInvariantError as error:
+        raise ValueError(
+            f"the plan does not fit this load matrix: {error}; reroute with the plan made from the same loads"
+        ) from error
+
+
+def source_quota(plan: Plan, loads: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
     """Split every instance's quota over the source ranks, local assignments first.
 
     plan: the plan for ``loads``.
-    loads: [num_ranks, num_experts] int64, same device as the plan; the load matrix the plan was made from.
+    loads: [num_ranks, num_experts] integer tensor, same device as the plan; the load matrix the plan was made from.
+    check_values: check the load matrix's values and that the plan's quotas sum to its column sums
+      (``check_plan``; reads both on the host). Without it only shapes and dtypes are checked, and a
+      plan made from other loads gives a split whose rows do not sum to ``loads.sum(1)``.
     Returns [num_ranks, num_slots] int64: ``out[src_rank, slot]`` assignments produced on ``src_rank``
     that the instance in ``slot`` processes. Rows sum to ``loads.sum(1)``; columns sum to
     ``plan.quota``; entries of empty slots are 0.
     """
     layout = plan.layout
+    check_load_matrix(loads, layout, check_values=False)
+    if check_values:
+        _check_plan_fits(plan, loads)
     loads = loads.to(torch.int64)
 
     # Step 1: local assignments first.
@@ -125,8 +149,9 @@ def reroute(
     loads: [num_ranks, num_experts] integer tensor, same device. Row ``src_rank`` must equal
       ``count_local_load(topk_ids)``.
     src_rank: this rank's index in the EP group.
-    check_values: check ids, the load matrix and that row ``src_rank`` matches ``topk_ids`` (reads
-      values on the host); pass ``False`` on a CUDA-graph hot path.
+    check_values: check ids, the load matrix, that the plan was made from it (its quotas sum to the
+      column sums, :func:`~ultraep.plan.check_plan`) and that row ``src_rank`` matches ``topk_ids``
+      (reads values on the host); pass ``False`` on a CUDA-graph hot path.
     Returns [num_tokens, topk] int64 physical slot ids on the same device; -1 entries stay -1.
 
     Summed over all source ranks, every physical slot receives exactly ``plan.quota[slot]``
@@ -134,10 +159,15 @@ def reroute(
     """
     layout: ExpertLayout = plan.layout
     num_experts = layout.num_experts
+    if isinstance(src_rank, bool) or not isinstance(src_rank, numbers.Integral):
+        raise TypeError(f"src_rank must be an int, got {type(src_rank).__name__} {src_rank!r}")
     if not 0 <= src_rank < layout.num_ranks:
         raise ValueError(f"src_rank={src_rank} is outside [0, {layout.num_ranks - 1}] for {layout}")
+    src_rank = int(src_rank)
     _check_topk_ids(topk_ids, num_experts, check_values)
     check_load_matrix(loads, layout, check_values=check_values)
+    if check_values:
+        _check_plan_fits(plan, loads)
     loads = loads.to(torch.int64)
     flat = topk_ids.reshape(-1).to(torch.int64)
     if check_values:
@@ -151,7 +181,7 @@ def reroute(
             )
 
     # Step 1: per expert, this rank's count for each instance, local instance first.
-    counts = source_quota(plan, loads)[src_rank]  # [num_slots]
+    counts = source_quota(plan, loads, check_values=False)[src_rank]  # [num_slots]
     table = plan.logical_to_physical()  # [num_experts, max_instances]
     table_slot = table.clamp(min=0)
     is_local = (table >= 0) & (layout.slot_rank(table_slot) == src_rank)

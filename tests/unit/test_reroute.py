@@ -122,3 +122,47 @@ def test_reroute_errors_name_the_bad_value():
         reroute(torch.tensor([[0.0], [1.0]]), plan, loads, 0)
     with pytest.raises(ValueError, match=r"shape \[num_tokens, topk\]"):
         reroute(torch.tensor([0, 1]), plan, loads, 0)
+    with pytest.raises(TypeError, match="src_rank must be an int, got float 1.0"):
+        reroute(torch.tensor([[0], [1]]), plan, loads, 1.0)
+    with pytest.raises(TypeError, match="src_rank must be an int, got bool True"):
+        reroute(torch.tensor([[0], [1]]), plan, loads, True)
+
+
+def test_plan_of_other_loads_is_rejected():
+    # The plan balances other loads: its quotas of expert 0 sum to 9, not 6, so rerouting with it
+    # would send assignments to instances of the wrong expert.
+    layout = ExpertLayout(2, 2, 1)
+    ids = torch.tensor([[0, 1], [0, -1], [0, 0]])
+    loads = torch.tensor([[4, 1, 0, 0], [2, 0, 1, 1]])
+    stale = QuotaPlanner()(torch.tensor([[0, 0, 0, 0], [9, 0, 0, 0]]), layout)
+    message = r"the plan does not fit this load matrix: quotas of expert 0 sum to 9 but its load is 6"
+    with pytest.raises(ValueError, match=message):
+        reroute(ids, stale, loads, 0)
+    with pytest.raises(ValueError, match=message):
+        source_quota(stale, loads)
+    # Without the value checks the split is computed as asked, and its rows no longer sum to the loads.
+    split = source_quota(stale, loads, check_values=False)
+    assert not torch.equal(split.sum(dim=1), loads.sum(dim=1))
+
+
+def test_source_quota_rejects_bad_load_matrices():
+    layout = ExpertLayout(2, 2, 1)
+    loads = torch.tensor([[4, 1, 0, 0], [2, 0, 1, 1]])
+    plan = QuotaPlanner()(loads, layout)
+    with pytest.raises(TypeError, match="must be an integer tensor"):
+        source_quota(plan, loads.double())
+    with pytest.raises(ValueError, match=r"must have shape \[num_ranks, num_experts\]"):
+        source_quota(plan, loads.t().contiguous())
+    with pytest.raises(ValueError, match=r"loads\[1, 0\] = -2 is negative"):
+        source_quota(plan, torch.tensor([[4, 1, 0, 0], [-2, 0, 1, 1]]))
+
+
+@pytest.mark.parametrize("num_experts", [0, -3, 2.5, True])
+def test_count_local_load_rejects_bad_expert_counts(num_experts):
+    with pytest.raises(ValueError, match="num_experts must be a positive int"):
+        count_local_load(torch.tensor([[0, 1]]), num_experts)
+
+
+def test_unchecked_ids_outside_the_range_are_not_counted():
+    ids = torch.tensor([[0, 7], [-5, 1]])
+    assert count_local_load(ids, 4, check_values=False).tolist() == [1, 1, 0, 0]

@@ -555,7 +555,7 @@ class ReplicaManager:
         # Step 4: reroute and split sizes.
         start = self._clock()
         slot_ids = reroute(topk_ids, plan, loads, self.rank, check_values=False)
-        per_source = source_quota(plan, loads).cpu()  # [num_ranks, num_slots]
+        per_source = source_quota(plan, loads, check_values=False).cpu()  # [num_ranks, num_slots]
         spr = layout.slots_per_rank
         send_counts = per_source[self.rank].view(layout.num_ranks, spr).sum(dim=1)  # [num_ranks]
         recv_slot_counts = per_source[:, self.rank * spr : (self.rank + 1) * spr].contiguous()  # [num_ranks, slots_per_rank]
