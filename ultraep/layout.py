@@ -16,6 +16,7 @@ Terms:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 
@@ -46,8 +47,10 @@ class ExpertLayout:
     def __post_init__(self) -> None:
         for name in ("num_ranks", "experts_per_rank", "redundant_slots_per_rank"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"ExpertLayout.{name} must be an int, got {type(value).__name__} {value!r}")
+            # A NumPy integer becomes an int, so equal layouts have equal reprs and fingerprints.
+            object.__setattr__(self, name, int(value))
         if self.num_ranks < 1:
             raise ValueError(f"ExpertLayout.num_ranks must be >= 1, got {self.num_ranks}")
         if self.experts_per_rank < 1:
@@ -65,10 +68,11 @@ class ExpertLayout:
         Raises ``ValueError`` naming both numbers and the nearest valid rank counts when
         ``num_experts`` is not a multiple of ``num_ranks``.
         """
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
+        if isinstance(num_ranks, bool) or not isinstance(num_ranks, numbers.Integral) or num_ranks < 1:
             raise ValueError(f"num_ranks must be a positive int, got {num_ranks!r}")
+        num_experts, num_ranks = int(num_experts), int(num_ranks)
         if num_experts % num_ranks != 0:
             divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
             lower = max(d for d in divisors if d < num_ranks)
@@ -195,6 +199,8 @@ def as_load_matrix(loads: torch.Tensor, layout: ExpertLayout, *, src_rank: int =
       assignments come from ``src_rank``; its other rows are zero.
     """
     if loads.dim() == 1:
+        if isinstance(src_rank, bool) or not isinstance(src_rank, numbers.Integral) or not 0 <= src_rank < layout.num_ranks:
+            raise ValueError(f"src_rank={src_rank!r} must be an int in [0, {layout.num_ranks - 1}] for {layout}")
         if loads.numel() != layout.num_experts:
             raise ValueError(
                 f"load vector has {loads.numel()} entries but the layout has {layout.num_experts} logical experts "
@@ -215,11 +221,28 @@ def fold_slot_counts(slot_counts: torch.Tensor, physical_to_logical: torch.Tenso
       count must be 0).
     Returns [num_experts] int64 on the same device.
     """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    for name, tensor in (("slot_counts", slot_counts), ("physical_to_logical", physical_to_logical)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got dtype {tensor.dtype}; convert whole counts with .long()")
     if slot_counts.dim() != 1 or physical_to_logical.dim() != 1 or slot_counts.numel() != physical_to_logical.numel():
         raise ValueError(
             f"slot_counts has shape {list(slot_counts.shape)} but physical_to_logical has shape "
             f"{list(physical_to_logical.shape)}; both must be [num_slots] (per physical slot, not per logical expert)"
         )
+    bad = (physical_to_logical < -1) | (physical_to_logical >= num_experts)
+    if bool(bad.any()):
+        slot = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"physical_to_logical[{slot}] = {int(physical_to_logical[slot])} is outside [-1, {num_experts - 1}]; "
+            "use -1 for an empty slot and a logical expert id otherwise"
+        )
+    if bool((slot_counts < 0).any()):
+        slot = int(torch.nonzero(slot_counts < 0)[0])
+        raise ValueError(f"slot_counts[{slot}] = {int(slot_counts[slot])} is negative; a slot count must be >= 0")
     empty = physical_to_logical < 0
     if bool((slot_counts[empty] != 0).any()):
         slot = int(torch.nonzero(empty & (slot_counts != 0))[0])

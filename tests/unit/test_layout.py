@@ -113,3 +113,34 @@ def test_logical_to_physical_padding_before_real_entry_rejected():
     missing = torch.tensor([[0, -1], [1, -1], [2, 3], [4, -1]])
     with pytest.raises(ValueError, match="slot 5 holds expert 0 but is missing"):
         check_logical_to_physical(missing, physical_to_logical)
+
+
+def test_numpy_integers_become_ints():
+    import numpy as np
+
+    layout = ExpertLayout(np.int64(4), np.int32(2), np.int64(1))
+    assert layout == ExpertLayout(4, 2, 1)
+    assert repr(layout) == repr(ExpertLayout(4, 2, 1))
+    assert ExpertLayout.from_num_experts(np.int64(8), np.int64(4)) == ExpertLayout(4, 2, 0)
+    with pytest.raises(TypeError, match="ExpertLayout.num_ranks must be an int, got float 4.0"):
+        ExpertLayout(4.0, 2)
+
+
+@pytest.mark.parametrize(
+    "slot_counts, physical_to_logical, num_experts, error, pattern",
+    [
+        pytest.param(torch.tensor([1.5, 1, 0, 1, 1, 0]), torch.tensor([0, 1, -1, 2, 3, -1]), 4, TypeError, "slot_counts must be an integer tensor", id="float_counts"),
+        pytest.param(torch.tensor([1, 1, 0, 1, 1, 0]), torch.tensor([0, 1, -1, 2, 3, 7]), 4, ValueError, r"physical_to_logical\[5\] = 7 is outside \[-1, 3\]", id="bad_map"),
+        pytest.param(torch.tensor([1, -1, 0, 1, 1, 0]), torch.tensor([0, 1, -1, 2, 3, -1]), 4, ValueError, r"slot_counts\[1\] = -1 is negative", id="negative"),
+        pytest.param(torch.tensor([1, 1, 0, 1, 1, 0]), torch.tensor([0, 1, -1, 2, 3, -1]), 0, ValueError, "num_experts must be a positive int, got 0", id="no_experts"),
+    ],
+)
+def test_fold_rejects_bad_inputs(slot_counts, physical_to_logical, num_experts, error, pattern):
+    with pytest.raises(error, match=pattern):
+        fold_slot_counts(slot_counts, physical_to_logical, num_experts)
+
+
+@pytest.mark.parametrize("src_rank", [2, -1, 1.0, True])
+def test_as_load_matrix_rejects_bad_source_rank(src_rank):
+    with pytest.raises(ValueError, match=r"must be an int in \[0, 1\]"):
+        as_load_matrix(torch.tensor([1, 2, 3, 4]), ExpertLayout(2, 2, 0), src_rank=src_rank)
