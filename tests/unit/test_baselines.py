@@ -525,3 +525,11 @@ def test_registry_rejects_unknown_setting():
 def test_registry_checks_setting_bounds():
     with pytest.raises(ValueError, match="window must be in"):
         make_planner("eplb", window=0)
+
+
+@pytest.mark.parametrize("name, owner", [("eplb", "EplbPlanner"), ("lp_reroute", "LpReroutePlanner")])
+def test_periodic_planner_rejects_a_second_layout_by_its_own_name(name, owner):
+    planner = make_planner(name)
+    planner(torch.ones(2, 4, dtype=torch.int64), ExpertLayout(2, 2, 1))
+    with pytest.raises(ValueError, match=f"{owner} got layout .* use one {owner} per layer and layout"):
+        planner(torch.ones(4, 4, dtype=torch.int64), ExpertLayout(4, 1, 1))

@@ -120,6 +120,8 @@ class EplbPlanner(Planner):
             raise TypeError(f"pass either config or settings, not both (got settings {sorted(settings)})")
         self.config = config if config is not None else EplbConfig(**settings)
         self._layout: ExpertLayout | None = None
+        # The class that errors name: a planner that places with this one sets its own.
+        self._owner = type(self).__name__
         self._history: collections.deque[list[int]] = collections.deque(maxlen=self.config.window)
         # [num_ranks, redundant_slots_per_rank] int64 on CPU, -1 = empty; None before the first placement.
         self._replica_expert_ids: torch.Tensor | None = None
@@ -174,8 +176,8 @@ class EplbPlanner(Planner):
             self._layout = layout
         elif layout != self._layout:
             raise ValueError(
-                f"EplbPlanner got layout {layout} but its history and placement belong to {self._layout}; "
-                "use one EplbPlanner per layer and layout, or call reset() first"
+                f"{self._owner} got layout {layout} but its history and placement belong to {self._layout}; "
+                f"use one {self._owner} per layer and layout, or call reset() first"
             )
 
     # Placement.

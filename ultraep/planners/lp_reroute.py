@@ -80,6 +80,7 @@ class LpReroutePlanner(Planner):
             raise TypeError(f"pass either config or settings, not both (got settings {sorted(settings)})")
         self.config = config if config is not None else LpRerouteConfig(**settings)
         self._placement = EplbPlanner(self.config.placement_config())
+        self._placement._owner = type(self).__name__
 
     def reset(self) -> None:
         """Forget the placement history."""
