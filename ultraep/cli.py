@@ -35,6 +35,15 @@ class CommandError(Exception):
 # Loading a load matrix from a file.
 
 
+def check_output_path(path: str, option: str) -> None:
+    """Raise ``ValueError`` unless ``path`` names a file that can be written: an existing folder, and not a folder itself."""
+    out = pathlib.Path(path)
+    if out.is_dir():
+        raise ValueError(f"{option} {path!r} is a folder; give a file name inside it, e.g. {str(out / 'out')!r}")
+    if not out.parent.is_dir():
+        raise ValueError(f"{option} folder {str(out.parent)!r} does not exist; create it first or pick another path")
+
+
 def read_loads(path: str) -> torch.Tensor:
     """Read a load matrix or vector from ``.npy`` or ``.json``; reject fractions, NaN and infinities."""
     file = pathlib.Path(path)
@@ -84,6 +93,8 @@ def read_loads(path: str) -> torch.Tensor:
     if array.size == 0:
         raise CommandError(f"--loads file {path!r} is empty (shape {list(array.shape)}). Give one count per expert")
     if array.dtype.kind == "f":
+        # float64 represents every float16 and float32 value exactly, so the range check below needs no overflowing cast.
+        array = array.astype(np.float64)
         if not np.isfinite(array).all():
             index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
             raise CommandError(
@@ -176,6 +187,11 @@ def _max_slots(num_experts: int, ranks: int) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    if args.out:
+        try:
+            check_output_path(args.out, "--out")
+        except ValueError as error:
+            raise CommandError(str(error)) from error
     loads = read_loads(args.loads)
     num_experts = loads.shape[-1]
     layout = _layout_for(num_experts, args.ranks, args.slots)
@@ -210,8 +226,6 @@ def run_plan(args: argparse.Namespace) -> int:
     text = "{\n" + ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in data.items()) + "\n}\n"
     if args.out:
         out = pathlib.Path(args.out)
-        if not out.parent.is_dir():
-            raise CommandError(f"--out folder {str(out.parent)!r} does not exist; create it first or pick another path")
         out.write_text(text)
         logger.info("wrote plan for %s to %s", layout, args.out)
     else:

@@ -1,10 +1,12 @@
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
 
 from ultraep.cli import main
+from ultraep.plan import Plan
 
 
 def _run(capsys, argv):
@@ -160,6 +162,22 @@ def test_plan_missing_file_and_out_folder(tmp_path, capsys):
         main(["plan", "--loads", str(path), "--ranks", "2", "--slots", "1", "--out", str(tmp_path / "no" / "plan.json")])
     assert exit_info.value.code == 2
     assert "does not exist; create it first" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--loads", str(path), "--ranks", "2", "--slots", "1", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--out {str(tmp_path)!r} is a folder; give a file name inside it" in capsys.readouterr().err
+
+
+def test_plan_reads_half_precision_counts_without_warnings(tmp_path, capsys):
+    path = tmp_path / "loads.npy"
+    np.save(path, np.array([[4, 1, 0, 0], [2, 0, 1, 1]], dtype=np.float16))
+    out = tmp_path / "plan.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, _ = _run(capsys, ["plan", "--loads", str(path), "--ranks", "2", "--slots", "1", "--out", str(out)])
+    assert code == 0
+    plan = Plan.from_dict(json.loads(out.read_text()))
+    assert plan.expert_load().tolist() == [6, 1, 1, 1]
 
 
 def test_demo_rejects_microbatch_larger_than_trace(capsys):

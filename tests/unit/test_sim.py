@@ -542,7 +542,18 @@ def test_token_trace_rank_count_follows_the_experts(tmp_path):
         pytest.param({"quota_slots": "1,x"}, "comma-separated integers", id="bad_slot_list"),
         pytest.param({"quota_slots": "0"}, "must be >= 1", id="zero_slots"),
         pytest.param({"quota_buffers": "shared,global"}, "--quota-buffers must list shared and/or layer", id="bad_buffers"),
-        pytest.param({"gemm_efficiency": 1.5}, r"Efficiency.gemm must be in \(0, 1\]", id="efficiency_above_one"),
+        pytest.param({"gemm_efficiency": 1.5}, r"--gemm-efficiency must be in \(0, 1\]", id="efficiency_above_one"),
+        pytest.param({"eplb_window": 0}, r"--eplb-window must be in \[1, ", id="zero_eplb_window"),
+        pytest.param({"microbatches_per_step": 0}, "--microbatches-per-step must be", id="zero_microbatches_per_step"),
+        pytest.param({"quota_slots": "1,,2"}, "comma-separated integers", id="empty_slot_entry"),
+        pytest.param({"quota_slots": ""}, "comma-separated integers", id="no_slots"),
+        pytest.param({"quota_slots": "1,1"}, "names a slot count twice", id="repeated_slots"),
+        pytest.param({"quota_slots": "7"}, r"--quota-slots 7 is too many at EP4 with 8 experts: .* 6 or fewer", id="too_many_slots"),
+        pytest.param({"resident": True}, "--resident applies to --mode prefill", id="resident_in_training"),
+        pytest.param({"resident": True, "mode": "prefill", "quota_buffers": "shared"}, "has no layer buffers", id="resident_without_layer_buffers"),
+        pytest.param({"synthetic": None, "skew": 1.2}, "--skew 1.2 sets the skew of --synthetic zipf only", id="skew_without_zipf"),
+        pytest.param({"trace": ["bundled"]}, "--synthetic and --trace exclude each other", id="synthetic_and_trace"),
+        pytest.param({"microbatches": 0}, "--microbatches must be >= 1, got 0", id="zero_microbatches"),
         pytest.param({"pipeline_replicas": True}, "--pipeline-replicas needs --overlap-sync", id="pipeline_without_overlap"),
         pytest.param({"quota_setting": ["min_quota=5"]}, "--quota-setting takes NAME=VALUE with NAME one of", id="unknown_quota_setting"),
         pytest.param({"quota_setting": ["min_replica_quota"]}, "--quota-setting takes NAME=VALUE", id="quota_setting_without_value"),
@@ -556,6 +567,34 @@ def test_token_trace_rank_count_follows_the_experts(tmp_path):
 def test_simulate_command_rejects_bad_input(tmp_path, capsys, overrides, message):
     assert run_simulate(_args(tmp_path, **overrides)) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("option", ["csv", "json"])
+def test_simulate_checks_output_paths_before_running(tmp_path, capsys, option):
+    assert run_simulate(_args(tmp_path, **{option: str(tmp_path)})) == 2
+    captured = capsys.readouterr()
+    assert f"--{option} {str(tmp_path)!r} is a folder" in captured.err
+    assert captured.out == ""  # nothing ran
+    assert run_simulate(_args(tmp_path, **{option: str(tmp_path / "missing" / "out")})) == 2
+    assert "does not exist; create it first" in capsys.readouterr().err
+
+
+def test_microbatches_cap_an_unresampled_trace(tmp_path):
+    args = _args(tmp_path, synthetic=None, ranks=8, tokens_per_rank=512, microbatches=3, eplb_window=2)
+    (workload,) = build_workloads(load_bundled_trace(), "bundled", args)
+    assert (workload.num_microbatches, workload.warmup_microbatches) == (5, 2)
+    assert "Only the first 5 of the 8 microbatches are used." in workload.description
+    uncapped = build_workloads(load_bundled_trace(), "bundled", _args(tmp_path, synthetic=None, ranks=8, tokens_per_rank=512, microbatches=None))
+    assert uncapped[0].num_microbatches == 8
+
+
+def test_quota_slower_than_none_gets_a_note(tmp_path, capsys):
+    # 16 tokens per rank: a measured planner time of 1 ms per layer costs more than any imbalance.
+    args = _args(tmp_path, synthetic=None, ranks=64, tokens_per_rank=16, microbatches=1, mode="prefill", planner_time_us=["quota=1000"])
+    assert run_simulate(args) == 0
+    printed = capsys.readouterr().out
+    assert "note: quota s=1 runs slower than none here" in printed
+    assert "its planner time on the critical path (1000 us per layer, set)" in printed
 
 
 # Error paths of the configuration and cost functions.

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from ultraep.cli import flag_for_num_experts, parse_quota_settings
+from ultraep.cli import check_output_path, flag_for_num_experts, parse_quota_settings
+from ultraep.planners.eplb import EplbConfig
 from ultraep.planners.quota import QuotaConfig
 from ultraep.sim.cost import MODES, SYNC_SCHEMES, CostSettings
 from ultraep.sim.hardware import HARDWARE, Efficiency, get_hardware
@@ -80,7 +81,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-experts", type=int, help="logical experts of a .npy trace, which does not store them")
     parser.add_argument("--synthetic", choices=("zipf", "moving"), help="use SYNTHETIC loads instead of a trace")
-    parser.add_argument("--skew", type=float, default=1.0, help="Zipf skew of --synthetic zipf (default 1.0)")
+    parser.add_argument("--skew", type=float, default=None, help="Zipf skew of --synthetic zipf (default 1.0)")
     parser.add_argument(
         "--tokens-per-rank",
         type=int,
@@ -92,8 +93,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--microbatches",
         type=int,
-        default=DEFAULT_RESAMPLED_MICROBATCHES,
-        help=f"measured microbatches of resampled and synthetic runs (default {DEFAULT_RESAMPLED_MICROBATCHES})",
+        default=None,
+        help=f"measured microbatches: resampled and synthetic runs form this many (default {DEFAULT_RESAMPLED_MICROBATCHES}); "
+        "unresampled traces use every microbatch they fill, at most this many when it is given",
     )
 
     parser.add_argument("--quota-slots", default=_join(DEFAULT_QUOTA_SLOTS), help="redundant slots per rank for quota, comma-separated (default 1,2,4)")
@@ -187,13 +189,29 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Library errors name a settings field. The command names the flag that sets it instead.
+_SETTING_FLAGS = (
+    ("EplbConfig.window", "--eplb-window"),
+    ("EplbConfig.interval", "--eplb-interval"),
+    ("Efficiency.gemm", "--gemm-efficiency"),
+    ("Efficiency.hbm", "--hbm-efficiency"),
+    ("Efficiency.nvlink", "--nvlink-efficiency"),
+    ("Efficiency.network", "--network-efficiency"),
+    ("CostSettings.microbatches_per_step", "--microbatches-per-step"),
+    ("CostSettings.sync_chunks", "--sync-chunks"),
+)
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     """Run ``ultraep simulate``; print the tables and return the exit status (2 for invalid input)."""
     threads_before = torch.get_num_threads()
     try:
         return _run(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"ultraep simulate: error: {error}", file=sys.stderr)
+        message = str(error)
+        for field, flag in _SETTING_FLAGS:
+            message = message.replace(field, flag)
+        print(f"ultraep simulate: error: {message}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads_before)
@@ -203,6 +221,11 @@ def _run(args: argparse.Namespace) -> int:
     # Step 1: configuration. One thread by default, so measured planner times are one core's.
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    _check_combinations(args)
+    for option, path in (("--csv", args.csv), ("--json", args.json)):
+        if path:
+            check_output_path(path, option)
+    EplbConfig(window=args.eplb_window, interval=args.eplb_interval)  # raises on a bad window or interval
     torch.set_num_threads(args.threads)
     models = list(MODELS.values()) if args.all else [get_model(args.model)]
     hardware = get_hardware(args.hardware)
@@ -310,6 +333,7 @@ def _run(args: argparse.Namespace) -> int:
             trace, label = _read_trace(path, args.num_experts)
             per_model = [(workload, models) for workload in build_workloads(trace, label, args)]
         for workload, workload_models in per_model:
+            _check_slots(workload, args)
             plans = plan_for_models(
                 workload, policies, workload_models, hardware, settings, copy_cost=args.copy_cost == "auto", progress=progress
             )
@@ -329,6 +353,8 @@ def _run(args: argparse.Namespace) -> int:
             for result in results:
                 print()
                 print(result.format_table())
+                for line in _slower_than_none_notes(result):
+                    print(line)
             if len(results) > 1:
                 mean = mean_over_models(results)
                 print()
@@ -348,6 +374,55 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slower_than_none_notes(result: SimulationResult) -> list[str]:
+    """Return a note for each quota policy that runs slower than ``none`` while paying a planner time."""
+    none = next((row for row in result.rows if row.planner == "none"), None)
+    if none is None:
+        return []
+    return [
+        f"note: {row.policy} runs slower than none here ({row.throughput_pct_of_ideal:.1f}% against "
+        f"{none.throughput_pct_of_ideal:.1f}% of ideal): its planner time on the critical path ({row.planner_time_us:.0f} us "
+        f"per layer, {row.planner_time_source}) plus its copies cost more than the imbalance it removes. Balance only "
+        "larger microbatches, or pass a GPU planner time with --planner-time-us quota=US."
+        for row in result.rows
+        if row.planner == "quota" and row.throughput_pct_of_ideal < none.throughput_pct_of_ideal and row.planner_time_us > 0
+    ]
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Reject options that this run would otherwise ignore."""
+    if args.synthetic and args.trace:
+        raise ValueError("--synthetic and --trace exclude each other: a run uses either generated loads or traces")
+    if args.skew is not None and args.synthetic != "zipf":
+        raise ValueError(f"--skew {args.skew:g} sets the skew of --synthetic zipf only; add --synthetic zipf or drop --skew")
+    if args.resident and args.mode != "prefill":
+        raise ValueError(
+            "--resident applies to --mode prefill: in training each backward changes the weights, so no slot "
+            "keeps a current copy; drop --resident or use --mode prefill"
+        )
+    if args.resident and "layer" not in _parse_buffers(args.quota_buffers):
+        raise ValueError(
+            f"--resident plans the layer-buffer policies with their resident slots, but --quota-buffers "
+            f"{args.quota_buffers!r} has no layer buffers; add layer to --quota-buffers or drop --resident"
+        )
+    if args.microbatches is not None and args.microbatches < 1:
+        raise ValueError(f"--microbatches must be >= 1, got {args.microbatches}")
+
+
+def _check_slots(workload: Workload, args: argparse.Namespace) -> None:
+    """Reject slot counts above what a rank of this workload's layout can fill."""
+    per_rank = workload.num_experts // workload.num_ranks
+    limit = workload.num_experts - per_rank
+    for option, text in (("--quota-slots", args.quota_slots), ("--baseline-slots", args.baseline_slots)):
+        too_many = [slots for slots in _parse_slots(text, option) if slots > limit]
+        if too_many:
+            raise ValueError(
+                f"{option} {too_many[0]} is too many at EP{workload.num_ranks} with {workload.num_experts} experts: a rank "
+                f"hosts at most one instance of each of the {limit} expert(s) on other ranks; use {option} values "
+                f"of {limit} or fewer"
+            )
+
+
 def build_workloads(trace: TokenTrace | LoadTrace, label: str, args: argparse.Namespace) -> list[Workload]:
     """Form the workloads of one trace for the requested EP size (see the module docstring).
 
@@ -362,13 +437,21 @@ def build_workloads(trace: TokenTrace | LoadTrace, label: str, args: argparse.Na
         if num_ranks != args.ranks
         else ""
     )
+    if divisor_note:
+        logger.warning("%s", divisor_note.strip())
     if isinstance(trace, LoadTrace):
-        workload = load_trace_workload(trace, num_ranks, warmup_microbatches=args.eplb_window, label=label)
+        workload = load_trace_workload(
+            trace, num_ranks, num_microbatches=args.microbatches, warmup_microbatches=args.eplb_window, label=label
+        )
         return [_with_note(workload, divisor_note)]
+    if trace.num_tokens == 0:
+        raise ValueError(f"trace {label} holds no tokens; pass a trace with at least one token per rank")
     tokens_per_rank = args.tokens_per_rank
     fill_ranks = largest_divisor_at_most(trace.num_experts, max_ranks_without_reuse(trace, tokens_per_rank))
     if fill_ranks >= num_ranks:
-        workload = token_trace_workload(trace, num_ranks, tokens_per_rank, warmup_microbatches=args.eplb_window, label=label)
+        workload = token_trace_workload(
+            trace, num_ranks, tokens_per_rank, num_microbatches=args.microbatches, warmup_microbatches=args.eplb_window, label=label
+        )
         return [_with_note(workload, divisor_note)]
     workloads = []
     if trace.seq_ids is not None:
@@ -388,10 +471,12 @@ def build_workloads(trace: TokenTrace | LoadTrace, label: str, args: argparse.Na
             "run stands next to it. "
         )
         workloads.append(_with_note(resampled, note))
-    else:
+    elif fill_ranks >= 1:
         logger.warning("trace %s has no sequence ids, so EP%d cannot be resampled; running EP%d only", label, num_ranks, fill_ranks)
     if fill_ranks >= 1:
-        unresampled = token_trace_workload(trace, fill_ranks, tokens_per_rank, warmup_microbatches=args.eplb_window, label=label)
+        unresampled = token_trace_workload(
+            trace, fill_ranks, tokens_per_rank, num_microbatches=args.microbatches, warmup_microbatches=args.eplb_window, label=label
+        )
         note = f"EP{fill_ranks} is the largest EP size the trace fills at {tokens_per_rank} tokens per rank without reusing a token. "
         workloads.append(_with_note(unresampled, note))
     if not workloads:
@@ -415,8 +500,8 @@ def build_synthetic(args: argparse.Namespace, model) -> Workload:
         model.num_experts,
         args.tokens_per_rank,
         model.top_k,
-        skew=args.skew,
-        num_microbatches=args.microbatches,
+        skew=1.0 if args.skew is None else args.skew,
+        num_microbatches=DEFAULT_RESAMPLED_MICROBATCHES if args.microbatches is None else args.microbatches,
         seed=args.seed,
         warmup_microbatches=args.eplb_window,
     )
@@ -433,11 +518,13 @@ def _read_trace(path: str, num_experts: int | None) -> tuple[TokenTrace | LoadTr
 
 def _parse_slots(text: str, option: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(","))
     except ValueError as error:
         raise ValueError(f"{option} must be comma-separated integers such as 1,2,4, got {text!r}") from error
     if any(value < 1 for value in values):
         raise ValueError(f"{option} values must be >= 1 (a balancing policy needs a redundant slot), got {text!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{option} names a slot count twice in {text!r}; list each once, e.g. 1,2,4")
     return values
 
 

@@ -267,8 +267,9 @@ def token_trace_workload(
 ) -> Workload:
     """Slice a token trace into microbatches of ``tokens_per_rank`` tokens per rank.
 
-    Without ``resample`` every whole microbatch the trace fills is used (``num_microbatches`` is
-    ignored), and the warm-up shrinks so that at least one microbatch is measured. With ``resample``,
+    Without ``resample`` every whole microbatch the trace fills is used, or only the first
+    ``warmup_microbatches + num_microbatches`` of them when ``num_microbatches`` is given, and the
+    warm-up shrinks so that at least one microbatch is measured. With ``resample``,
     ``warmup_microbatches + num_microbatches`` microbatches are formed from whole sequences drawn with
     replacement (``num_microbatches`` defaults to 8).
     """
@@ -279,36 +280,51 @@ def token_trace_workload(
         )
     else:
         formed = microbatch_loads(trace, num_ranks, tokens_per_rank)
-    warmup = min(warmup_microbatches, formed.num_microbatches - 1)
+    loads, cap_words = _first_microbatches(formed.loads, num_microbatches if not resample else None, warmup_microbatches)
+    warmup = min(warmup_microbatches, loads.shape[0] - 1)
     return Workload(
-        loads=formed.loads,
+        loads=loads,
         trace_top_k=trace.topk,
         label=label,
         data_kind="token",
         resampled=formed.resampled,
-        description=f"{formed.description} {_warmup_words(warmup)}",
+        description=f"{formed.description} {cap_words}{_warmup_words(warmup)}",
         tokens_per_rank=float(tokens_per_rank),
         warmup_microbatches=warmup,
     )
 
 
+def _first_microbatches(loads: torch.Tensor, num_microbatches: int | None, warmup_microbatches: int) -> tuple[torch.Tensor, str]:
+    """Keep the first ``warmup_microbatches + num_microbatches`` microbatches (all with ``None``); say so when some are left out."""
+    if num_microbatches is None or warmup_microbatches + num_microbatches >= loads.shape[0]:
+        return loads, ""
+    kept = warmup_microbatches + num_microbatches
+    return loads[:kept], f"Only the first {kept} of the {loads.shape[0]} microbatches are used. "
+
+
 def load_trace_workload(
-    trace: LoadTrace, num_ranks: int, *, warmup_microbatches: int = DEFAULT_EPLB_WINDOW, label: str = "load trace"
+    trace: LoadTrace,
+    num_ranks: int,
+    *,
+    num_microbatches: int | None = None,
+    warmup_microbatches: int = DEFAULT_EPLB_WINDOW,
+    label: str = "load trace",
 ) -> Workload:
     """Turn each row of a step-load or aggregate trace into one microbatch over ``num_ranks`` ranks.
 
     The trace has no source ranks, so each expert's count is split evenly over the source ranks
     (``step_loads_to_matrices``). The split only decides which rank sends, and the cost model gives
-    no credit for that.
+    no credit for that. With ``num_microbatches`` only the first ``warmup_microbatches +
+    num_microbatches`` rows are used.
     """
-    loads = step_loads_to_matrices(trace, num_ranks)
+    loads, cap_words = _first_microbatches(step_loads_to_matrices(trace, num_ranks), num_microbatches, warmup_microbatches)
     warmup = min(warmup_microbatches, loads.shape[0] - 1)
     tokens_per_rank = float(trace.loads[0, 0].sum()) / trace.top_k / num_ranks
     row_word = "step" if trace.kind == "step_loads" else "corpus row"
     description = (
         f"Each {row_word} of the trace ({trace.num_steps} in file order) is one microbatch; each expert's count "
         f"is split evenly over {num_ranks} source ranks (the trace has no source ranks), about "
-        f"{tokens_per_rank:.0f} tokens per rank. {_warmup_words(warmup)}"
+        f"{tokens_per_rank:.0f} tokens per rank. {cap_words}{_warmup_words(warmup)}"
     )
     return Workload(
         loads=loads,
