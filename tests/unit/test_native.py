@@ -170,6 +170,23 @@ def test_native_matches_reference_when_copies_dominate(shape, settings):
             _assert_same(loads, layout, QuotaConfig(copy_cost=max(1, int(share * mean)), **settings))
 
 
+@pytest.mark.parametrize("settings", [dict(), dict(copy_overlap=True, copy_chunks=8, relay_chunks=8), dict(stop_at_target=True)], ids=range(3))
+@pytest.mark.parametrize("shape", [(16, 4, 1), (64, 1, 2), (8, 2, 1)], ids=str)
+def test_copies_above_every_rank_load_keep_masters_only(shape, settings):
+    """With copy_cost above the largest rank load no replica pays for its copy, and the compiled planner
+    returns the masters-only plan without a search. The reference searches and must agree, also at the
+    boundary copy_cost == largest rank load and on balanced loads, where masters-only meets the target."""
+    layout = ExpertLayout(*shape)
+    skewed = _skewed(layout.num_ranks, layout.num_experts, seed=3, power=3.0, scale=0.5)
+    balanced = torch.full((layout.num_ranks, layout.num_experts), 2, dtype=torch.int64)
+    for loads in (skewed, balanced):
+        top = int(loads.sum(dim=0).view(layout.num_ranks, -1).sum(dim=1).max())
+        for copy_cost in (top // 4, top - 1, top, top + 1, 3 * top):
+            got = _assert_same(loads, layout, QuotaConfig(copy_cost=max(1, copy_cost), **settings))
+            if copy_cost > top and loads is skewed:
+                assert int(got.num_replicas()) == 0, (copy_cost, top)
+
+
 @pytest.mark.parametrize("shape, seed, target", [((8, 8, 1), 22, 1.01), ((16, 4, 1), 12, 1.03)], ids=str)
 def test_stop_at_target_skips_late_candidates(shape, seed, target):
     """After a first-drain plan at or below the target, stop_at_target leaves out the second drain and

@@ -2,8 +2,11 @@
  *
  * The PyTorch reference runs every candidate threshold in one batch of tensor operations; here each
  * candidate runs on its own, in plain loops. The steps, their order and every integer formula follow
- * the reference (see its module docstring for the method). Five shortcuts leave the result unchanged:
+ * the reference (see its module docstring for the method). Six shortcuts leave the result unchanged:
  *
+ * - With a copy cost above the largest rank load, when the masters-only plan misses the balance target
+ *   and no resident table is given, the masters-only plan is returned without a search (see "No
+ *   replica pays for its copy" below).
  * - A candidate stops when one of its rounds moves nothing: its state is then unchanged, so every
  *   later round would repeat that round.
  * - The sort keys are unique (value * num_ranks + tie-break), so a sort by key is one fixed
@@ -587,6 +590,24 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
         free(is_touched);
         free(mem);
         return ERR_VALUES;
+    }
+    /* No replica pays for its copy. A rank that receives a copy has a costed load of at least copy_cost
+     * (costed_peak: its sync is at least one copy), so with copy_cost above the largest rank load every
+     * plan that copies a replica ends above the masters-only plan. When the masters-only plan also misses
+     * the balance target, no plan meets it, and the search picks the masters-only plan, which its ladder
+     * reaches at the step whose threshold is the largest rank load. Without a resident table every
+     * replica is copied. This returns that plan without the search. */
+    if (copy_cost > top && resident == NULL && mul_wrap(top, R * fraction_scale) > mul_wrap(total, target_q)) {
+        for (int64_t r = 0; r < R; ++r) {
+            for (int64_t p = 0; p < P; ++p) out_quota[r * (P + S) + p] = expert_load[r * P + p];
+            for (int64_t s = 0; s < S; ++s) {
+                out_slot_expert[r * S + s] = -1;
+                out_quota[r * (P + S) + P + s] = 0;
+            }
+        }
+        free(is_touched);
+        free(mem);
+        return 0;
     }
     /* piece_segment, excess and ranked serve as scratch here; the rounds overwrite them. */
     const int64_t floor_load = load_floor(expert_load, master_rank_load, total, R, P, S, piece_segment, excess, ranked);
