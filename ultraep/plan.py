@@ -112,7 +112,7 @@ class Plan:
         slot_to_expert = self.physical_to_logical()
         valid = slot_to_expert >= 0
         return torch.zeros(self.layout.num_experts, dtype=torch.int64, device=self.device).index_add_(
-            0, slot_to_expert[valid], self.quota[valid]
+            0, slot_to_expert[valid], self.quota[valid].to(torch.int64)
         )
 
     def imbalance(self) -> float:

@@ -140,3 +140,10 @@ def test_check_plan_minimum_replica_quota():
     plan, loads = _example_plan()
     with pytest.raises(PlanInvariantError, match="quota 4, below min_replica_quota=5"):
         check_plan(plan, loads, min_replica_quota=5)
+
+
+def test_check_plan_reads_int32_plans():
+    plan, loads = _example_plan()
+    narrow = Plan(plan.layout, plan.replica_expert_ids.int(), plan.quota.int())
+    check_plan(narrow, loads)
+    assert narrow.expert_load().tolist() == [10, 2, 2, 2]
