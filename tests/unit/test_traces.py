@@ -692,3 +692,74 @@ def test_moving_hot_loads_seeded():
 def test_synthetic_rejects_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_load_empty_or_garbage_file(tmp_path):
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty, truncated or not a NumPy file"):
+        load_trace(empty)
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"not numpy at all" * 8)
+    with pytest.raises(ValueError, match="garbage.npy"):
+        load_trace(garbage, num_experts=4)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param(dict(topk_ids=np.full((10, 1, 2), -1), num_experts=4), id="all_padding"),
+        pytest.param(dict(topk_ids=np.zeros((10, 1, 0), dtype=np.int64), num_experts=4), id="topk_zero"),
+        pytest.param(dict(kind="step_loads", loads=np.zeros((0, 1, 4), dtype=np.int64), num_experts=4, top_k=1), id="no_steps"),
+        pytest.param(dict(kind="step_loads", loads=np.zeros((3, 1, 4), dtype=np.int64), num_experts=4, top_k=1), id="zero_loads"),
+    ],
+)
+def test_load_rejects_traces_without_assignments(tmp_path, fields):
+    path = tmp_path / "t.npz"
+    np.savez(path, **fields)
+    with pytest.raises(ValueError, match="the trace holds no assignments"):
+        load_trace(path)
+
+
+def test_load_rejects_unsigned_ids_above_int64(tmp_path):
+    path = tmp_path / "u.npy"
+    np.save(path, np.full((10, 2), 2**64 - 1, dtype=np.uint64))
+    with pytest.raises(ValueError, match="contains 18446744073709551615, above the int64 range"):
+        load_trace(path, num_experts=8)
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        pytest.param(dict(layer_ids=np.array([1.7])), "layer_ids must hold integers", id="float_layer_ids"),
+        pytest.param(dict(seq_id=np.zeros((5, 2), dtype=np.int64)), "'seq_id' must be a 1-D array", id="seq_id_2d"),
+        pytest.param(dict(task_id=np.zeros(10, dtype=np.int64), dataset_id=np.zeros(10, dtype=np.int64)), "stores both task_id and dataset_id", id="two_index_arrays"),
+        pytest.param(dict(task_id=np.full(10, -2)), "contains -2; dataset indices must be >= 0", id="negative_task_id"),
+    ],
+)
+def test_load_rejects_bad_metadata(tmp_path, extra, pattern):
+    path = tmp_path / "t.npz"
+    np.savez(path, topk_ids=np.zeros((10, 1, 2), dtype=np.int64), num_experts=4, **extra)
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        load_trace(path)
+
+
+@pytest.mark.parametrize("seed", [1.5, True, None, -1, 2**70])
+def test_slicing_and_generators_reject_bad_seeds(seed):
+    trace = TokenTrace(topk_ids=torch.zeros(64, 1, 2, dtype=torch.int64), num_experts=4, seq_ids=torch.arange(64) // 8)
+    with pytest.raises(TypeError, match="seed must be an int in"):
+        microbatch_loads(trace, 2, 8, resample=True, seed=seed)
+    with pytest.raises(TypeError, match="seed must be an int in"):
+        zipf_loads(2, 4, 8, 1, 1.0, seed=seed)
+
+
+def test_resample_must_be_a_bool():
+    trace = TokenTrace(topk_ids=torch.zeros(64, 1, 2, dtype=torch.int64), num_experts=4, seq_ids=torch.arange(64) // 8)
+    with pytest.raises(TypeError, match="resample must be True or False, got str 'no'"):
+        microbatch_loads(trace, 2, 8, resample="no")
+
+
+def test_too_short_hint_counts_the_ranks():
+    trace = TokenTrace(topk_ids=torch.zeros(100, 1, 2, dtype=torch.int64), num_experts=4)
+    with pytest.raises(ValueError, match=r"use tokens_per_rank <= 50, or resample=True"):
+        microbatch_loads(trace, 2, 1000)

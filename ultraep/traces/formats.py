@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +115,8 @@ class TokenTrace:
                 )
             object.__setattr__(self, name, value)
         object.__setattr__(self, "dataset_names", tuple(str(name) for name in self.dataset_names))
-        if self.dataset_ids is not None and self.dataset_names and self.dataset_ids.numel():
-            _check_index_range(self.dataset_ids, len(self.dataset_names), "TokenTrace.dataset_ids", "dataset_names")
+        if self.dataset_ids is not None:
+            _check_dataset_ids(self.dataset_ids, self.dataset_names, "TokenTrace.dataset_ids")
 
     @property
     def num_tokens(self) -> int:
@@ -199,8 +201,8 @@ class LoadTrace:
                 )
             object.__setattr__(self, "dataset_ids", dataset_ids)
         object.__setattr__(self, "dataset_names", tuple(str(name) for name in self.dataset_names))
-        if self.dataset_ids is not None and self.dataset_names and self.dataset_ids.numel():
-            _check_index_range(self.dataset_ids, len(self.dataset_names), "LoadTrace.dataset_ids", "dataset_names")
+        if self.dataset_ids is not None:
+            _check_dataset_ids(self.dataset_ids, self.dataset_names, "LoadTrace.dataset_ids")
 
     @property
     def num_steps(self) -> int:
@@ -241,10 +243,22 @@ def load_trace(path: str | os.PathLike, *, num_experts: int | None = None) -> To
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            return _load_npy(path, num_experts)
-        if suffix == ".npz":
-            return _load_npz(path, num_experts)
+            trace = _load_npy(path, num_experts)
+        elif suffix == ".npz":
+            trace = _load_npz(path, num_experts)
+        else:
+            trace = None
+        if trace is not None:
+            _check_has_assignments(trace)
+            return trace
+    except (EOFError, OSError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"trace file {str(path)!r} is empty, truncated or not a NumPy file ({error}); write it with numpy.save or numpy.savez"
+        ) from error
     except (TypeError, ValueError) as error:
+        if "pickled data" in str(error):
+            message = "holds pickled objects, which the loader does not run; store plain integer arrays with numpy.savez"
+            raise ValueError(f"trace file {str(path)!r} {message}") from error
         raise type(error)(f"trace file {str(path)!r}: {error}") from error
     raise ValueError(
         f"trace file {str(path)!r} has suffix {path.suffix!r}; expected .npz (trace format) or .npy (topk ids array)"
@@ -319,7 +333,7 @@ def _load_npz(path: Path, num_experts: int | None) -> TokenTrace | LoadTrace:
     common = {
         "model": _scalar_str(fields, "model") if "model" in fields else "unknown",
         "source": source,
-        "layer_ids": fields["layer_ids"].reshape(-1).tolist() if "layer_ids" in fields else None,
+        "layer_ids": _optional_int_array(fields, "layer_ids").tolist() if "layer_ids" in fields else None,
         "licence": _licence(fields, source),
     }
 
@@ -363,6 +377,18 @@ def _load_npz(path: Path, num_experts: int | None) -> TokenTrace | LoadTrace:
     return trace
 
 
+def _check_has_assignments(trace: TokenTrace | LoadTrace) -> None:
+    """Raise ``ValueError`` for a trace without a single token-expert assignment, which no run can use."""
+    if isinstance(trace, TokenTrace):
+        empty = trace.num_tokens == 0 or trace.topk == 0 or trace.num_layers == 0 or not bool((trace.topk_ids >= 0).any())
+        shape = list(trace.topk_ids.shape)
+    else:
+        empty = trace.num_steps == 0 or trace.num_layers == 0 or int(trace.loads.sum()) == 0
+        shape = list(trace.loads.shape)
+    if empty:
+        raise ValueError(f"the trace holds no assignments (shape {shape}, no entry >= 0 or no load); record a non-empty trace")
+
+
 # Field helpers.
 
 
@@ -383,16 +409,24 @@ def _check_integer_array(array: np.ndarray, name: str) -> None:
             f"{name} must hold integers, got dtype {array.dtype}; store expert ids or counts as an integer array "
             "(for example array.astype(np.int64) after checking the values are whole numbers)"
         )
+    # Unsigned values above the int64 range would wrap to negative numbers in the int64 tensors.
+    if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} contains {int(array.max())}, above the int64 range; store expert ids or counts that fit int64")
 
 
 def _optional_int_array(fields: dict, name: str) -> torch.Tensor | None:
     if name not in fields:
         return None
     _check_integer_array(fields[name], name)
-    return torch.from_numpy(fields[name].astype(np.int64).reshape(-1))
+    if fields[name].ndim != 1:
+        raise ValueError(f"field {name!r} must be a 1-D array with one entry per token or step, got shape {list(fields[name].shape)}")
+    return torch.from_numpy(fields[name].astype(np.int64))
 
 
 def _dataset_fields(fields: dict, id_names: tuple[str, ...], names_names: tuple[str, ...]):
+    present = [name for name in id_names if name in fields]
+    if len(present) > 1:
+        raise ValueError(f"the archive stores both {' and '.join(present)}; keep one array of dataset indices")
     dataset_ids = next((_optional_int_array(fields, name) for name in id_names if name in fields), None)
     dataset_names = next((tuple(fields[name].reshape(-1).tolist()) for name in names_names if name in fields), ())
     return dataset_ids, dataset_names
@@ -452,6 +486,16 @@ def _check_expert_ids(topk_ids: torch.Tensor, num_experts: int, name: str) -> No
         )
 
 
+def _check_dataset_ids(dataset_ids: torch.Tensor, dataset_names: tuple[str, ...], name: str) -> None:
+    """Check that dataset indices are >= 0 and, where names are stored, index them."""
+    if not dataset_ids.numel():
+        return
+    if dataset_names:
+        _check_index_range(dataset_ids, len(dataset_names), name, "dataset_names")
+    elif int(dataset_ids.min()) < 0:
+        raise ValueError(f"{name} contains {int(dataset_ids.min())}; dataset indices must be >= 0")
+
+
 def _check_index_range(index: torch.Tensor, size: int, name: str, names_field: str) -> None:
     low, high = int(index.min()), int(index.max())
     if low < 0 or high >= size:
@@ -463,6 +507,9 @@ def _check_index_range(index: torch.Tensor, size: int, name: str, names_field: s
 def _checked_layer_ids(layer_ids, num_layers: int, owner: str) -> list[int]:
     if layer_ids is None:
         return list(range(num_layers))
+    for layer_id in layer_ids:
+        if isinstance(layer_id, bool) or not isinstance(layer_id, numbers.Integral):
+            raise ValueError(f"{owner}.layer_ids must hold ints (the model's layer indices), got {layer_id!r}")
     layer_ids = [int(layer_id) for layer_id in layer_ids]
     if len(layer_ids) != num_layers:
         raise ValueError(

@@ -220,6 +220,11 @@ def _form_token_index(
     _check_positive_int(tokens_per_rank, "tokens_per_rank")
     if num_microbatches is not None:
         _check_positive_int(num_microbatches, "num_microbatches")
+    if not isinstance(resample, bool):
+        raise TypeError(f"resample must be True or False, got {type(resample).__name__} {resample!r}")
+    check_seed(seed)
+    if trace.num_tokens == 0:
+        raise ValueError("the trace holds no tokens; load a trace with at least one token per rank")
     tokens_per_microbatch = num_ranks * tokens_per_rank
     microbatches_without_reuse = trace.num_tokens // tokens_per_microbatch
 
@@ -288,7 +293,12 @@ def _too_short_message(trace: TokenTrace, num_ranks: int, tokens_per_rank: int, 
     needed = num_microbatches * num_ranks * tokens_per_rank
     max_ranks = trace.num_tokens // tokens_per_rank
     if max_ranks == 0:
-        fix = f"use tokens_per_rank <= {trace.num_tokens}, or resample=True"
+        most = trace.num_tokens // (num_ranks * num_microbatches)
+        fix = (
+            f"use tokens_per_rank <= {most}, or resample=True"
+            if most >= 1
+            else f"use num_ranks <= {trace.num_tokens // num_microbatches or 1} and fewer tokens_per_rank, or resample=True"
+        )
     else:
         fix = f"use num_ranks <= {max_ranks}, fewer tokens_per_rank or microbatches, or resample=True"
     return (
@@ -302,6 +312,12 @@ def _check_token_trace(trace) -> None:
     if not isinstance(trace, TokenTrace):
         hint = "; use step_loads_to_matrices for a LoadTrace" if isinstance(trace, LoadTrace) else ""
         raise TypeError(f"trace must be a TokenTrace, got {type(trace).__name__}{hint}")
+
+
+def check_seed(seed) -> None:
+    """Raise ``TypeError`` unless ``seed`` is an int in [0, 2**63 - 1], the range ``torch.Generator.manual_seed`` takes here."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise TypeError(f"seed must be an int in [0, 2**63 - 1], got {type(seed).__name__} {seed!r}")
 
 
 def _check_positive_int(value, name: str) -> None:

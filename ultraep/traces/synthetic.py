@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ultraep.traces.slicing import count_loads
+from ultraep.traces.slicing import check_seed, count_loads
 
 __all__ = ["moving_hot_loads", "synthetic_topk_ids", "zipf_loads"]
 
@@ -34,6 +34,7 @@ def synthetic_topk_ids(num_tokens: int, num_experts: int, topk: int, skew: float
     """
     _check_sizes(num_experts=num_experts, topk=topk, num_tokens=num_tokens)
     _check_skew(skew)
+    check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     log_popularity = _zipf_log_popularity(num_experts, skew, generator)
     return _sample_topk(log_popularity, num_tokens, topk, generator)
@@ -69,6 +70,7 @@ def zipf_loads(
         num_layers=num_layers,
     )
     _check_skew(skew)
+    check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     layer_log_popularity = [_zipf_log_popularity(num_experts, skew, generator) for _ in range(num_layers)]
 
@@ -123,6 +125,7 @@ def moving_hot_loads(
             "hot_weight must be a finite number > 0 (popularity of a hot expert relative to a cold one), "
             f"got {hot_weight!r}"
         )
+    check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
 
     loads = torch.empty(num_microbatches, num_layers, num_ranks, num_experts, dtype=torch.int64)
