@@ -203,7 +203,8 @@ def test_prefer_local_serves_more_assignments_on_their_rank():
     "kwargs, error, pattern",
     [
         pytest.param({"balance_target": 0.9}, ValueError, "balance_target must be in \\[1.0, 1e6\\), got 0.9", id="target"),
-        pytest.param({"min_replica_quota": 0}, ValueError, "min_replica_quota must be >= 1, got 0", id="min_quota"),
+        pytest.param({"min_replica_quota": 0}, ValueError, r"min_replica_quota must be in \[1, 34359738368\] \(the largest load of a microbatch\), got 0", id="min_quota"),
+        pytest.param({"min_replica_quota": 2**63}, ValueError, r"min_replica_quota must be in \[1, 34359738368\]", id="min_quota_too_large"),
         pytest.param({"min_replica_quota": 1.5}, TypeError, "min_replica_quota must be an int", id="min_quota_type"),
         pytest.param({"min_replica_fraction": 1.5}, ValueError, "min_replica_fraction must be in \\[0, 1\\)", id="fraction"),
         pytest.param({"num_rounds": 0}, ValueError, "num_rounds must be None or in \\[1, 64\\]", id="rounds"),
@@ -212,6 +213,12 @@ def test_prefer_local_serves_more_assignments_on_their_rank():
 def test_quota_config_rejects_bad_settings(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         QuotaConfig(**kwargs)
+
+
+@pytest.mark.parametrize("config", [{"balance_target": 1.1}, 5], ids=["dict", "int"])
+def test_quota_planner_rejects_other_config_objects(config):
+    with pytest.raises(TypeError, match="config must be a QuotaConfig"):
+        QuotaPlanner(config)
 
 
 def test_planner_rejects_bad_loads():

@@ -90,7 +90,7 @@ import math
 
 import torch
 
-from ultraep.layout import ExpertLayout, check_load_matrix
+from ultraep.layout import MAX_TOTAL_LOAD, ExpertLayout, check_load_matrix
 from ultraep.plan import Plan
 from ultraep.planners.base import Planner, masters_only_plan
 
@@ -277,8 +277,11 @@ class QuotaConfig:
             raise ValueError(f"QuotaConfig.balance_target must be in [1.0, 1e6), got {self.balance_target}")
         if isinstance(self.min_replica_quota, bool) or not isinstance(self.min_replica_quota, int):
             raise TypeError(f"QuotaConfig.min_replica_quota must be an int, got {self.min_replica_quota!r}")
-        if self.min_replica_quota < 1:
-            raise ValueError(f"QuotaConfig.min_replica_quota must be >= 1, got {self.min_replica_quota}")
+        if not 1 <= self.min_replica_quota <= MAX_TOTAL_LOAD:
+            raise ValueError(
+                f"QuotaConfig.min_replica_quota must be in [1, {MAX_TOTAL_LOAD}] (the largest load of a microbatch), "
+                f"got {self.min_replica_quota}"
+            )
         if not 0.0 <= self.min_replica_fraction < 1.0:
             raise ValueError(
                 f"QuotaConfig.min_replica_fraction must be in [0, 1), got {self.min_replica_fraction}"
@@ -337,6 +340,11 @@ class QuotaPlanner(Planner):
         """
         from ultraep.kernels.dispatch import KernelConfig, _as_config
 
+        if config is not None and not isinstance(config, QuotaConfig):
+            raise TypeError(
+                f"config must be a QuotaConfig, got {type(config).__name__} {config!r}; pass QuotaConfig(...) or the "
+                "settings as keywords, e.g. QuotaPlanner(balance_target=1.01)"
+            )
         self.config = config if config is not None else QuotaConfig(**settings)
         if config is not None and settings:
             raise TypeError(f"pass either config or settings, not both (got settings {sorted(settings)})")
