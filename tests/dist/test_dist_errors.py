@@ -16,8 +16,12 @@ from ultraep.runtime import ManagerConfig, MoELayer, RankAgreementError, Replica
     ("settings", "match"),
     [
         pytest.param({"sync_mode": "tree"}, r"sync_mode must be one of \('direct', 'relay', 'auto'\), got 'tree'", id="sync_mode"),
-        pytest.param({"num_chunks": 0}, "num_chunks must be a positive int, got 0", id="num_chunks"),
-        pytest.param({"timeout_s": 0}, r"timeout_s must be None or > 0 seconds, got 0", id="timeout"),
+        pytest.param({"num_chunks": 0}, r"num_chunks must be an int in \[1, 1024\], got 0", id="num_chunks"),
+        pytest.param({"num_chunks": 1025}, r"num_chunks must be an int in \[1, 1024\], got 1025", id="num_chunks_too_many"),
+        pytest.param({"timeout_s": 0}, r"timeout_s must be None or a number of seconds in \(0, 1e\+09\], got 0", id="timeout"),
+        pytest.param({"timeout_s": True}, r"timeout_s must be None or a number of seconds .*got True", id="timeout_bool"),
+        pytest.param({"timeout_s": "5"}, r"timeout_s must be None or a number of seconds .*got '5'", id="timeout_str"),
+        pytest.param({"timeout_s": float("inf")}, r"timeout_s must be None or a number of seconds .*got inf", id="timeout_inf"),
         pytest.param({"buffer_layers": -1}, r"buffer_layers must be an int >= 0 .*got -1", id="buffer_layers"),
         pytest.param({"buffer_layers": True}, r"buffer_layers must be an int >= 0 .*got True", id="buffer_layers_bool"),
         pytest.param({"pipeline_replicas": True}, r"pipeline_replicas=True needs overlap_sync=True", id="pipeline_without_overlap"),
@@ -36,7 +40,10 @@ def test_manager_config_rejects_bad_values(settings, match):
         ManagerConfig(**settings)
 
 
-@pytest.mark.parametrize("name", ["overlap_sync", "overlap_grad_reduce", "pipeline_replicas", "reuse_cached_weights", "plan_with_resident"])
+@pytest.mark.parametrize(
+    "name",
+    ["overlap_sync", "overlap_grad_reduce", "pipeline_replicas", "reuse_cached_weights", "plan_with_resident", "check_plans", "check_values", "record_timings"],
+)
 def test_manager_config_rejects_non_bool_switches(name):
     with pytest.raises(TypeError, match=f"ManagerConfig.{name} must be a bool, got 'yes'"):
         ManagerConfig(**{name: "yes"})
@@ -57,6 +64,12 @@ def _argument_worker(rank: int, world_size: int) -> None:
         ReplicaManager(ExpertLayout(2, 2, 1), shapes, dtype=torch.int64)
     with pytest.raises(ValueError, match="plan_with_resident=True needs a QuotaPlanner, .* got PairingPlanner"):
         ReplicaManager(ExpertLayout(2, 2, 1), shapes, planner=make_planner("pairing"), config=ManagerConfig(plan_with_resident=True))
+    with pytest.raises(TypeError, match="planner must be a Planner instance such as QuotaPlanner"):
+        ReplicaManager(ExpertLayout(2, 2, 1), shapes, planner="quota")
+    with pytest.raises(TypeError, match="config must be a ManagerConfig, got dict"):
+        ReplicaManager(ExpertLayout(2, 2, 1), shapes, config={"check_plans": False})
+    with pytest.raises(TypeError, match="weight_shapes must be a sequence of shapes"):
+        ReplicaManager(ExpertLayout(2, 2, 1), [4])
 
     manager = make_manager(world_size, redundant_slots_per_rank=1)
     with pytest.raises(ValueError, match=r"do not match a SwiGLU expert with hidden_size=8"):

@@ -25,6 +25,7 @@ import datetime
 import functools
 import hashlib
 import logging
+import numbers
 import threading
 import time
 import weakref
@@ -59,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 # Words appended to each rank's load row in the one all-gather of ``route``.
 _CONFIG_WORD, _CALL_WORD, _CACHE_WORD, _VERSION_WORD, _STATUS_WORD = range(5)
+# The longest ManagerConfig.timeout_s, about 31 years; datetime.timedelta overflows far above it.
+_MAX_TIMEOUT_S = 1e9
 _NUM_EXTRA_WORDS = 5
 # Status word values: the rank's own input checks passed, or failed (the rank raises the details).
 _STATUS_OK, _STATUS_REJECTED = 0, 1
@@ -149,11 +152,18 @@ class ManagerConfig:
     def __post_init__(self) -> None:
         if self.sync_mode not in SYNC_MODES:
             raise ValueError(f"ManagerConfig.sync_mode must be one of {SYNC_MODES}, got {self.sync_mode!r}")
-        if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or self.num_chunks < 1:
-            raise ValueError(f"ManagerConfig.num_chunks must be a positive int, got {self.num_chunks!r}")
-        if self.timeout_s is not None and not self.timeout_s > 0:
-            raise ValueError(f"ManagerConfig.timeout_s must be None or > 0 seconds, got {self.timeout_s!r}")
-        for name in ("overlap_sync", "overlap_grad_reduce", "pipeline_replicas"):
+        # At most 1024, the most QuotaConfig.relay_chunks and copy_chunks take, so a planner can model any setting.
+        if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or not 1 <= self.num_chunks <= 1024:
+            raise ValueError(f"ManagerConfig.num_chunks must be an int in [1, 1024], got {self.num_chunks!r}")
+        if self.timeout_s is not None and (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, numbers.Real)
+            or not 0 < self.timeout_s <= _MAX_TIMEOUT_S
+        ):
+            raise ValueError(
+                f"ManagerConfig.timeout_s must be None or a number of seconds in (0, {_MAX_TIMEOUT_S:g}], got {self.timeout_s!r}"
+            )
+        for name in ("overlap_sync", "overlap_grad_reduce", "pipeline_replicas", "check_plans", "check_values", "record_timings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ManagerConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.pipeline_replicas and self.num_chunks < 2:
@@ -399,7 +409,21 @@ class ReplicaManager:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
         self.layout = layout
-        self.spec = WeightSpec(tuple(tuple(shape) for shape in weight_shapes))
+        try:
+            shapes = tuple(tuple(shape) for shape in weight_shapes)
+        except TypeError as error:
+            raise TypeError(
+                f"weight_shapes must be a sequence of shapes, one per expert weight tensor, e.g. [(ffn, hidden)] * 3; "
+                f"got {weight_shapes!r}"
+            ) from error
+        self.spec = WeightSpec(shapes)
+        if planner is not None and not isinstance(planner, Planner):
+            raise TypeError(
+                f"planner must be a Planner instance such as QuotaPlanner(), got {type(planner).__name__} {planner!r}; "
+                "build one with ultraep.planners.make_planner(name)"
+            )
+        if config is not None and not isinstance(config, ManagerConfig):
+            raise TypeError(f"config must be a ManagerConfig, got {type(config).__name__}; pass ManagerConfig(...)")
         self.planner = planner if planner is not None else QuotaPlanner()
         self.config = config if config is not None else ManagerConfig()
         if self.config.plan_with_resident and not isinstance(self.planner, QuotaPlanner):
