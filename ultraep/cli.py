@@ -153,7 +153,10 @@ def _check_json_counts(data: list, path: str) -> None:
 
 def flag_for_num_experts(message: str) -> str:
     """Return a trace loader's error with the fix worded for the command line."""
-    return message.replace(NUM_EXPERTS_HINT, "pass --num-experts N, the logical experts per layer")
+    message = message.replace(NUM_EXPERTS_HINT, "pass --num-experts N, the logical experts per layer")
+    if message.startswith("num_experts must be a positive int"):
+        message = "--num-experts" + message.removeprefix("num_experts")
+    return message
 
 
 def _layout_for(num_experts: int, ranks: int, slots: int) -> ExpertLayout:
@@ -251,9 +254,20 @@ def _demo_loads(args: argparse.Namespace):
             "(per-step load traces work with ultraep simulate --trace)"
         )
     if args.ranks is not None:
+        if trace.num_experts % args.ranks != 0:
+            divisors = [d for d in range(1, trace.num_experts + 1) if trace.num_experts % d == 0]
+            raise CommandError(
+                f"--ranks {args.ranks} does not divide the trace's {trace.num_experts} experts; every rank must hold the "
+                f"same number of masters, so use one of {divisors}"
+            )
         sizes = [args.ranks]
     else:
         sizes = [r for r in DEMO_EP_SIZES if trace.num_experts % r == 0]
+        if not sizes:
+            raise CommandError(
+                f"none of the demo's EP sizes {list(DEMO_EP_SIZES)} divides the trace's {trace.num_experts} experts; "
+                "pick one that does with --ranks"
+            )
     runs = []
     for ranks in sizes:
         tokens_per_rank = args.tokens_per_rank
@@ -263,13 +277,23 @@ def _demo_loads(args: argparse.Namespace):
             fit = trace.num_tokens // (2 * ranks)
             tokens_per_rank = min(4096, 2 ** int(math.log2(fit))) if fit >= 1 else 0
         if tokens_per_rank < 1:
+            if args.ranks is not None:
+                raise CommandError(
+                    f"--ranks {ranks} needs at least {2 * ranks} tokens (two microbatches of one token per rank), but the "
+                    f"trace holds {trace.num_tokens}; use --ranks <= {trace.num_tokens // 2} or a longer trace"
+                )
             logger.warning("the trace has %d tokens, too few for %d ranks; skipped", trace.num_tokens, ranks)
             continue
         if ranks * tokens_per_rank > trace.num_tokens:
             # The demo slices the trace without resampling, so the library's hint to resample does not apply.
+            fix = (
+                f"use --tokens-per-rank <= {trace.num_tokens // ranks}"
+                if trace.num_tokens >= ranks
+                else f"use --ranks <= {trace.num_tokens} or a longer trace"
+            )
             raise CommandError(
                 f"--tokens-per-rank {tokens_per_rank} x {ranks} ranks needs {ranks * tokens_per_rank} tokens for one "
-                f"microbatch, but the trace holds {trace.num_tokens}; use --tokens-per-rank <= {trace.num_tokens // ranks} "
+                f"microbatch, but the trace holds {trace.num_tokens}; {fix} "
                 "(ultraep simulate resamples whole sequences for larger runs)"
             )
         try:
@@ -278,6 +302,11 @@ def _demo_loads(args: argparse.Namespace):
             raise CommandError(str(error)) from error
         loads = sliced.loads[: args.microbatches]
         runs.append((ranks, tokens_per_rank, loads, sliced.loads.shape[0], sliced.description))
+    if not runs:
+        raise CommandError(
+            f"the trace contains {trace.num_tokens} tokens, too few for two microbatches at any of the EP sizes {sizes}; "
+            "use a longer trace or a smaller --ranks"
+        )
     return trace, runs
 
 

@@ -13,6 +13,7 @@ from ultraep.layout import ExpertLayout
 from ultraep.plan import Plan, check_plan
 from ultraep.planners.base import Planner
 from ultraep.planners.eplb import EplbConfig, EplbPlanner
+from ultraep.planners.lp_reroute import LpRerouteConfig
 from ultraep.planners.milp import MAX_MILP_CELLS, MilpConfig, MilpPlanner, MilpResult, solve_milp
 from ultraep.planners.none import NonePlanner
 from ultraep.planners.pairing import PairingPlanner
@@ -533,3 +534,8 @@ def test_periodic_planner_rejects_a_second_layout_by_its_own_name(name, owner):
     planner(torch.ones(2, 4, dtype=torch.int64), ExpertLayout(2, 2, 1))
     with pytest.raises(ValueError, match=f"{owner} got layout .* use one {owner} per layer and layout"):
         planner(torch.ones(4, 4, dtype=torch.int64), ExpertLayout(4, 1, 1))
+
+
+def test_lp_reroute_config_errors_name_its_own_fields():
+    with pytest.raises(ValueError, match=r"LpRerouteConfig.window must be in \[1, "):
+        LpRerouteConfig(window=0)

@@ -190,6 +190,26 @@ def test_demo_rejects_microbatch_larger_than_trace(capsys):
     assert "resample=True" not in message
 
 
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        pytest.param(["--ranks", "7"], r"--ranks 7 does not divide the trace's 64 experts; .* use one of \[1, 2, 4, 8, 16, 32, 64\]", id="ranks_not_divisor"),
+        pytest.param(["--trace", "{six}"], r"none of the demo's EP sizes \[8, 16, 32, 64\] divides the trace's 6 experts", id="no_demo_size"),
+        pytest.param(["--trace", "{tiny}", "--ranks", "6"], r"--ranks 6 needs at least 12 tokens .* use --ranks <= 2", id="too_few_tokens"),
+        pytest.param(["--trace", "{tiny}", "--ranks", "6", "--tokens-per-rank", "1"], r"the trace holds 5; use --ranks <= 5 or a longer trace", id="fewer_tokens_than_ranks"),
+        pytest.param(["--trace", "{folder}"], r"trace path .* is a folder", id="folder"),
+    ],
+)
+def test_demo_rejects_runs_it_cannot_make(tmp_path, capsys, argv, pattern):
+    np.savez(tmp_path / "six.npz", topk_ids=np.arange(200).reshape(100, 1, 2) % 6, num_experts=6)
+    np.savez(tmp_path / "tiny.npz", topk_ids=np.arange(10).reshape(5, 1, 2) % 6, num_experts=6)
+    paths = {"six": tmp_path / "six.npz", "tiny": tmp_path / "tiny.npz", "folder": tmp_path}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--no-progress", *(item.format(**paths) for item in argv)])
+    assert exit_info.value.code == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
 def test_demo_reads_npy_trace_with_num_experts(tmp_path, capsys):
     path = tmp_path / "ids.npy"
     np.save(path, np.random.default_rng(0).integers(0, 16, (4096, 2)))

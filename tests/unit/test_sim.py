@@ -617,7 +617,7 @@ def test_quota_slower_than_none_gets_a_note(tmp_path, capsys):
         pytest.param(lambda: CostSettings(sync_chunks=0), ValueError, "sync_chunks must be a positive int", id="settings_chunks"),
         pytest.param(lambda: PolicySpec("x", "quota", -1), ValueError, "redundant_slots_per_rank must be an int >= 0", id="policy_slots"),
         pytest.param(lambda: PolicySpec("x", "quota", 1, replica_lifetime="forever"), ValueError, "replica_lifetime must be one of", id="policy_lifetime"),
-        pytest.param(lambda: LpRerouteConfig(window=0), ValueError, "EplbConfig.window must be in", id="lp_window"),
+        pytest.param(lambda: LpRerouteConfig(window=0), ValueError, "LpRerouteConfig.window must be in", id="lp_window"),
         pytest.param(lambda: LpReroutePlanner(LpRerouteConfig(), window=2), TypeError, "either config or settings", id="lp_config_and_settings"),
         pytest.param(lambda: mean_over_models([]), ValueError, "at least one result", id="mean_of_nothing"),
         pytest.param(lambda: synthetic_workload("bursty", 4, 16, 32, 2), ValueError, "generator must be 'zipf' or 'moving'", id="synthetic_kind"),
@@ -958,3 +958,10 @@ def test_resident_planning_skips_repeat_copies():
     assert bool((resident_plans.replica_expert_ids == resident_plans.replica_expert_ids[0]).all())
     with pytest.raises(ValueError, match="plan_with_resident needs replica_lifetime='layer'"):
         PolicySpec("bad", "quota", 1, (), "microbatch", plan_with_resident=True)
+
+
+def test_evaluate_rejects_microbatches_without_assignments(small_plans):
+    workload, plans = small_plans
+    empty = dataclasses.replace(workload, loads=torch.zeros_like(workload.loads))
+    with pytest.raises(ValueError, match="hold no assignments, so there is no throughput to compare"):
+        evaluate(empty, plans, get_model("deepseek-v3"), get_hardware("gb200-nvl72"), CostSettings(), planner_time_s=FIXED_PLANNER_TIMES)

@@ -717,7 +717,7 @@ def test_load_empty_or_garbage_file(tmp_path):
 def test_load_rejects_traces_without_assignments(tmp_path, fields):
     path = tmp_path / "t.npz"
     np.savez(path, **fields)
-    with pytest.raises(ValueError, match="the trace holds no assignments"):
+    with pytest.raises(ValueError, match="the trace contains no assignments"):
         load_trace(path)
 
 

@@ -53,8 +53,11 @@ class LpRerouteConfig:
     """Nodes for the hierarchical placement policy (as ``EplbConfig.num_nodes``)."""
 
     def __post_init__(self) -> None:
-        # The placement settings are checked by the EplbConfig they build.
-        self.placement_config()
+        # The placement settings are checked by the EplbConfig they build, whose errors name this class's fields.
+        try:
+            self.placement_config()
+        except (TypeError, ValueError) as error:
+            raise type(error)(str(error).replace("EplbConfig.", "LpRerouteConfig.")) from error
 
     def placement_config(self) -> EplbConfig:
         """Return the settings of the periodic placement."""

@@ -298,8 +298,8 @@ def _first_microbatches(loads: torch.Tensor, num_microbatches: int | None, warmu
     """Keep the first ``warmup_microbatches + num_microbatches`` microbatches (all with ``None``); say so when some are left out."""
     if num_microbatches is None or warmup_microbatches + num_microbatches >= loads.shape[0]:
         return loads, ""
-    kept = warmup_microbatches + num_microbatches
-    return loads[:kept], f"Only the first {kept} of the {loads.shape[0]} microbatches are used. "
+    num_kept = warmup_microbatches + num_microbatches
+    return loads[:num_kept], f"Only the first {num_kept} of the {loads.shape[0]} microbatches are used. "
 
 
 def load_trace_workload(
@@ -901,6 +901,11 @@ def evaluate(
     base_layout = ExpertLayout.from_num_experts(workload.num_experts, workload.num_ranks)
 
     # Step 1: the ideal and the imbalance before balancing.
+    if int(source_load.sum()) == 0:
+        raise ValueError(
+            f"the measured microbatches of {workload.label} hold no assignments, so there is no throughput to compare; "
+            "use a trace or microbatches with routed tokens"
+        )
     ideal = ideal_layer_costs(source_load, base_layout, model, hardware, settings, assignment_scale=scale)
     expert_load = measured.sum(dim=2)  # [num_measured, num_layers, num_experts]
     master_rank_load = expert_load.reshape(num_samples, workload.num_ranks, base_layout.experts_per_rank).sum(dim=2)

@@ -234,6 +234,8 @@ def load_trace(path: str | os.PathLike, *, num_experts: int | None = None) -> To
     expert ids outside ``-1 .. num_experts-1``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"trace path {str(path)!r} is a folder; pass the path of a .npz trace or a .npy array of topk ids")
     if not path.is_file():
         raise FileNotFoundError(
             f"trace file {str(path)!r} does not exist; pass the path of a .npz trace or a .npy array of topk ids"
@@ -257,7 +259,7 @@ def load_trace(path: str | os.PathLike, *, num_experts: int | None = None) -> To
         ) from error
     except (TypeError, ValueError) as error:
         if "pickled data" in str(error):
-            message = "holds pickled objects, which the loader does not run; store plain integer arrays with numpy.savez"
+            message = "contains pickled objects, which the loader does not run; store plain integer arrays with numpy.savez"
             raise ValueError(f"trace file {str(path)!r} {message}") from error
         raise type(error)(f"trace file {str(path)!r}: {error}") from error
     raise ValueError(
@@ -386,7 +388,7 @@ def _check_has_assignments(trace: TokenTrace | LoadTrace) -> None:
         empty = trace.num_steps == 0 or trace.num_layers == 0 or int(trace.loads.sum()) == 0
         shape = list(trace.loads.shape)
     if empty:
-        raise ValueError(f"the trace holds no assignments (shape {shape}, no entry >= 0 or no load); record a non-empty trace")
+        raise ValueError(f"the trace contains no assignments (shape {shape}, no entry >= 0 or no load); record a non-empty trace")
 
 
 # Field helpers.

@@ -224,7 +224,7 @@ def _form_token_index(
         raise TypeError(f"resample must be True or False, got {type(resample).__name__} {resample!r}")
     check_seed(seed)
     if trace.num_tokens == 0:
-        raise ValueError("the trace holds no tokens; load a trace with at least one token per rank")
+        raise ValueError("the trace contains no tokens; load a trace with at least one token per rank")
     tokens_per_microbatch = num_ranks * tokens_per_rank
     microbatches_without_reuse = trace.num_tokens // tokens_per_microbatch
 
@@ -293,10 +293,10 @@ def _too_short_message(trace: TokenTrace, num_ranks: int, tokens_per_rank: int, 
     needed = num_microbatches * num_ranks * tokens_per_rank
     max_ranks = trace.num_tokens // tokens_per_rank
     if max_ranks == 0:
-        most = trace.num_tokens // (num_ranks * num_microbatches)
+        max_tokens = trace.num_tokens // (num_ranks * num_microbatches)
         fix = (
-            f"use tokens_per_rank <= {most}, or resample=True"
-            if most >= 1
+            f"use tokens_per_rank <= {max_tokens}, or resample=True"
+            if max_tokens >= 1
             else f"use num_ranks <= {trace.num_tokens // num_microbatches or 1} and fewer tokens_per_rank, or resample=True"
         )
     else:
