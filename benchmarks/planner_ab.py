@@ -8,7 +8,8 @@ that ``ultraep.kernels.native`` passes today.
     git show REV:ultraep/kernels/quota_plan.c > /tmp/quota_plan_before.c  # REV: a commit to compare with
     .venv/bin/python benchmarks/planner_ab.py --before /tmp/quota_plan_before.c
 
-Prints a markdown table of median milliseconds per call and the ratio. A third column times the same
+Prints a markdown table of median milliseconds per call and the ratio; ``--workload TEXT`` (repeatable)
+times only the workloads whose name contains TEXT. A third column times the same
 load matrix through ``QuotaPlanner`` (input checks, backend choice, the call and the returned plan, on
 the package's own build of today's source), so the next column is the Python work around the C call.
 The next column times ``QuotaPlanner`` with ``stop_at_target=True`` in the same loop.
@@ -115,6 +116,9 @@ def workloads():
         loads = zipf_loads(64, 64, 512, 8, 1.0, num_microbatches=1, num_layers=1, seed=4)[0, 0]
         layout = ExpertLayout.from_num_experts(64, 64, slots)
         yield f"Zipf(1.0) EP64 x 64 x {slots}, 512 tokens, copy cost 1823, prefill", loads.contiguous(), layout, prefill
+    # 16 tokens per rank: one copy costs more than the busiest rank's whole load, so no replica pays.
+    loads = zipf_loads(64, 64, 16, 8, 1.0, num_microbatches=1, num_layers=1, seed=4)[0, 0]
+    yield "Zipf(1.0) EP64 x 64 x 1, 16 tokens, copy cost 1823, prefill", loads.contiguous(), ExpertLayout(64, 1, 1), prefill
     # One slot and hot ranks, where the rotated receiver lines run: top-1 microbatches of
     # benchmarks/planner_hard.py, and a Qwen1.5-MoE step at EP60 with the copy cost the simulator gives
     # GLM-4.5-Air in pipelined prefill on GB200 NVL72.
@@ -131,6 +135,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=pathlib.Path, required=True, help="the other quota_plan.c")
     parser.add_argument("--calls", type=int, default=400, help="timed calls per build and workload")
+    parser.add_argument(
+        "--workload", action="append", default=[], help="time only the workloads whose name contains this text (repeatable)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.before.is_file():
@@ -147,6 +154,8 @@ def main() -> None:
         )
         logger.info("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, loads, layout, config in workloads():
+            if args.workload and not any(text in name for text in args.workload):
+                continue
             calls = {key: bind(function, loads, layout, config) for key, function in builds.items()}
             planner = quota.QuotaPlanner(config, backend="native")
             calls["planner"] = lambda planner=planner, loads=loads, layout=layout: planner(loads, layout)

@@ -2,7 +2,7 @@
 
 Every backend returns the same integers, bit for bit. The Triton kernels run faster and need no
 host synchronisation, so a training step that uses them can be captured in a CUDA graph. On the CPU
-the quota planner runs compiled from C (:mod:`ultraep.kernels.native`), 220-400x faster than the
+the quota planner runs compiled from C (:mod:`ultraep.kernels.native`), 320-580x faster than the
 PyTorch reference in the planner benchmark (EP 8-64); count and reroute keep the PyTorch reference there.
 
 Backend selection (``backend=`` argument, or ``ULTRAEP_KERNEL_BACKEND`` when the argument is ``None``):

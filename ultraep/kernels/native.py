@@ -112,7 +112,7 @@ def _library() -> ctypes.CDLL | Exception:
                 _build(path)
             library = ctypes.CDLL(str(path))
         except (OSError, RuntimeError) as error:
-            message = f"native quota planner unavailable, the PyTorch reference plans on the CPU (220-400x slower): {error}"
+            message = f"native quota planner unavailable, the PyTorch reference plans on the CPU (320-580x slower): {error}"
             logger.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             return error

@@ -241,7 +241,7 @@ class QuotaConfig:
     and skip the second drain, best fit and the rotated lines then. By default the planner also tries the higher steps
     up to the target and keeps the plan with the fewest replicas. On loads that reach the target,
     stopping made the compiled C planner 1.6-1.9x as fast at EP32-EP64 and 1.3-1.5x at EP8-EP16
-    (``benchmarks/planner_ab.py``), for up to about 10% more replicas. The chosen plan may then differ
+    (``benchmarks/planner_ab.py``), for more replicas (6% more in the simulator's ESFT EP64 prefill runs). The chosen plan may then differ
     in imbalance, though it stays within the target. The PyTorch reference plans every candidate in
     one batch and gains nothing. It suits latency-bound use such as inference prefill, where the
     planner runs on the critical path."""
