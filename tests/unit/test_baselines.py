@@ -539,3 +539,8 @@ def test_periodic_planner_rejects_a_second_layout_by_its_own_name(name, owner):
 def test_lp_reroute_config_errors_name_its_own_fields():
     with pytest.raises(ValueError, match=r"LpRerouteConfig.window must be in \[1, "):
         LpRerouteConfig(window=0)
+
+
+def test_global_eplb_rejects_a_node_count():
+    with pytest.raises(ValueError, match="EplbConfig.num_nodes=3 applies to the hierarchical policy only"):
+        EplbConfig(num_nodes=3)

@@ -215,6 +215,14 @@ def test_quota_config_rejects_bad_settings(kwargs, error, pattern):
         QuotaConfig(**kwargs)
 
 
+def test_quota_config_takes_numpy_floats():
+    import numpy as np
+
+    config = QuotaConfig(balance_target=np.float32(1.25), min_replica_fraction=np.float64(0.01))
+    assert type(config.balance_target) is float
+    assert config == QuotaConfig(balance_target=1.25, min_replica_fraction=0.01)
+
+
 @pytest.mark.parametrize("config", [{"balance_target": 1.1}, 5], ids=["dict", "int"])
 def test_quota_planner_rejects_other_config_objects(config):
     with pytest.raises(TypeError, match="config must be a QuotaConfig"):

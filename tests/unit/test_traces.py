@@ -763,3 +763,8 @@ def test_too_short_hint_counts_the_ranks():
     trace = TokenTrace(topk_ids=torch.zeros(100, 1, 2, dtype=torch.int64), num_experts=4)
     with pytest.raises(ValueError, match=r"use tokens_per_rank <= 50, or resample=True"):
         microbatch_loads(trace, 2, 1000)
+
+
+def test_moving_hot_loads_rejects_a_bool_weight():
+    with pytest.raises(ValueError, match="hot_weight must be a finite number > 0"):
+        moving_hot_loads(2, 4, 8, 1, hot_weight=True)

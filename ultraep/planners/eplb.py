@@ -94,7 +94,10 @@ class EplbConfig:
                 f"EplbConfig.use_current must be a bool, got {type(self.use_current).__name__} {self.use_current!r}"
             )
         if self.policy == "global" and self.num_nodes != 1:
-            logger.warning("EplbConfig.num_nodes=%d is ignored by the global policy", self.num_nodes)
+            raise ValueError(
+                f"EplbConfig.num_nodes={self.num_nodes} applies to the hierarchical policy only; set "
+                "policy='hierarchical' or num_nodes=1"
+            )
 
 
 class EplbPlanner(Planner):

@@ -87,6 +87,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import torch
 
@@ -271,8 +272,10 @@ class QuotaConfig:
     def __post_init__(self) -> None:
         for name in ("balance_target", "min_replica_fraction"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"QuotaConfig.{name} must be a float, got {value!r}; pass a number")
+            # A NumPy float becomes a float, so equal configs compare and hash equal.
+            object.__setattr__(self, name, float(value))
         if not 1.0 <= self.balance_target < 1e6:
             raise ValueError(f"QuotaConfig.balance_target must be in [1.0, 1e6), got {self.balance_target}")
         if isinstance(self.min_replica_quota, bool) or not isinstance(self.min_replica_quota, int):

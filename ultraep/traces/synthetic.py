@@ -120,7 +120,7 @@ def moving_hot_loads(
     valid_count = isinstance(num_hot_experts, int) and not isinstance(num_hot_experts, bool)
     if not valid_count or not 0 <= num_hot_experts <= num_experts:
         raise ValueError(f"num_hot_experts must be an int in 0..num_experts={num_experts}, got {num_hot_experts!r}")
-    if not (isinstance(hot_weight, (int, float)) and math.isfinite(hot_weight) and hot_weight > 0):
+    if isinstance(hot_weight, bool) or not (isinstance(hot_weight, (int, float)) and math.isfinite(hot_weight) and hot_weight > 0):
         raise ValueError(
             "hot_weight must be a finite number > 0 (popularity of a hot expert relative to a cold one), "
             f"got {hot_weight!r}"
