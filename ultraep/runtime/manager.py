@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ultraep.comm import (
     SYNC_MODES,
@@ -60,6 +61,24 @@ logger = logging.getLogger(__name__)
 
 # Words appended to each rank's load row in the one all-gather of ``route``.
 _CONFIG_WORD, _CALL_WORD, _CACHE_WORD, _VERSION_WORD, _STATUS_WORD = range(5)
+# torch.optim steps taken in this process. A fused step changes the weights without changing their
+# _version, so the weight version counts steps too: after any optimizer step no cached replica is reused.
+_optimizer_steps = 0
+_optimizer_hook = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _watch_optimizer_steps() -> None:
+    """Register the process-wide optimizer step counter once."""
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 # The longest ManagerConfig.timeout_s, about 31 years; datetime.timedelta overflows far above it.
 _MAX_TIMEOUT_S = 1e9
 _NUM_EXTRA_WORDS = 5
@@ -141,7 +160,11 @@ class ManagerConfig:
     weights that require grad; other layers reduce on the calling thread. Tested with gloo on CPU.
 
     NOTE: the reduced part reaches only ``.grad``, so ``torch.autograd.grad`` (which returns gradients
-    instead of accumulating them) misses it; use ``backward()`` with this setting."""
+    instead of accumulating them) misses it; use ``backward()`` with this setting. For the same reason
+    a master's ``register_post_accumulate_grad_hook`` (gradient bucketing, optimizer-in-backward,
+    gradient-norm hooks) runs before the replica part is added; read ``.grad`` after ``backward()``
+    returns instead. If a backward raises, call ``release_all()`` on every rank: it drops that
+    backward's queued reduces, so the next backward starts clean."""
     record_timings: bool = False
     """Record host wall time of each phase per layer in ``ReplicaManager.timings[phase][layer_id]``
     (phases ``count``, ``gather``, ``plan``, ``plan_check``, ``reroute``, ``sync_forward``,
@@ -424,8 +447,15 @@ class ReplicaManager:
             )
         if config is not None and not isinstance(config, ManagerConfig):
             raise TypeError(f"config must be a ManagerConfig, got {type(config).__name__}; pass ManagerConfig(...)")
+        if planner is not None and type(planner).observe is not Planner.observe:
+            raise TypeError(
+                f"{type(planner).__name__} places replicas from a history of past loads that it records in observe(), "
+                "but ReplicaManager plans every layer and microbatch from its current loads with one planner; "
+                "use QuotaPlanner, or make_planner('pairing') or make_planner('none')"
+            )
         self.planner = planner if planner is not None else QuotaPlanner()
         self.config = config if config is not None else ManagerConfig()
+        _watch_optimizer_steps()
         if self.config.plan_with_resident and not isinstance(self.planner, QuotaPlanner):
             raise ValueError(
                 f"ManagerConfig.plan_with_resident=True needs a QuotaPlanner, which takes the resident table; got "
@@ -689,8 +719,13 @@ class ReplicaManager:
         self._in_flight.pop((layer_id, microbatch_id), None)
 
     def release_all(self) -> None:
-        """Drop the state of every layer and microbatch in flight. Local, no communication."""
+        """Drop the state of every layer and microbatch in flight. Local, no communication.
+
+        Also drops the background grad reduces of a backward that raised, after they finish, so they
+        are never added to a later backward's gradients.
+        """
         self._finish_pending_sync()
+        self._discard_pending_reduces()
         self._in_flight.clear()
 
     def in_flight(self) -> list[tuple[int, int]]:
@@ -700,8 +735,11 @@ class ReplicaManager:
     def invalidate_cached_weights(self) -> None:
         """Forget what every redundant slot holds, so the next sync copies everything.
 
-        Call it on every rank after changing master weights in a way autograd does not see
-        (assigning ``.data``, writing through a detached alias). Local, no communication.
+        Call it on every rank after changing master weights in a way autograd does not see:
+        assigning ``.data``, writing through a detached alias, or receiving them in place with a
+        collective (``dist.broadcast`` or ``dist.scatter`` into the weights, as when loading a
+        checkpoint from one rank). A ``torch.optim`` step is detected without it, fused or not. Local, no
+        communication.
         """
         self._finish_pending_sync()
         self._forget_cached_weights()
@@ -835,6 +873,24 @@ class ReplicaManager:
         if not self._reduce_callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_reduces)
             self._reduce_callback_queued = True
+
+    def _discard_pending_reduces(self) -> None:
+        """Wait for and drop the reduces of a backward whose end-of-backward callback never ran (it raised)."""
+        if not self._reduce_callback_queued and not self._pending_reduces:
+            return
+        pending, self._pending_reduces = self._pending_reduces, []
+        self._reduce_callback_queued = False
+        logger.warning(
+            "rank %d: a backward ended without adding its %d background grad reduce(s) (it raised?); they are "
+            "dropped, so the next backward starts clean",
+            self.rank,
+            len(pending),
+        )
+        for key, future, _ in pending:
+            try:
+                future.result()  # let the collective finish so the ranks stay in step
+            except Exception as error:  # the backward already failed; report and go on
+                logger.warning("rank %d: dropped grad reduce of layer %d microbatch %d failed: %s", self.rank, key[0], key[1], error)
 
     def _finish_reduces(self) -> None:
         """Wait for the background reduces and add their master gradients to ``.grad``, oldest first."""
@@ -1005,8 +1061,9 @@ class ReplicaManager:
         """Return a signed 64-bit version of this rank's master weights of ``layer_id``.
 
         It changes when the tensors are replaced, on any in-place update autograd counts
-        (``_version``), when a gradient is accumulated into them (the optimizer step that follows
-        leaves ``_version`` unchanged in fused optimizers), and on :meth:`invalidate_cached_weights`.
+        (``_version``), when a gradient is accumulated into them, after any ``torch.optim`` step in
+        the process (fused optimizers leave ``_version`` unchanged), and on
+        :meth:`invalidate_cached_weights`.
         """
         state = self._versions.setdefault(layer_id, _LayerVersion())
         current = tuple(state_ref() for state_ref in state.tensors)
@@ -1027,7 +1084,7 @@ class ReplicaManager:
         if in_place is None or any(w.requires_grad and not w.is_leaf for w in master_weights):
             # Computed or unversioned weights may change on every call: never reuse them across calls.
             state.volatile_calls += 1
-        return _digest64(state.epoch, state.grad_events, in_place, state.volatile_calls)
+        return _digest64(state.epoch, state.grad_events, in_place, state.volatile_calls, _optimizer_steps)
 
     def _make_plan(self, loads: torch.Tensor, balance: bool, resident: torch.Tensor | None = None) -> Plan:
         if not balance:
