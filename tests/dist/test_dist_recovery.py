@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from dist_harness import run_ranks
 from moe_cases import assert_close_rel, expert_parameters, make_inputs, make_layers, make_manager, run_layers
@@ -68,3 +69,16 @@ def _history_planner_worker(rank: int, world_size: int) -> None:
 
 def test_manager_rejects_history_based_planners(tmp_path):
     run_ranks(_history_planner_worker, 2, tmp_path)
+
+
+def _recompute_worker(rank: int, world_size: int) -> None:
+    manager = make_manager(world_size)
+    layers = make_layers(manager, True)
+    x = make_inputs(rank, 32).requires_grad_(True)
+    out = torch.utils.checkpoint.checkpoint(lambda t: run_layers(layers, t), x, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="was routed again during a backward .* use_reentrant=True"):
+        out.pow(2).sum().backward()
+
+
+def test_non_reentrant_recompute_names_the_cause(tmp_path):
+    run_ranks(_recompute_worker, 2, tmp_path)

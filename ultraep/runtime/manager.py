@@ -79,6 +79,12 @@ def _watch_optimizer_steps() -> None:
         _optimizer_hook = register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def _inside_backward() -> bool:
+    """Return whether the calling thread runs inside an autograd backward (False where torch cannot tell)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 # The longest ManagerConfig.timeout_s, about 31 years; datetime.timedelta overflows far above it.
 _MAX_TIMEOUT_S = 1e9
 _NUM_EXTRA_WORDS = 5
@@ -1051,6 +1057,13 @@ class ReplicaManager:
                 f"buffers are {self.dtype} on {self.device}; build the manager with the experts' dtype and device"
             )
         if (layer_id, microbatch_id) in self._in_flight:
+            if _inside_backward():
+                raise RuntimeError(
+                    f"layer {layer_id} microbatch {microbatch_id} was routed again during a backward on rank {self.rank}, "
+                    "as recomputing activations does (torch.utils.checkpoint with use_reentrant=False). Recomputing an "
+                    "MoE layer's forward inside its backward is not supported: checkpoint around the MoE layer, or pass "
+                    "use_reentrant=True"
+                )
             raise RuntimeError(
                 f"layer {layer_id} microbatch {microbatch_id} is still in flight on rank {self.rank}: its backward "
                 "has not run. Run the backward, give each in-flight microbatch its own microbatch_id, call "
