@@ -249,7 +249,7 @@ def check_plan(plan: Plan, loads: torch.Tensor, *, min_replica_quota: int = 0) -
       wrong type, shape or dtype, or with a negative entry, raises the ``TypeError`` or ``ValueError``
       of :func:`~ultraep.layout.check_load_matrix` instead.
 
-    Invariants: both plan tensors hold integers and have the layout's shapes; quotas are
+    Invariants: both plan tensors contain integers and have the layout's shapes; quotas are
     non-negative; the quotas of each expert's instances sum to its load; an empty redundant slot has
     quota 0; no rank holds two instances of one expert; replica ids are valid logical expert ids;
     every replica has quota >= ``min_replica_quota``. Reads the plan on the host.

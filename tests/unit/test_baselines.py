@@ -529,7 +529,7 @@ def test_registry_checks_setting_bounds():
 
 
 @pytest.mark.parametrize("name, owner", [("eplb", "EplbPlanner"), ("lp_reroute", "LpReroutePlanner")])
-def test_periodic_planner_rejects_a_second_layout_by_its_own_name(name, owner):
+def test_periodic_planner_names_itself_on_layout_change(name, owner):
     planner = make_planner(name)
     planner(torch.ones(2, 4, dtype=torch.int64), ExpertLayout(2, 2, 1))
     with pytest.raises(ValueError, match=f"{owner} got layout .* use one {owner} per layer and layout"):

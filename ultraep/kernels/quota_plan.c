@@ -591,9 +591,9 @@ static int quota_plan(const int64_t *loads, int64_t num_ranks, int64_t experts_p
         free(mem);
         return ERR_VALUES;
     }
-    /* No replica pays for its copy. A rank that receives a copy has a costed load of at least copy_cost
-     * (costed_peak: its sync is at least one copy), so with copy_cost above the largest rank load every
-     * plan that copies a replica ends above the masters-only plan. When the masters-only plan also misses
+    /* No replica pays for its copy. A rank that receives a copy has a costed load of at least copy_cost,
+     * because its sync is at least one copy (costed_peak). So with copy_cost above the largest rank load,
+     * every plan that copies a replica ends above the masters-only plan. When the masters-only plan also misses
      * the balance target, no plan meets it, and the search picks the masters-only plan, which its ladder
      * reaches at the step whose threshold is the largest rank load. Without a resident table every
      * replica is copied. This returns that plan without the search. */

@@ -445,7 +445,7 @@ def build_workloads(trace: TokenTrace | LoadTrace, label: str, args: argparse.Na
         )
         return [_with_note(workload, divisor_note)]
     if trace.num_tokens == 0:
-        raise ValueError(f"trace {label} holds no tokens; pass a trace with at least one token per rank")
+        raise ValueError(f"trace {label} contains no tokens; pass a trace with at least one token per rank")
     tokens_per_rank = args.tokens_per_rank
     fill_ranks = largest_divisor_at_most(trace.num_experts, max_ranks_without_reuse(trace, tokens_per_rank))
     if fill_ranks >= num_ranks:

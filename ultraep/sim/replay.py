@@ -295,7 +295,8 @@ def token_trace_workload(
 
 
 def _first_microbatches(loads: torch.Tensor, num_microbatches: int | None, warmup_microbatches: int) -> tuple[torch.Tensor, str]:
-    """Keep the first ``warmup_microbatches + num_microbatches`` microbatches (all with ``None``); say so when some are left out."""
+    """Return the first ``warmup_microbatches + num_microbatches`` microbatches (all with ``None``) and a
+    sentence that states how many were kept, or an empty one when all were."""
     if num_microbatches is None or warmup_microbatches + num_microbatches >= loads.shape[0]:
         return loads, ""
     num_kept = warmup_microbatches + num_microbatches
