@@ -102,9 +102,10 @@ def source_quota(plan: Plan, loads: torch.Tensor, *, check_values: bool = True) 
     ``plan.quota``; entries of empty slots are 0.
     """
     layout = plan.layout
-    check_load_matrix(loads, layout, check_values=False)
     if check_values:
-        _check_plan_fits(plan, loads)
+        _check_plan_fits(plan, loads)  # check_plan checks the load matrix too
+    else:
+        check_load_matrix(loads, layout, check_values=False)
     loads = loads.to(torch.int64)
 
     # Step 1: local assignments first.
@@ -165,9 +166,10 @@ def reroute(
         raise ValueError(f"src_rank={src_rank} is outside [0, {layout.num_ranks - 1}] for {layout}")
     src_rank = int(src_rank)
     _check_topk_ids(topk_ids, num_experts, check_values)
-    check_load_matrix(loads, layout, check_values=check_values)
     if check_values:
-        _check_plan_fits(plan, loads)
+        _check_plan_fits(plan, loads)  # check_plan checks the load matrix too
+    else:
+        check_load_matrix(loads, layout, check_values=False)
     loads = loads.to(torch.int64)
     flat = topk_ids.reshape(-1).to(torch.int64)
     if check_values:
