@@ -206,7 +206,7 @@ class Plan:
         if "logical_to_physical" in data:
             rows = data["logical_to_physical"]
             width = len(rows[0]) if isinstance(rows, list) and rows and isinstance(rows[0], list) else 0
-            expected = plan.logical_to_physical(max(width, int(plan.logical_replica_count().max())))
+            expected = plan.logical_to_physical(max(width, int(derived["logical_replica_count"].max())))
             listed = _int_list(data, "logical_to_physical", layout.num_experts * width, device, rows=layout.num_experts)
             if listed.tolist() != expected.reshape(-1).tolist():
                 raise ValueError(
@@ -221,7 +221,7 @@ class Plan:
 
 
 def _int_list(data: dict, key: str, length: int, device: torch.device | str, rows: int | None = None) -> torch.Tensor:
-    """Return ``data[key]`` as a flat int64 tensor of ``length`` entries; raise ``ValueError`` naming the key otherwise.
+    """Return ``data[key]`` as a flat int64 tensor of ``length`` entries, or raise ``ValueError`` naming the key.
 
     rows: the number of equal-length rows of a nested list, or None for a flat list.
     """
@@ -251,7 +251,7 @@ def check_plan(plan: Plan, loads: torch.Tensor, *, min_replica_quota: int = 0) -
 
     Invariants: both plan tensors contain integers and have the layout's shapes; quotas are
     non-negative; the quotas of each expert's instances sum to its load; an empty redundant slot has
-    quota 0; no rank holds two instances of one expert; replica ids are valid logical expert ids;
+    quota 0; no rank hosts two instances of one expert; replica ids are valid logical expert ids;
     every replica has quota >= ``min_replica_quota``. Reads the plan on the host.
     """
     layout = plan.layout
@@ -314,4 +314,4 @@ def _check_structure(plan: Plan) -> None:
     if bool(repeated.any()):
         rank, expert = divmod(int(sorted_keys[1:][repeated][0]), layout.num_experts)
         contents = table[rank][table[rank] >= 0].tolist()
-        raise PlanInvariantError(f"rank {rank} holds two instances of expert {expert}: its slots contain {contents}")
+        raise PlanInvariantError(f"rank {rank} hosts two instances of expert {expert}; its slots contain {contents}")

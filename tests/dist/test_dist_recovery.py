@@ -57,7 +57,7 @@ def _failed_backward_worker(rank: int, world_size: int) -> None:
             assert_close_rel(got, expected, f"rank {rank}: master gradient after a failed backward")
 
 
-def test_release_all_after_a_failed_backward_restores_grad_reduce(tmp_path):
+def test_release_all_clears_failed_backward_reduces(tmp_path):
     run_ranks(_failed_backward_worker, 2, tmp_path)
 
 

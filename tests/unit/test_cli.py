@@ -168,7 +168,7 @@ def test_plan_missing_file_and_out_folder(tmp_path, capsys):
     assert f"--out {str(tmp_path)!r} is a folder; give a file name inside it" in capsys.readouterr().err
 
 
-def test_plan_reads_half_precision_counts_without_warnings(tmp_path, capsys):
+def test_plan_reads_float16_loads_quietly(tmp_path, capsys):
     path = tmp_path / "loads.npy"
     np.save(path, np.array([[4, 1, 0, 0], [2, 0, 1, 1]], dtype=np.float16))
     out = tmp_path / "plan.json"

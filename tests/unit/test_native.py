@@ -172,7 +172,7 @@ def test_native_matches_reference_when_copies_dominate(shape, settings):
 
 @pytest.mark.parametrize("settings", [dict(), dict(copy_overlap=True, copy_chunks=8, relay_chunks=8), dict(stop_at_target=True)], ids=range(3))
 @pytest.mark.parametrize("shape", [(16, 4, 1), (64, 1, 2), (8, 2, 1)], ids=str)
-def test_copies_above_every_rank_load_keep_masters_only(shape, settings):
+def test_costly_copies_keep_masters_only(shape, settings):
     """With copy_cost above the largest rank load no replica pays for its copy, and the compiled planner
     returns the masters-only plan without a search. The reference searches and must agree, also at the
     boundary copy_cost == largest rank load and on balanced loads, where masters-only meets the target."""

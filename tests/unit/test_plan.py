@@ -75,7 +75,7 @@ def test_fingerprint_changes_with_quota():
         pytest.param([[-1], [0]], [6, 2, 0, 2, 2, 3], "quotas of expert 0 sum to 9 but its load is 10", id="quota_sum"),
         pytest.param([[-1], [0]], [11, 2, 0, 2, 2, -1], "quota of physical slot 5 is negative", id="negative"),
         pytest.param([[-1], [-1]], [6, 2, 4, 2, 2, 0], "empty redundant slot 0 of rank 0 has quota 4", id="empty_slot"),
-        pytest.param([[1], [0]], [6, 2, 0, 2, 2, 4], "rank 0 holds two instances of expert 1", id="two_copies"),
+        pytest.param([[1], [0]], [6, 2, 0, 2, 2, 4], "rank 0 hosts two instances of expert 1", id="two_copies"),
         pytest.param([[7], [0]], [6, 2, 0, 2, 2, 4], "invalid expert id 7", id="bad_id"),
     ],
 )
@@ -94,7 +94,7 @@ def test_check_plan_names_the_broken_invariant(replicas, quota, pattern):
         pytest.param({"quota": [5.5, 2, 0, 2, 2, 4]}, "'quota' entry 0 is 5.5", id="fractional_quota"),
         pytest.param({"num_ranks": 2.7}, "'num_ranks' must be an int, got float 2.7", id="fractional_ranks"),
         pytest.param({"physical_to_logical": [0, 1, 9, 2, 3, 0], "quota": [6, 2, 0, 2, 2, 4]}, "invalid expert id 9", id="bad_id"),
-        pytest.param({"physical_to_logical": [0, 1, 1, 2, 3, 0]}, "rank 0 holds two instances of expert 1", id="two_copies"),
+        pytest.param({"physical_to_logical": [0, 1, 1, 2, 3, 0]}, "rank 0 hosts two instances of expert 1", id="two_copies"),
         pytest.param({"logical_to_physical": [[0, 2], [1, -1], [3, -1], [4, -1]]}, "'logical_to_physical' is", id="table"),
         pytest.param({"logical_replica_count": [1, 1, 1, 1]}, "'logical_replica_count' is", id="counts"),
         pytest.param({"rank_load": [8, 9]}, "'rank_load' is", id="rank_load"),

@@ -163,6 +163,6 @@ def test_count_local_load_rejects_bad_expert_counts(num_experts):
         count_local_load(torch.tensor([[0, 1]]), num_experts)
 
 
-def test_unchecked_ids_outside_the_range_are_not_counted():
+def test_unchecked_out_of_range_ids_uncounted():
     ids = torch.tensor([[0, 7], [-5, 1]])
     assert count_local_load(ids, 4, check_values=False).tolist() == [1, 1, 0, 0]
